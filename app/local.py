@@ -1,0 +1,100 @@
+"""The local SQS side of the stack: a moto server on a free loopback port, and the catalog's
+queues created on any SQS endpoint with the attributes the CDK app gives them.
+
+`create_queues` is the one code path from a catalog contract to real SQS attributes; the CDK
+queues construct is tested against the same `QueueContract.sqs_attributes` numbers.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+
+from catalog import Catalog, sqs_queue_name
+
+LOCAL_REGION = "us-east-1"
+# moto accepts any credentials; these keep boto3 and kombu from looking for real ones.
+LOCAL_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class MotoServer:
+    process: subprocess.Popen
+    endpoint: str
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_moto_server(port: int | None = None, *, log=None, timeout: float = 30.0) -> MotoServer:
+    """Start `moto_server` as a child process bound to 127.0.0.1 and wait until it answers."""
+    port = port or free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log or subprocess.DEVNULL,
+        stderr=log or subprocess.DEVNULL,
+        start_new_session=True,  # Ctrl-C in a terminal reaches the demo, which stops it in order
+    )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"moto server exited with code {proc.returncode} while starting on {endpoint}")
+        try:
+            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1).read()
+            return MotoServer(proc, endpoint)
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"moto server did not answer on {endpoint} within {timeout:.0f} s")
+
+
+def sqs_client(endpoint: str | None = None, region: str | None = None):
+    import boto3
+
+    kwargs = {"region_name": region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or LOCAL_REGION}
+    if endpoint:
+        kwargs["endpoint_url"] = endpoint
+        for key, value in LOCAL_CREDENTIALS.items():
+            kwargs[key.lower()] = os.environ.get(key, value)
+    return boto3.client("sqs", **kwargs)
+
+
+def create_queues(sqs, catalog: Catalog, env: str) -> dict[str, dict[str, str]]:
+    """Create (or bring up to date) every catalog queue and its DLQ. Idempotent.
+
+    Returns {queue name: {"url": ..., "arn": ..., "dlq_url": ..., "dlq_arn": ...}}.
+    """
+    created = {}
+    for contract in catalog:
+        dlq_url = sqs.create_queue(QueueName=sqs_queue_name(env, contract.name, dlq=True))["QueueUrl"]
+        dlq_arn = _arn(sqs, dlq_url)
+        url = sqs.create_queue(QueueName=sqs_queue_name(env, contract.name))["QueueUrl"]
+        # Attributes are set after creation so that re-running against an existing queue with
+        # other values converges instead of failing with QueueAlreadyExists.
+        sqs.set_queue_attributes(QueueUrl=url, Attributes=contract.sqs_attributes(dlq_arn))
+        arn = _arn(sqs, url)
+        sqs.set_queue_attributes(QueueUrl=dlq_url, Attributes=contract.dlq_attributes(arn))
+        created[contract.name] = {"url": url, "arn": arn, "dlq_url": dlq_url, "dlq_arn": dlq_arn}
+    return created
+
+
+def _arn(sqs, url: str) -> str:
+    return sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
