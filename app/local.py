@@ -98,3 +98,26 @@ def create_queues(sqs, catalog: Catalog, env: str) -> dict[str, dict[str, str]]:
 
 def _arn(sqs, url: str) -> str:
     return sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+
+
+def local_environ(endpoint: str, database_url: str, *, catalog_spec: str = "catalog:DEMO_CATALOG",
+                  env: str = "local", result_backend: str | None = None) -> dict[str, str]:
+    """The environment every process of the local stack gets (worker, relay, demo, ops)."""
+    environ = {
+        **LOCAL_CREDENTIALS,
+        "AWS_REGION": LOCAL_REGION,
+        "AWS_DEFAULT_REGION": LOCAL_REGION,
+        "AWS_ENDPOINT_URL_SQS": endpoint,
+        "PCELERY_ENV": env,
+        "PCELERY_CATALOG": catalog_spec,
+        "DATABASE_URL": database_url,
+    }
+    if result_backend:
+        environ["PCELERY_RESULT_BACKEND"] = result_backend
+    return environ
+
+
+# start_worker(environ, *, queues=None, concurrency=None, hostname=None, log=None) -> subprocess.Popen
+# start_relay(environ, *, log=None) -> subprocess.Popen
+# (added by the worker work: they run the same entry points the worker image runs, with
+#  os.environ | environ, in their own session so the caller can signal the whole group)
