@@ -4,6 +4,8 @@ SHELL := /bin/bash
 PY ?= python3.11
 VENV := .venv
 LSVENV := .venv-localstack
+# pyenv's python3.13 shim refuses to run unless 3.13 is selected, so prefer the real binary.
+PY313 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3.13) python3.13)
 export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 20
 
 .PHONY: setup demo test lint synth clean
@@ -23,7 +25,7 @@ node_modules/.installed: package.json package-lock.json
 
 # LocalStack needs Python 3.13; only the native-redrive tests use it.
 $(LSVENV)/.installed: requirements-localstack.txt
-	test -x $(LSVENV)/bin/python || python3.13 -m venv $(LSVENV)
+	test -x $(LSVENV)/bin/python || $(PY313) -m venv $(LSVENV)
 	$(LSVENV)/bin/pip install --quiet -r requirements-localstack.txt
 	touch $@
 
