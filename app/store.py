@@ -1,8 +1,7 @@
 """The claim-check store: one row per task, holding its payload, state and result.
 
-INTERFACE STUB (agreed API; bodies are filled in by the store/outbox work). Other modules code
-against exactly these names and signatures. SQLAlchemy Core 2.x serves Postgres (psycopg 3,
-production) and SQLite (embedded default) from one code path.
+Other modules code against exactly these names and signatures. SQLAlchemy Core 2.x serves
+Postgres (psycopg 3, production) and SQLite (embedded default) from one code path.
 
 States and transitions (the only ones allowed):
 
@@ -14,17 +13,60 @@ States and transitions (the only ones allowed):
 
 A `failed` row can be claimed again (SQS redelivered it); `succeeded` never runs again except
 by an explicit replay; `dead` runs again only if replayed or redriven from the DLQ.
+
+Claim accepts `pending` as well as `queued`: the worker can receive the message before the
+publisher has marked the row queued (SendMessage returns, then the UPDATE runs). A delivery of a
+`dead` row's message can only come from a DLQ redrive, so it runs too.
+
+Concurrency: `claim` is one conditional UPDATE ... WHERE <claimable> RETURNING, so of two
+workers racing for one id exactly one gets the row (Postgres re-checks the WHERE after the
+first commits; SQLite transactions start with BEGIN IMMEDIATE, one writer at a time). Times are
+taken from the Python clock in UTC and read back timezone-aware on both databases.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import datetime as dt
+import json
+import sys
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterator
 
 import sqlalchemy as sa
+from sqlalchemy import event
 
 STATES = ("pending", "queued", "running", "succeeded", "failed", "dead")
+# States a delivery may run from; `running` joins them once its lease has expired.
+_CLAIMABLE = ("pending", "queued", "failed", "dead")
+
+MAX_ERROR_CHARS = 4000  # a traceback-sized message is for logs; the row keeps the gist
+SQLITE_BUSY_SECONDS = 30  # worker pool processes, relay and ops share one SQLite file
+POSTGRES_CONNECT_TIMEOUT = 10  # a down RDS fails a start-up quickly instead of hanging
+
+UTC = dt.timezone.utc
+
+
+class UTCDateTime(sa.TypeDecorator):
+    """Timezone-aware UTC datetimes on both databases. SQLite has no time zones: values are stored
+    as naive UTC and given their zone back on read."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        if value is None:
+            return None
+        value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value, dialect):
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
 
 metadata = sa.MetaData()
 
@@ -38,18 +80,27 @@ tasks = sa.Table(
     sa.Column("state", sa.String(16), nullable=False),
     sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
     sa.Column("delay_seconds", sa.Integer, nullable=False, server_default="0"),
-    sa.Column("lease_until", sa.DateTime(timezone=True)),
+    sa.Column("lease_until", UTCDateTime),
     sa.Column("worker", sa.String(200)),  # hostname/pid of the claiming worker process
     sa.Column("result", sa.Text),  # JSON
     sa.Column("error", sa.Text),  # last error: "ExcType: message"
     sa.Column("message_id", sa.String(100)),  # last SQS MessageId it was published as
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("queued_at", sa.DateTime(timezone=True)),
-    sa.Column("started_at", sa.DateTime(timezone=True)),
-    sa.Column("finished_at", sa.DateTime(timezone=True)),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),  # for `pending` rows: pending since
+    sa.Column("queued_at", UTCDateTime),
+    sa.Column("started_at", UTCDateTime),
+    sa.Column("finished_at", UTCDateTime),
     sa.Index("ix_pcelery_tasks_state_created", "state", "created_at"),
     sa.Index("ix_pcelery_tasks_name_state", "task_name", "state"),
+)
+
+# One row per applied migration step, so an upgrade is "apply the steps above the highest row".
+schema_versions = sa.Table(
+    "pcelery_schema_version",
+    metadata,
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("description", sa.String(200), nullable=False),
+    sa.Column("applied_at", UTCDateTime, nullable=False),
 )
 
 
@@ -71,81 +122,403 @@ class Claim:
     lease_until: dt.datetime | None = None
 
 
-def make_engine(url: str) -> sa.Engine:
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(UTC)
+
+
+# --- Engine ---------------------------------------------------------------------------------
+
+# Execution option for read-only work on SQLite: a deferred BEGIN, so reads never queue
+# behind writers for the write lock.
+SQLITE_READ_ONLY = "pcelery_read_only"
+
+
+def make_engine(url: str, **engine_kwargs) -> sa.Engine:
     """Engine for a SQLAlchemy URL. SQLite gets WAL and a busy timeout so a worker's pool
     processes and the relay can share the file; Postgres gets pool_pre_ping (RDS failover)."""
-    raise NotImplementedError
+    parsed = sa.make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(parsed, connect_args={"timeout": SQLITE_BUSY_SECONDS}, **engine_kwargs)
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_connect(dbapi_conn, _record):
+            # pysqlite's own implicit BEGIN is deferred; a deferred transaction that reads and then
+            # writes can fail with "database is locked" without waiting. We issue BEGIN ourselves.
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_SECONDS * 1000}")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn):
+            # IMMEDIATE takes the write lock up front, so two processes cannot both decide they
+            # won a claim; the busy timeout makes the loser wait instead of failing.
+            read_only = conn.get_execution_options().get(SQLITE_READ_ONLY)
+            conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+        return engine
+    if parsed.get_backend_name() == "postgresql":
+        connect_args = {} if "connect_timeout" in parsed.query else {"connect_timeout": POSTGRES_CONNECT_TIMEOUT}
+        return sa.create_engine(parsed, pool_pre_ping=True, connect_args=connect_args, **engine_kwargs)
+    return sa.create_engine(parsed, pool_pre_ping=True, **engine_kwargs)
+
+
+@contextlib.contextmanager
+def _begin(target: sa.Engine | sa.Connection, *, read_only: bool = False) -> Iterator[sa.Connection]:
+    """A transaction on an engine, or the caller's own connection (whose transaction it joins)."""
+    if isinstance(target, sa.Connection):
+        yield target
+        return
+    if read_only:
+        with target.connect() as conn:
+            conn = conn.execution_options(**{SQLITE_READ_ONLY: True})
+            with conn.begin():
+                yield conn
+        return
+    with target.begin() as conn:
+        yield conn
+
+
+# --- Schema ---------------------------------------------------------------------------------
+
+def _create_tasks_v1(conn: sa.Connection) -> None:
+    # Later steps must spell out their own DDL (op-style ALTERs), not reuse `tasks`, which
+    # always describes the newest schema.
+    tasks.create(conn, checkfirst=True)
+
+
+MIGRATIONS: list[tuple[int, str, Any]] = [
+    (1, "create table pcelery_tasks with its state indexes", _create_tasks_v1),
+]
+_PG_MIGRATION_LOCK = 0x70636C72  # "pclr": serializes concurrent `migrate` runs (two tasks starting)
 
 
 def migrate(engine: sa.Engine) -> list[str]:
     """Create or upgrade the schema; idempotent. Returns the steps applied (empty when current).
     CLI: `python -m app.store migrate` (uses Settings.from_env().database_url)."""
-    raise NotImplementedError
+    applied = []
+    with engine.begin() as conn:  # DDL is transactional on both databases: all steps or none
+        if conn.dialect.name == "postgresql":
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK})
+        schema_versions.create(conn, checkfirst=True)
+        current = conn.execute(sa.select(sa.func.max(schema_versions.c.version))).scalar() or 0
+        for version, description, step in MIGRATIONS:
+            if version <= current:
+                continue
+            step(conn)
+            conn.execute(schema_versions.insert().values(version=version, description=description,
+                                                         applied_at=utcnow()))
+            applied.append(f"{version}: {description}")
+    return applied
+
+
+def schema_version(engine: sa.Engine) -> int:
+    """Highest applied migration (0 for an empty database); entry points compare it with
+    LATEST_SCHEMA_VERSION to refuse running against an old schema."""
+    with _begin(engine, read_only=True) as conn:
+        if not sa.inspect(conn).has_table(schema_versions.name):
+            return 0
+        return conn.execute(sa.select(sa.func.max(schema_versions.c.version))).scalar() or 0
+
+
+LATEST_SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+# --- Writing tasks --------------------------------------------------------------------------
+
+def encode_payload(args, kwargs) -> str:
+    """The row's JSON payload. Raises TypeError/ValueError for values JSON cannot hold."""
+    return json.dumps({"args": list(args), "kwargs": dict(kwargs)}, separators=(",", ":"))
+
+
+def task_row(*, task_id: str, task_name: str, queue: str, args: list, kwargs: dict,
+             delay_seconds: int = 0, now: dt.datetime | None = None) -> dict:
+    now = now or utcnow()
+    return {
+        "id": task_id, "task_name": task_name, "queue": queue, "payload": encode_payload(args, kwargs),
+        "state": "pending", "attempts": 0, "delay_seconds": int(delay_seconds),
+        "created_at": now, "updated_at": now,
+    }
 
 
 def insert_task(conn: sa.Connection, *, task_id: str, task_name: str, queue: str,
                 args: list, kwargs: dict, delay_seconds: int = 0) -> None:
     """Insert a `pending` row inside the caller's transaction (conn)."""
-    raise NotImplementedError
+    conn.execute(tasks.insert().values(task_row(task_id=task_id, task_name=task_name, queue=queue,
+                                                args=args, kwargs=kwargs, delay_seconds=delay_seconds)))
 
 
-def mark_queued(engine: sa.Engine, published: dict[str, str]) -> int:
-    """{task_id: sqs_message_id} -> rows moved pending->queued (other states untouched)."""
-    raise NotImplementedError
+_INSERT_CHUNK = 500  # rows per multi-row INSERT: well under SQLite's bound-parameter limit
 
+
+def insert_tasks(conn: sa.Connection, rows: list[dict]) -> None:
+    """Insert rows made by `task_row` with multi-row INSERTs, in the caller's transaction."""
+    for start in range(0, len(rows), _INSERT_CHUNK):
+        conn.execute(tasks.insert().values(rows[start:start + _INSERT_CHUNK]))
+
+
+def mark_queued(engine: sa.Engine | sa.Connection, published: dict[str, str]) -> int:
+    """{task_id: sqs_message_id} -> rows moved pending->queued (other states untouched).
+    Accepts a Connection too, so the relay marks rows in the transaction that locked them."""
+    if not published:
+        return 0
+    now = utcnow()
+    moved = 0
+    with _begin(engine) as conn:
+        for task_id, message_id in published.items():
+            moved += conn.execute(
+                sa.update(tasks)
+                .where(tasks.c.id == task_id, tasks.c.state == "pending")
+                .values(state="queued", message_id=message_id, queued_at=now, updated_at=now)
+            ).rowcount
+    return moved
+
+
+# --- The worker's side ----------------------------------------------------------------------
 
 def claim(engine: sa.Engine, task_id: str, *, worker: str, lease_seconds: int) -> Claim:
     """One short transaction: decide run/duplicate/busy/missing and, for run, set running,
     attempts+1, lease_until=now+lease_seconds, worker, started_at. A `running` row whose lease
     has expired (its worker died) may be claimed again."""
-    raise NotImplementedError
+    now = utcnow()
+    c = tasks.c
+    claimable = sa.or_(
+        c.state.in_(_CLAIMABLE),
+        sa.and_(c.state == "running", sa.or_(c.lease_until.is_(None), c.lease_until < now)),
+    )
+    with engine.begin() as conn:
+        won = conn.execute(
+            sa.update(tasks)
+            .where(c.id == task_id, claimable)
+            .values(state="running", attempts=c.attempts + 1, lease_until=now + dt.timedelta(seconds=lease_seconds),
+                    worker=worker[:200], started_at=now, finished_at=None, updated_at=now)
+            .returning(c.task_name, c.payload, c.attempts, c.lease_until)
+        ).first()
+        if won is None:
+            current = conn.execute(
+                sa.select(c.state, c.task_name, c.attempts, c.lease_until).where(c.id == task_id)
+            ).first()
+    if won is not None:
+        payload = json.loads(won.payload)
+        return Claim("run", task_id, won.task_name, list(payload.get("args", [])),
+                     dict(payload.get("kwargs", {})), won.attempts, won.lease_until)
+    if current is None:
+        return Claim("missing", task_id)
+    outcome = "duplicate" if current.state == "succeeded" else "busy"
+    return Claim(outcome, task_id, current.task_name, attempts=current.attempts, lease_until=current.lease_until)
+
+
+def _owned(task_id: str, worker: str):
+    return sa.and_(tasks.c.id == task_id, tasks.c.state == "running", tasks.c.worker == worker[:200])
 
 
 def extend_lease(engine: sa.Engine, task_id: str, *, worker: str, lease_seconds: int) -> bool:
     """Heartbeat: push lease_until forward if this worker still owns the running row."""
-    raise NotImplementedError
+    now = utcnow()
+    with engine.begin() as conn:
+        return conn.execute(
+            sa.update(tasks).where(_owned(task_id, worker))
+            .values(lease_until=now + dt.timedelta(seconds=lease_seconds), updated_at=now)
+        ).rowcount == 1
+
+
+def result_json(result: Any) -> str:
+    """JSON text of a task's result; a value JSON cannot hold is kept as its repr with a note,
+    because losing a finished task's verdict over its return type would be worse."""
+    try:
+        return json.dumps(result)
+    except (TypeError, ValueError) as exc:
+        return json.dumps({
+            "repr": repr(result)[:MAX_ERROR_CHARS],
+            "note": f"result was not JSON-serializable ({type(result).__name__}: {exc}); stored its repr",
+        })
+
+
+def format_error(error: BaseException | str) -> str:
+    """"ExcType: message", cut to MAX_ERROR_CHARS."""
+    text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    if len(text) > MAX_ERROR_CHARS:
+        text = text[:MAX_ERROR_CHARS - 15] + " ...[truncated]"
+    return text
 
 
 def finish_success(conn: sa.Connection, task_id: str, *, worker: str, result: Any) -> bool:
     """Mark succeeded with the JSON result, in the caller's transaction (so a task's own DB
     writes on conn commit atomically with it). False if this worker no longer owns the row."""
-    raise NotImplementedError
+    now = utcnow()
+    return conn.execute(
+        sa.update(tasks).where(_owned(task_id, worker))
+        .values(state="succeeded", result=result_json(result), lease_until=None, finished_at=now, updated_at=now)
+    ).rowcount == 1
 
 
-def finish_failure(engine: sa.Engine, task_id: str, *, worker: str, error: str, final: bool) -> None:
-    """Record the error; state `dead` when final (last receive before the DLQ), else `failed`."""
-    raise NotImplementedError
+def finish_failure(engine: sa.Engine, task_id: str, *, worker: str, error: str | BaseException,
+                   final: bool) -> bool:
+    """Record the error; state `dead` when final (last receive before the DLQ), else `failed`.
+    Returns False (and changes nothing) if this worker no longer owns the row."""
+    now = utcnow()
+    with engine.begin() as conn:
+        return conn.execute(
+            sa.update(tasks).where(_owned(task_id, worker))
+            .values(state="dead" if final else "failed", error=format_error(error), lease_until=None,
+                    finished_at=now, updated_at=now)
+        ).rowcount == 1
 
 
-def release(engine: sa.Engine, task_id: str, *, worker: str) -> None:
+def release(engine: sa.Engine, task_id: str, *, worker: str) -> bool:
     """Give the lease up without a verdict (warm shutdown, worker lost): running -> queued."""
-    raise NotImplementedError
+    now = utcnow()
+    with engine.begin() as conn:
+        return conn.execute(
+            sa.update(tasks).where(_owned(task_id, worker))
+            .values(state="queued", lease_until=None, updated_at=now)
+        ).rowcount == 1
 
+
+# --- The relay's side -----------------------------------------------------------------------
 
 def claim_unpublished(conn: sa.Connection, *, older_than_seconds: float, limit: int = 10) -> list[dict]:
     """Relay: lock up to `limit` pending rows older than the threshold (FOR UPDATE SKIP LOCKED on
-    Postgres; SQLite has one writer anyway) and return them (id, task_name, queue, delay_seconds)."""
-    raise NotImplementedError
+    Postgres; SQLite has one writer anyway) and return them (id, task_name, queue, delay_seconds).
+    Age counts from when the row became pending (updated_at), so a replayed row also gets the
+    submitter's head start before the relay sends it."""
+    cutoff = utcnow() - dt.timedelta(seconds=older_than_seconds)
+    c = tasks.c
+    rows = conn.execute(
+        sa.select(c.id, c.task_name, c.queue, c.delay_seconds)
+        .where(c.state == "pending", c.updated_at <= cutoff)
+        .order_by(c.updated_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    ).mappings().all()
+    return [dict(r) for r in rows]
+
+
+def pending_summary(engine: sa.Engine) -> dict:
+    """{"count": pending rows, "oldest_age_seconds": age of the oldest (0 when none)}: the
+    relay's health metric."""
+    with _begin(engine, read_only=True) as conn:
+        count, oldest = conn.execute(
+            sa.select(sa.func.count(), sa.func.min(tasks.c.updated_at)).where(tasks.c.state == "pending")
+        ).one()
+    if isinstance(oldest, str):  # in case a driver hands an aggregate back untyped
+        oldest = dt.datetime.fromisoformat(oldest)
+    if oldest is not None and oldest.tzinfo is None:
+        oldest = oldest.replace(tzinfo=UTC)
+    age = max(0.0, (utcnow() - oldest).total_seconds()) if oldest is not None else 0.0
+    return {"count": int(count), "oldest_age_seconds": age}
+
+
+# --- Reading (ops) --------------------------------------------------------------------------
+
+def _row_dict(row) -> dict:
+    d = dict(row._mapping)
+    try:
+        d["payload"] = json.loads(d["payload"])
+    except (TypeError, ValueError):
+        pass  # shown raw: ops must still be able to look at a damaged row
+    if d.get("result") is not None:
+        try:
+            d["result"] = json.loads(d["result"])
+        except (TypeError, ValueError):
+            pass
+    return d
 
 
 def get_task(engine: sa.Engine, task_id: str) -> dict | None:
     """The row as a dict (payload/result decoded from JSON), or None."""
-    raise NotImplementedError
+    with _begin(engine, read_only=True) as conn:
+        row = conn.execute(sa.select(tasks).where(tasks.c.id == task_id)).first()
+    return _row_dict(row) if row is not None else None
 
 
 def list_tasks(engine: sa.Engine, *, state: str | None = None, task_name: str | None = None,
                older_than_seconds: float | None = None, stuck: bool = False,
                limit: int = 100) -> list[dict]:
     """Rows, oldest first. stuck=True: running rows whose lease has expired."""
-    raise NotImplementedError
+    if state is not None and state not in STATES:
+        raise ValueError(f"unknown state {state!r}: use one of {', '.join(STATES)}")
+    now = utcnow()
+    query = sa.select(tasks).order_by(tasks.c.created_at).limit(limit)
+    if state is not None:
+        query = query.where(tasks.c.state == state)
+    if task_name is not None:
+        query = query.where(tasks.c.task_name == task_name)
+    if older_than_seconds is not None:
+        query = query.where(tasks.c.created_at <= now - dt.timedelta(seconds=older_than_seconds))
+    if stuck:
+        query = query.where(tasks.c.state == "running", tasks.c.lease_until < now)
+    with _begin(engine, read_only=True) as conn:
+        return [_row_dict(r) for r in conn.execute(query)]
 
 
 def count_by_state(engine: sa.Engine) -> dict[str, int]:
     """{state: count} with every state in STATES present (0 when none)."""
-    raise NotImplementedError
+    counts = dict.fromkeys(STATES, 0)
+    with _begin(engine, read_only=True) as conn:
+        for state, n in conn.execute(sa.select(tasks.c.state, sa.func.count()).group_by(tasks.c.state)):
+            counts[state] = int(n)
+    return counts
 
 
 def reset_for_replay(engine: sa.Engine, task_ids: list[str]) -> list[str]:
     """Move the given rows back to `pending` (attempts kept, error kept) so the publisher or
-    the relay sends them again. Running rows with a live lease are not touched. Returns ids reset."""
-    raise NotImplementedError
+    the relay sends them again. Running rows with a live lease are not touched. Returns ids reset.
+    The old result is cleared: a pending row showing a result would read as this run's."""
+    now = utcnow()
+    c = tasks.c
+    not_live = sa.or_(c.state != "running", c.lease_until.is_(None), c.lease_until <= now)
+    reset: list[str] = []
+    with engine.begin() as conn:
+        for start in range(0, len(task_ids), _INSERT_CHUNK):
+            chunk = list(task_ids[start:start + _INSERT_CHUNK])
+            reset += conn.execute(
+                sa.update(tasks).where(c.id.in_(chunk), not_live)
+                .values(state="pending", lease_until=None, worker=None, result=None, queued_at=None,
+                        finished_at=None, updated_at=now)
+                .returning(c.id)
+            ).scalars().all()
+    order = {tid: i for i, tid in enumerate(task_ids)}
+    return sorted(reset, key=order.__getitem__)
+
+
+# --- CLI ------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m app.store", description="Claim-check store maintenance.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("migrate", help="create or upgrade the schema (idempotent); exit 2 if the DB is unreachable")
+    args = parser.parse_args(argv)
+
+    from app.settings import Settings, SettingsError
+
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    engine = make_engine(settings.database_url)
+    where = engine.url.render_as_string(hide_password=True)
+    try:
+        if args.command == "migrate":
+            steps = migrate(engine)
+            for step in steps:
+                print(f"applied {step}", file=sys.stderr)
+            if not steps:
+                print(f"schema is current (version {LATEST_SCHEMA_VERSION}) on {where}", file=sys.stderr)
+    except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+        reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0] if str(getattr(exc, "orig", exc)).strip() else type(exc).__name__
+        print(f"error: cannot reach the database at {where}: {reason}; check DATABASE_URL (or DB_HOST...) "
+              "and that the server is up", file=sys.stderr)
+        return 2
+    finally:
+        engine.dispose()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
