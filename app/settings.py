@@ -13,6 +13,7 @@ database password and the Redis AUTH token as ECS secrets.
 | PCELERY_RESULT_BACKEND    | optional Celery result backend URL (redis:// or rediss://)          |
 | REDIS_HOST REDIS_PORT REDIS_AUTH_TOKEN | the same, as ECS passes ElastiCache's (always TLS)     |
 | PCELERY_WORKER_QUEUES     | comma-separated catalog queues this worker consumes (default all)  |
+| PCELERY_TASK_MODULES      | comma-separated modules whose tasks the worker registers (default app.demo_tasks) |
 | AWS_REGION, AWS_ENDPOINT_URL_SQS / AWS_ENDPOINT_URL | standard AWS settings; an endpoint means local SQS |
 """
 
@@ -42,6 +43,7 @@ class Settings:
     worker_queues: tuple[str, ...]
     region: str
     sqs_endpoint: str | None
+    task_modules: tuple[str, ...] = ("app.demo_tasks",)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> "Settings":
@@ -66,7 +68,20 @@ class Settings:
             worker_queues=queues or tuple(cat.names()),
             region=e.get("AWS_REGION") or e.get("AWS_DEFAULT_REGION") or "us-east-1",
             sqs_endpoint=e.get("AWS_ENDPOINT_URL_SQS") or e.get("AWS_ENDPOINT_URL") or None,
+            task_modules=_task_modules(e),
         )
+
+
+def _task_modules(e) -> tuple[str, ...]:
+    raw = e.get("PCELERY_TASK_MODULES", "app.demo_tasks")
+    modules = tuple(m.strip() for m in raw.split(",") if m.strip())
+    bad = [m for m in modules if not all(part.isidentifier() for part in m.split("."))]
+    if bad or not modules:
+        raise SettingsError(
+            f"PCELERY_TASK_MODULES={raw!r} must be a comma-separated list of importable module names "
+            "(e.g. 'app.demo_tasks,myproject.tasks'): fix it or unset it for the default"
+        )
+    return modules
 
 
 def _database_url(e) -> str:
