@@ -1,0 +1,161 @@
+"""The one Celery-on-SQS wire format: what the submitter and the relay send, and what ops reads.
+
+The product sends Celery messages with boto3 directly instead of through Celery's producer, so
+the submitter and the relay need neither the worker's dependencies (pycurl) nor a Celery app,
+and the relay can use SendMessageBatch. The message carries only the task id and name: the
+payload lives in the claim-check row, so the body is tiny and the same for every task.
+
+The body is exactly what Celery 5.7's producer puts on SQS through kombu's transport (checked
+byte for byte against `app.send_task` on a moto queue; tests/test_outbox.py parses our bodies
+with kombu's own SQS channel and Celery's Request, so a drift in either breaks a test):
+
+    SQS Body = base64( JSON envelope )          kombu: sqs_base64_encoding (default True)
+    envelope = {"body": base64(JSON [args, kwargs, embed]), "content-encoding": "utf-8",
+                "content-type": "application/json", "headers": {Celery protocol 2 headers},
+                "properties": {"correlation_id": id, "delivery_info": {"exchange": "",
+                "routing_key": <Celery queue name>}, "body_encoding": "base64", ...}}
+
+`routing_key` must be the Celery (catalog) queue name, e.g. "default", not the SQS name: kombu
+acks through `predefined_queues[queue_name_prefix + routing_key]`, so a prefixed routing key
+would make every ack fail with UndefinedQueueException.
+
+No Celery ETA is ever set: a countdown becomes SQS DelaySeconds, so a worker never holds a
+message in memory past its visibility timeout.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import socket
+import uuid
+from dataclasses import dataclass, field
+
+from catalog import ENVIRONMENTS, queue_prefix
+
+CONTENT_TYPE = "application/json"
+
+
+def celery_queue_name(queue: str) -> str:
+    """The Celery queue name for a catalog name or an SQS name ("pcelery-prod-default" -> "default")."""
+    for env in ENVIRONMENTS:
+        prefix = queue_prefix(env)
+        if queue.startswith(prefix):
+            queue = queue[len(prefix):]
+            break
+    return queue[: -len("-dlq")] if queue.endswith("-dlq") else queue
+
+
+def _origin() -> str:
+    # What Celery's anon_nodename() gives a producer; shows up in worker logs as the sender.
+    return f"gen{os.getpid()}@{socket.gethostname()}"
+
+
+def encode_body(task_id: str, task_name: str, *, queue: str | None = None,
+                queue_sqs_name: str | None = None) -> str:
+    """The SQS MessageBody for one task: Celery protocol 2, args [] and kwargs {} (the worker
+    reads the payload from the row). `queue` is the catalog queue name; an SQS queue name
+    (`queue_sqs_name`, with its environment prefix) is accepted too and mapped back to it."""
+    name = queue or queue_sqs_name
+    if not name:
+        raise ValueError("encode_body needs the queue: pass queue=<catalog queue name>")
+    if not task_id or not task_name:
+        raise ValueError("encode_body needs a task_id and a task_name")
+    inner = json.dumps([[], {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}])
+    envelope = {
+        "body": base64.b64encode(inner.encode()).decode(),
+        "content-encoding": "utf-8",
+        "content-type": CONTENT_TYPE,
+        "headers": {
+            "lang": "py",
+            "task": task_name,
+            "id": task_id,
+            "shadow": None,
+            "eta": None,
+            "expires": None,
+            "group": None,
+            "group_index": None,
+            "retries": 0,
+            "timelimit": [None, None],  # the worker's catalog-derived limits apply
+            "root_id": task_id,
+            "parent_id": None,
+            "argsrepr": "()",
+            "kwargsrepr": "{}",
+            "origin": _origin(),
+            "ignore_result": None,  # None: the task's own ignore_result setting applies
+            "replaced_task_nesting": 0,
+            "stamped_headers": None,
+            "stamps": {},
+        },
+        "properties": {
+            "correlation_id": task_id,
+            "reply_to": "",
+            "delivery_mode": 2,
+            "delivery_info": {"exchange": "", "routing_key": celery_queue_name(name)},
+            "priority": 0,
+            "body_encoding": "base64",
+            "delivery_tag": str(uuid.uuid4()),
+        },
+    }
+    return base64.b64encode(json.dumps(envelope).encode()).decode()
+
+
+@dataclass(frozen=True)
+class DecodedMessage:
+    task: str
+    task_id: str
+    args: list | None  # None when the inner body is not JSON (e.g. a pickled message)
+    kwargs: dict | None
+    headers: dict = field(default_factory=dict)
+    queue: str | None = None  # Celery queue name from delivery_info.routing_key
+    content_type: str | None = None
+
+
+def _maybe_b64(text: str) -> str:
+    """kombu accepts both base64 and raw JSON bodies; so do we."""
+    stripped = text.strip()
+    if stripped.startswith("{"):
+        return stripped
+    try:
+        return base64.b64decode(stripped, validate=True).decode("utf-8")
+    except (binascii.Error, ValueError):
+        return text
+
+
+def decode_body(body: str | bytes) -> DecodedMessage | None:
+    """The Celery task in an SQS body, or None when it is not a Celery protocol-2 message
+    (ops then shows the raw body). Never raises."""
+    try:
+        if isinstance(body, bytes):
+            body = body.decode("utf-8")
+        envelope = json.loads(_maybe_b64(body))
+        if not isinstance(envelope, dict):
+            return None
+        headers = envelope.get("headers")
+        if not isinstance(headers, dict) or not headers.get("task") or not headers.get("id"):
+            return None
+        properties = envelope.get("properties") if isinstance(envelope.get("properties"), dict) else {}
+        delivery_info = properties.get("delivery_info") if isinstance(properties.get("delivery_info"), dict) else {}
+        content_type = envelope.get("content-type")
+        args = kwargs = None
+        inner = envelope.get("body")
+        if isinstance(inner, str) and content_type == CONTENT_TYPE:
+            if properties.get("body_encoding") == "base64":
+                inner = base64.b64decode(inner).decode(envelope.get("content-encoding") or "utf-8")
+            parsed = json.loads(inner)
+            if isinstance(parsed, list) and len(parsed) >= 2 and isinstance(parsed[0], list) \
+                    and isinstance(parsed[1], dict):
+                args, kwargs = parsed[0], parsed[1]
+        return DecodedMessage(
+            task=str(headers["task"]),
+            task_id=str(headers["id"]),
+            args=args,
+            kwargs=kwargs,
+            headers=headers,
+            queue=delivery_info.get("routing_key"),
+            content_type=content_type,
+        )
+    except Exception:  # garbage in a DLQ must never take ops or a worker down
+        return None
