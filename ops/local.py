@@ -1,0 +1,189 @@
+"""`python -m ops local up|down|status|demo`: a detached local stack to practise the runbook on.
+
+`up` starts a moto server, creates the DEMO_CATALOG queues (env local), migrates a SQLite store
+under var/local/, starts a worker and the outbox relay, records what it started in
+var/local/stack.json and prints `export` lines for `eval "$(python -m ops local up)"`.
+`down` stops exactly the processes recorded there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from app.settings import REPO_ROOT
+
+from . import EXIT_OK, EXIT_UNREACHABLE, OpsError
+
+STACK_DIR = Path(os.environ.get("PCELERY_LOCAL_DIR", REPO_ROOT / "var" / "local"))
+STACK_FILE = STACK_DIR / "stack.json"
+CATALOG_SPEC = "catalog:DEMO_CATALOG"
+# What each recorded process's command line must contain, so `down` never signals a pid that
+# has since been reused by something else.
+SIGNATURES = {"moto": "moto.server", "worker": "celery", "relay": "app.outbox"}
+
+
+def _say(text: str) -> None:
+    print(f"ops: {text}", file=sys.stderr)
+
+
+def _alive(name: str, pid: int) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    if stat.rsplit(")", 1)[-1].split()[0] == "Z":
+        return False
+    sig = SIGNATURES.get(name)
+    return sig is None or sig in cmdline or "python" in cmdline
+
+
+def _answers(endpoint: str) -> bool:
+    try:
+        urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2).read()
+        return True
+    except OSError:
+        return False
+
+
+def read_stack() -> dict | None:
+    try:
+        return json.loads(STACK_FILE.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def status() -> dict:
+    stack = read_stack()
+    if not stack:
+        return {"up": False, "stack_file": str(STACK_FILE), "processes": {}}
+    procs = {name: {"pid": pid, "alive": _alive(name, pid)} for name, pid in stack["pids"].items()}
+    up = all(p["alive"] for p in procs.values()) and _answers(stack["endpoint"])
+    return {"up": up, "stack_file": str(STACK_FILE), "endpoint": stack["endpoint"],
+            "database_url": stack["database_url"], "processes": procs, "environ": stack["environ"]}
+
+
+def exports(environ: dict[str, str]) -> str:
+    import shlex
+
+    return "".join(f"export {k}={shlex.quote(v)}\n" for k, v in environ.items())
+
+
+def up() -> dict:
+    from app import local as app_local
+    from app.store import make_engine, migrate
+    from catalog import DEMO_CATALOG
+
+    current = status()
+    if current["up"]:
+        _say(f"local stack already up ({current['endpoint']}); `python -m ops local down` stops it")
+        return current
+    if read_stack():
+        _say("a previous local stack is partly down: stopping what is left of it first")
+        down()
+    STACK_DIR.mkdir(parents=True, exist_ok=True)
+    logs = {name: open(STACK_DIR / f"{name}.log", "ab") for name in ("moto", "worker", "relay")}
+    pids: dict[str, int] = {}
+    try:
+        server = app_local.start_moto_server(log=logs["moto"])
+        pids["moto"] = server.process.pid
+        app_local.create_queues(app_local.sqs_client(server.endpoint), DEMO_CATALOG, "local")
+        database_url = f"sqlite:///{STACK_DIR / 'tasks.sqlite3'}"
+        engine = make_engine(database_url)
+        migrate(engine)
+        engine.dispose()
+        environ = app_local.local_environ(server.endpoint, database_url, catalog_spec=CATALOG_SPEC)
+        for name in ("worker", "relay"):
+            starter = getattr(app_local, f"start_{name}", None)
+            if starter is None:
+                _say(f"app.local.start_{name} is not available yet: no {name} started")
+                continue
+            pids[name] = starter(environ, log=logs[name]).pid
+        stack = {"endpoint": server.endpoint, "database_url": database_url, "pids": pids, "environ": environ,
+                 "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        STACK_FILE.write_text(json.dumps(stack, indent=2))
+    except Exception:
+        for name, pid in pids.items():
+            _stop(name, pid)
+        raise
+    finally:
+        for f in logs.values():
+            f.close()
+    _say(f"local stack up: SQS {server.endpoint}, store {database_url}, logs in {STACK_DIR}")
+    return status()
+
+
+def _stop(name: str, pid: int, timeout: float = 20.0) -> bool:
+    if not _alive(name, pid):
+        return False
+    try:
+        os.killpg(pid, signal.SIGTERM)  # each was started in its own session: stop its children too
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and _alive(name, pid):
+        time.sleep(0.2)
+    if _alive(name, pid):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return True
+
+
+def down() -> dict:
+    stack = read_stack()
+    if not stack:
+        _say("local stack is not up: nothing to stop")
+        return {"stopped": []}
+    stopped = []
+    # Workers and relay first, so they do not log connection errors while moto goes away.
+    for name in sorted(stack["pids"], key=lambda n: n == "moto"):
+        if _stop(name, stack["pids"][name]):
+            stopped.append(name)
+    STACK_FILE.unlink(missing_ok=True)
+    _say(f"local stack down (stopped: {', '.join(stopped) or 'nothing was running'})")
+    return {"stopped": stopped}
+
+
+def run(action: str, *, output: str = "table") -> int:
+    if action == "up":
+        data = up()
+        if output == "json":
+            print(json.dumps(data, indent=2))
+        else:
+            sys.stdout.write(exports(data["environ"]))
+        return EXIT_OK
+    if action == "down":
+        data = down()
+        if output == "json":
+            print(json.dumps(data, indent=2))
+        return EXIT_OK
+    if action == "status":
+        data = status()
+        if output == "json":
+            print(json.dumps(data, indent=2))
+        elif data["up"]:
+            print(f"up: SQS {data['endpoint']}, store {data['database_url']}")
+            for name, p in data["processes"].items():
+                print(f"  {name:<7} pid {p['pid']}  {'running' if p['alive'] else 'NOT running'}")
+        else:
+            print("down" if not data["processes"] else "partly down: `python -m ops local down` then `up`")
+        return EXIT_OK if data["up"] else EXIT_UNREACHABLE
+    if action == "demo":
+        stack = read_stack()
+        if not stack:
+            raise OpsError("the local stack is not up: run `eval \"$(python -m ops local up)\"` first",
+                           EXIT_UNREACHABLE)
+        env = {**os.environ, **stack["environ"]}
+        return subprocess.call([sys.executable, "-m", "app.demo"], env=env, cwd=REPO_ROOT)
+    raise OpsError(f"unknown action {action!r}: use up, down, status or demo")

@@ -1,0 +1,184 @@
+"""The claim-check store side of ops: task rows, per-queue counts, replay, and the row update
+that follows a client redrive. Reads and writes go through app.store; only the per-queue count
+and the dead->queued step after a redrive are queries of their own (on the store's table)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import re
+
+import sqlalchemy as sa
+
+from . import EXIT_DB, EXIT_NOT_FOUND, EXIT_USAGE, OpsError
+
+log = logging.getLogger("ops")
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '15m', '2h', '1d' -> seconds."""
+    m = _DURATION.match(text or "")
+    if not m:
+        raise ValueError(f"duration {text!r} is not like 90s, 15m, 2h or 1d")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def _where(engine: sa.Engine) -> str:
+    return engine.url.render_as_string(hide_password=True)
+
+
+def _reason(exc: Exception) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def open_store(database_url: str):
+    """(engine, None) when the claim-check database answers and has its schema, else
+    (None, note) with a sentence for stderr."""
+    from app import store
+
+    try:
+        engine = store.make_engine(database_url)
+    except Exception as exc:  # a malformed URL is a setting problem, said in one line
+        return None, f"claim-check database URL is not usable ({_reason(exc)}): check DATABASE_URL"
+    try:
+        version = store.schema_version(engine)
+    except Exception as exc:
+        engine.dispose()
+        return None, (f"claim-check database {_where(engine)} is unreachable ({_reason(exc)}): check DATABASE_URL "
+                      "(or DB_HOST...), the network path to RDS, and RUNBOOK.md#database-failover")
+    if version == 0:
+        engine.dispose()
+        return None, (f"claim-check database {_where(engine)} has no schema: run `python -m app.store migrate` "
+                      "(RUNBOOK.md#run-migrations)")
+    return engine, None
+
+
+def require_store(database_url: str) -> sa.Engine:
+    engine, note = open_store(database_url)
+    if engine is None:
+        raise OpsError(note, EXIT_DB)
+    return engine
+
+
+def counts_by_queue(engine: sa.Engine) -> dict[str, dict[str, int]]:
+    """{catalog queue: {state: count}}, every state present for every queue that has rows."""
+    from app.store import STATES, tasks
+
+    out: dict[str, dict[str, int]] = {}
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(tasks.c.queue, tasks.c.state, sa.func.count())
+                            .group_by(tasks.c.queue, tasks.c.state))
+        for queue, state, n in rows:
+            out.setdefault(queue, dict.fromkeys(STATES, 0))[state] = int(n)
+    return out
+
+
+def task_rows(engine: sa.Engine, task_ids: list[str]) -> dict[str, dict]:
+    from app.store import get_task
+
+    out = {}
+    for tid in dict.fromkeys(t for t in task_ids if t):
+        row = get_task(engine, tid)
+        if row is not None:
+            out[tid] = row
+    return out
+
+
+def row_summary(row: dict | None) -> dict | None:
+    """The part of a row that peek shows next to its message."""
+    if row is None:
+        return None
+    return {"state": row["state"], "attempts": row["attempts"], "last_error": row.get("error"),
+            "updated_at": _iso(row.get("updated_at"))}
+
+
+def _iso(value):
+    if isinstance(value, dt.datetime):
+        return value.isoformat().replace("+00:00", "Z")
+    return value
+
+
+def public_row(row: dict) -> dict:
+    """A row as JSON-ready data (datetimes as ISO 8601)."""
+    return {k: _iso(v) for k, v in row.items()}
+
+
+def list_tasks(engine: sa.Engine, *, state: str | None = None, task_name: str | None = None,
+               older_than_seconds: float | None = None, stuck: bool = False, limit: int = 100) -> list[dict]:
+    from app.store import STATES
+    from app.store import list_tasks as store_list
+
+    if state is not None and state not in STATES:
+        raise OpsError(f"unknown state {state!r}: use one of {', '.join(STATES)}", EXIT_USAGE)
+    rows = store_list(engine, state=state, task_name=task_name, older_than_seconds=older_than_seconds,
+                      stuck=stuck, limit=limit)
+    return [public_row(r) for r in rows]
+
+
+def mark_redriven(engine: sa.Engine, task_ids: list[str]) -> list[str]:
+    """After a client redrive put these tasks' messages back on their queue: dead -> queued, so
+    `tasks` shows them waiting again. Only `dead` rows move; a row a worker already claimed from
+    the redriven message is left alone (the conditional update loses that race harmlessly)."""
+    from app.store import tasks, utcnow
+
+    if not task_ids:
+        return []
+    now = utcnow()
+    moved: list[str] = []
+    with engine.begin() as conn:
+        for start in range(0, len(task_ids), 500):
+            chunk = task_ids[start:start + 500]
+            moved += conn.execute(
+                sa.update(tasks).where(tasks.c.id.in_(chunk), tasks.c.state == "dead")
+                .values(state="queued", queued_at=now, updated_at=now).returning(tasks.c.id)
+            ).scalars().all()
+    return moved
+
+
+def select_for_replay(engine: sa.Engine, *, task_ids: list[str] | None = None, state: str | None = None,
+                      task_name: str | None = None, limit: int = 100) -> list[dict]:
+    """The rows a replay would touch; unknown ids are an error (EXIT_NOT_FOUND) naming them."""
+    from app.store import get_task
+
+    if task_ids:
+        rows, missing = [], []
+        for tid in dict.fromkeys(task_ids):
+            row = get_task(engine, tid)
+            (rows.append(row) if row is not None else missing.append(tid))
+        if missing:
+            raise OpsError(f"no task row with id {', '.join(missing)}: check the ids (`python -m ops tasks` "
+                           "lists rows)", EXIT_NOT_FOUND)
+        return [public_row(r) for r in rows[:limit]]
+    if not state:
+        raise OpsError("replay needs TASK_ID ... or --state STATE", EXIT_USAGE)
+    return list_tasks(engine, state=state, task_name=task_name, limit=limit)
+
+
+def replay(engine: sa.Engine, rows: list[dict], publish) -> dict:
+    """Reset the rows to pending (store.reset_for_replay: live running rows are skipped) and hand
+    the reset ids to `publish(ids) -> {task_id: message_id}` (the outbox publisher), which sends
+    them and marks them queued. What it does not send stays pending for the relay."""
+    from app.store import reset_for_replay
+
+    ids = [r["id"] for r in rows]
+    reset = reset_for_replay(engine, ids)
+    published: dict[str, str] = {}
+    error = None
+    if reset:
+        try:
+            published = publish(reset) or {}
+        except Exception as exc:  # the rows are pending: the relay publishes them, nothing is lost
+            error = f"publish failed ({exc}); the rows stay pending and the outbox relay will send them"
+            log.warning("%s", error)
+    return {
+        "requested": ids,
+        "reset": reset,
+        "skipped_running": [i for i in ids if i not in reset],
+        "published": sorted(published),
+        "left_for_relay": [i for i in reset if i not in published],
+        "error": error,
+    }
