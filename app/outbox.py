@@ -1,0 +1,504 @@
+"""Submitting tasks without losing them: the transactional outbox, its publisher and its relay.
+
+Application code submits through an `Outbox`, never through `.delay()`:
+
+    from app.outbox import Outbox
+    from app.settings import Settings
+
+    outbox = Outbox.from_settings(Settings.from_env())
+
+    with outbox.transaction() as conn:                 # BEGIN ... COMMIT, then publish
+        conn.execute(orders.insert().values(id=order_id, total=total))
+        outbox.submit(conn, "shop.send_receipt", order_id, copy_to="audit@example.com")
+        outbox.submit(conn, "shop.reindex", queue="long", countdown=3)
+        outbox.submit_many(conn, [("shop.thumbnail", [img], {}) for img in images])
+    # here: the rows are committed and their ids are on SQS (or the relay will send them)
+
+    outbox.engine  # the SQLAlchemy engine of the claim-check store, for get_task & co.
+
+Why `outbox.transaction()` rather than a bare `engine.begin()`: the ids may be published only
+after COMMIT has succeeded, and SQLAlchemy Core has no after-commit hook (its `commit` event
+fires *before* the COMMIT is sent). So the outbox owns the transaction: the rows go in with the
+caller's own writes, atomically; an exception rolls everything back and publishes nothing; a
+successful commit publishes exactly those rows. `submit(conn, ...)` with any other connection
+raises SubmitError at once instead of silently waiting for the relay. A caller that already
+holds a Connection passes it in: `with outbox.transaction(conn) as conn:` begins on it.
+
+Publication never raises into the caller: if SQS is down or slow (short timeouts, 2 attempts),
+the rows simply stay `pending` and the relay sends them once they are `PCELERY_RELAY_MIN_AGE`
+seconds old. Rows submitted inside a SAVEPOINT that was rolled back are not published.
+
+Idempotent submit: `submit(conn, name, ..., task_id="order-42-receipt")` inserts with ON
+CONFLICT DO NOTHING. Submitting the same id again with the same task and arguments is a no-op
+that returns the id (the first submit's publication stands); the same id with a different task
+or different arguments raises SubmitError. Task ids are at most 36 characters.
+
+Task keyword arguments named `queue`, `countdown` or `task_id` collide with submit's own
+options; pass them through `submit_many(conn, [(name, args, kwargs)])`.
+
+Relay (one or more copies per environment; safe together thanks to FOR UPDATE SKIP LOCKED):
+
+    python -m app.outbox relay [--once] [--interval S] [--min-age S] [--batch N]
+
+It reads the same settings as every process (app/settings.py), plus PCELERY_RELAY_MIN_AGE
+(default 30 s: a submitter normally publishes within milliseconds of its commit) and
+PCELERY_RELAY_INTERVAL (default 5 s). Each loop prints one CloudWatch Embedded Metric Format
+line to stdout (namespace PersistentCelery, dimension Environment, metrics OutboxPendingCount
+and OutboxOldestPendingAgeSeconds); logs go to stderr. SIGTERM finishes the current batch and
+exits 0. Exit codes: 0 done, 1 a `--once` run failed (database error), 2 bad settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import threading
+import time
+import uuid
+from typing import Any, Iterable, Iterator
+
+import sqlalchemy as sa
+
+from app import store
+from app.messages import encode_body
+from catalog import Catalog, CatalogError, sqs_queue_name
+
+log = logging.getLogger(__name__)
+
+SQS_BATCH = 10  # SendMessageBatch's limit
+DEFAULT_RELAY_MIN_AGE = 30.0
+DEFAULT_RELAY_INTERVAL = 5.0
+EMF_NAMESPACE = "PersistentCelery"
+
+
+class SubmitError(ValueError):
+    """A submit that cannot be accepted. The message names the argument and the fix."""
+
+
+# --- Publisher ------------------------------------------------------------------------------
+
+def make_sqs_client(endpoint_url: str | None = None, region: str | None = None):
+    """A boto3 SQS client that gives up quickly: a down endpoint must cost the submitter about a
+    second, not the SDK's default minutes of retries. The relay retries on its own schedule."""
+    import boto3
+    from botocore.config import Config
+
+    config = Config(connect_timeout=2, read_timeout=10, retries={"max_attempts": 2, "mode": "standard"})
+    kwargs: dict[str, Any] = {"config": config,
+                              "region_name": region or os.environ.get("AWS_REGION")
+                              or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"}
+    if endpoint_url:
+        kwargs["endpoint_url"] = endpoint_url
+        # Local endpoints accept any credentials; without these boto3 would look for real ones.
+        kwargs["aws_access_key_id"] = os.environ.get("AWS_ACCESS_KEY_ID", "local")
+        kwargs["aws_secret_access_key"] = os.environ.get("AWS_SECRET_ACCESS_KEY", "local")
+    return boto3.client("sqs", **kwargs)
+
+
+class Publisher:
+    """Sends task ids to their catalog queue's SQS queue. Never raises for SQS trouble: what was
+    not sent stays `pending` for the relay."""
+
+    def __init__(self, catalog: Catalog, env: str, sqs=None, *, endpoint_url: str | None = None,
+                 region: str | None = None):
+        self.catalog = catalog
+        self.env = env
+        self._sqs = sqs
+        self._endpoint_url = endpoint_url
+        self._region = region
+        self._urls: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def sqs(self):
+        with self._lock:
+            if self._sqs is None:
+                self._sqs = make_sqs_client(self._endpoint_url, self._region)
+            return self._sqs
+
+    def queue_url(self, queue: str) -> str:
+        url = self._urls.get(queue)
+        if url is None:
+            url = self.sqs.get_queue_url(QueueName=sqs_queue_name(self.env, queue))["QueueUrl"]
+            self._urls[queue] = url
+        return url
+
+    def publish(self, rows: Iterable[dict]) -> dict[str, str]:
+        """rows: dicts with id, task_name, queue, delay_seconds. Returns {task_id: MessageId} of
+        what SQS accepted."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        by_queue: dict[str, list[dict]] = {}
+        for row in rows:
+            by_queue.setdefault(row["queue"], []).append(row)
+        published: dict[str, str] = {}
+        for queue, queue_rows in by_queue.items():
+            try:
+                url = self.queue_url(queue)
+                for start in range(0, len(queue_rows), SQS_BATCH):
+                    published.update(self._send_batch(url, queue, queue_rows[start:start + SQS_BATCH]))
+            except ClientError as exc:
+                # Per queue: a missing queue must not hold back the others.
+                log.warning("SQS refused publishing to queue %r (%s); %d task(s) stay pending for the relay",
+                            queue, exc, len(queue_rows) - sum(r["id"] in published for r in queue_rows))
+            except (BotoCoreError, OSError) as exc:
+                # Endpoint down or timing out: every further call would wait out the same timeouts.
+                unsent = sum(1 for rows_ in by_queue.values() for r in rows_ if r["id"] not in published)
+                log.warning("SQS unreachable (%s: %s); %d task(s) stay pending for the relay",
+                            type(exc).__name__, exc, unsent)
+                break
+        return published
+
+    def _send_batch(self, url: str, queue: str, rows: list[dict]) -> dict[str, str]:
+        def entry(i, row):
+            return {"Id": str(i), "MessageBody": encode_body(row["id"], row["task_name"], queue=queue),
+                    "DelaySeconds": int(row.get("delay_seconds") or 0)}
+
+        if len(rows) == 1:
+            e = entry(0, rows[0])
+            response = self.sqs.send_message(QueueUrl=url, MessageBody=e["MessageBody"], DelaySeconds=e["DelaySeconds"])
+            return {rows[0]["id"]: response["MessageId"]}
+        response = self.sqs.send_message_batch(QueueUrl=url, Entries=[entry(i, r) for i, r in enumerate(rows)])
+        sent = {rows[int(ok["Id"])]["id"]: ok["MessageId"] for ok in response.get("Successful", [])}
+        for failed in response.get("Failed", []):
+            log.warning("SQS did not accept task %s (%s: %s); it stays pending for the relay",
+                        rows[int(failed["Id"])]["id"], failed.get("Code"), failed.get("Message"))
+        return sent
+
+
+def publish_and_mark(engine_or_conn: sa.Engine | sa.Connection, publisher: Publisher, rows: list[dict]) -> int:
+    """Publish rows and move the sent ones to `queued`. Returns how many were published."""
+    published = publisher.publish(rows)
+    if published:
+        store.mark_queued(engine_or_conn, published)
+    return len(published)
+
+
+# --- Submit API -----------------------------------------------------------------------------
+
+class _Unit:
+    """The rows submitted in one outbox transaction, published after it commits."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+        self.in_savepoint: set[str] = set()
+
+
+def _unserializable(value: Any, path: str) -> tuple[str, str] | None:
+    """(where, type name) of the first value in `value` that JSON cannot hold, else None."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return None
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            found = _unserializable(item, f"{path}[{i}]")
+            if found:
+                return found
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return f"{path} key {key!r}", type(key).__name__
+            found = _unserializable(item, f"{path}[{key!r}]")
+            if found:
+                return found
+        return None
+    return path, type(value).__name__
+
+
+class Outbox:
+    """Submit tasks inside the caller's transaction; publish them after it commits."""
+
+    def __init__(self, engine: sa.Engine, catalog: Catalog, env: str, sqs=None, *,
+                 endpoint_url: str | None = None, region: str | None = None):
+        self.engine = engine
+        self.catalog = catalog
+        self.env = env
+        self.publisher = Publisher(catalog, env, sqs, endpoint_url=endpoint_url, region=region)
+        self._units: dict[int, _Unit] = {}
+
+    @classmethod
+    def from_settings(cls, settings, *, engine: sa.Engine | None = None, sqs=None) -> "Outbox":
+        return cls(engine or store.make_engine(settings.database_url), settings.catalog, settings.env, sqs,
+                   endpoint_url=settings.sqs_endpoint, region=settings.region)
+
+    @contextlib.contextmanager
+    def transaction(self, connection: sa.Connection | None = None) -> Iterator[sa.Connection]:
+        """BEGIN on a new connection (or the given one), yield it, COMMIT, then publish what was
+        submitted on it. An exception rolls back and publishes nothing."""
+        unit = _Unit()
+        with contextlib.ExitStack() as stack:
+            conn = connection if connection is not None else stack.enter_context(self.engine.connect())
+            if conn.in_transaction():
+                raise SubmitError(
+                    "outbox.transaction(conn): conn is already in a transaction, so the outbox cannot "
+                    "see its COMMIT: pass a connection outside a transaction, or call "
+                    "outbox.transaction() without one")
+            self._units[id(conn)] = unit
+            try:
+                with conn.begin():
+                    yield conn
+            finally:
+                self._units.pop(id(conn), None)
+        if unit.rows:
+            self._publish_committed(unit)
+
+    def _unit_for(self, conn: sa.Connection) -> _Unit:
+        unit = self._units.get(id(conn))
+        if unit is None:
+            raise SubmitError(
+                "conn is not an outbox transaction: open it with `with outbox.transaction() as conn:` "
+                "so the tasks are published after COMMIT (a bare engine.begin() connection gives the "
+                "outbox no way to know when the commit happened)")
+        return unit
+
+    def _publish_committed(self, unit: _Unit) -> None:
+        rows = unit.rows
+        try:
+            if unit.in_savepoint:
+                # A rolled-back SAVEPOINT took some rows with it: publish only those that exist.
+                ids = [r["id"] for r in rows if r["id"] in unit.in_savepoint]
+                with self.engine.connect() as conn:
+                    kept = set(conn.execute(sa.select(store.tasks.c.id).where(store.tasks.c.id.in_(ids))).scalars())
+                rows = [r for r in rows if r["id"] not in unit.in_savepoint or r["id"] in kept]
+            publish_and_mark(self.engine, self.publisher, rows)
+        except Exception:  # the rows are committed and pending: the relay finishes the job
+            log.warning("publishing %d committed task(s) failed; the relay will send them", len(rows), exc_info=True)
+
+    # -- validation --
+
+    def _check(self, task_name: Any, args: Any, kwargs: Any, queue: str | None, countdown: Any,
+               task_id: Any = None) -> tuple[str, int]:
+        if not isinstance(task_name, str) or not task_name.strip():
+            raise SubmitError(f"task_name={task_name!r} is empty or not a string: pass the registered task "
+                              "name, e.g. 'app.demo_tasks.add'")
+        if len(task_name) > 200:
+            raise SubmitError(f"task_name is {len(task_name)} characters; the limit is 200: shorten the task name")
+        queue = self.catalog.default_queue if queue is None else queue
+        try:
+            contract = self.catalog.get(queue)
+        except CatalogError:
+            raise SubmitError(f"queue={queue!r} is not in the catalog: use one of {self.catalog.names()}") from None
+        if isinstance(countdown, bool) or not isinstance(countdown, (int, float)) or math.isnan(countdown):
+            raise SubmitError(f"countdown={countdown!r} is not a number of seconds: pass an int or float")
+        if countdown < 0:
+            raise SubmitError(f"countdown={countdown} is negative: pass 0 or more seconds")
+        if countdown > contract.max_countdown:
+            raise SubmitError(
+                f"countdown={countdown} exceeds queue {queue!r}'s max_countdown of {contract.max_countdown} s: "
+                "lower it, or schedule the task later from your own scheduler")
+        if not isinstance(args, (list, tuple)):
+            raise SubmitError(f"args of {task_name!r} must be a list or tuple, not {type(args).__name__}")
+        if not isinstance(kwargs, dict):
+            raise SubmitError(f"kwargs of {task_name!r} must be a dict, not {type(kwargs).__name__}")
+        for where, value in (("args", list(args)), ("kwargs", kwargs)):
+            found = _unserializable(value, where)
+            if found:
+                path, type_name = found
+                raise SubmitError(
+                    f"{path} of {task_name!r} has type {type_name}, which JSON cannot hold: pass plain "
+                    "str/int/float/bool/None/list/dict values (e.g. an id instead of an object, "
+                    "an ISO string instead of a datetime)")
+        if task_id is not None and (not isinstance(task_id, str) or not task_id or len(task_id) > 36):
+            raise SubmitError(f"task_id={task_id!r} must be a non-empty string of at most 36 characters")
+        return queue, int(math.ceil(countdown))
+
+    # -- submitting --
+
+    def submit(self, conn: sa.Connection, task_name: str, *args: Any, queue: str | None = None,
+               countdown: float = 0, task_id: str | None = None, **kwargs: Any) -> str:
+        """Insert a pending task row in conn's outbox transaction; returns the task id. The id is
+        sent to SQS after the transaction commits."""
+        unit = self._unit_for(conn)
+        queue, delay = self._check(task_name, args, kwargs, queue, countdown, task_id)
+        row = store.task_row(task_id=task_id or str(uuid.uuid4()), task_name=task_name, queue=queue,
+                             args=list(args), kwargs=kwargs, delay_seconds=delay)
+        if task_id is None:
+            conn.execute(store.tasks.insert().values(row))
+        elif not self._insert_if_new(conn, row):
+            return task_id
+        self._remember(conn, unit, [row])
+        return row["id"]
+
+    def submit_many(self, conn: sa.Connection, items: Iterable[tuple[str, list | tuple, dict]], *,
+                    queue: str | None = None, countdown: float = 0) -> list[str]:
+        """Bulk submit [(task_name, args, kwargs), ...] to one queue: one multi-row INSERT now,
+        SendMessageBatch after commit. All or nothing: one invalid item rejects the call."""
+        unit = self._unit_for(conn)
+        rows = []
+        for n, item in enumerate(items):
+            try:
+                task_name, args, kwargs = item
+            except (TypeError, ValueError):
+                raise SubmitError(f"item {n} of submit_many is {item!r}: each item must be "
+                                  "(task_name, args, kwargs)") from None
+            q, delay = self._check(task_name, args, kwargs, queue, countdown)
+            rows.append(store.task_row(task_id=str(uuid.uuid4()), task_name=task_name, queue=q,
+                                       args=list(args), kwargs=kwargs, delay_seconds=delay))
+        if rows:
+            store.insert_tasks(conn, rows)
+            self._remember(conn, unit, rows)
+        return [r["id"] for r in rows]
+
+    def _remember(self, conn: sa.Connection, unit: _Unit, rows: list[dict]) -> None:
+        unit.rows.extend({k: r[k] for k in ("id", "task_name", "queue", "delay_seconds")} for r in rows)
+        if conn.in_nested_transaction():
+            unit.in_savepoint.update(r["id"] for r in rows)
+
+    def _insert_if_new(self, conn: sa.Connection, row: dict) -> bool:
+        if conn.dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        elif conn.dialect.name == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert
+        else:  # pragma: no cover - the product runs on these two
+            raise SubmitError(f"task_id= needs Postgres or SQLite, not {conn.dialect.name}")
+        inserted = conn.execute(insert(store.tasks).values(row).on_conflict_do_nothing(index_elements=["id"])).rowcount
+        if inserted:
+            return True
+        existing = conn.execute(
+            sa.select(store.tasks.c.task_name, store.tasks.c.payload).where(store.tasks.c.id == row["id"])
+        ).one()
+        if existing.task_name != row["task_name"] or json.loads(existing.payload) != json.loads(row["payload"]):
+            raise SubmitError(
+                f"task_id={row['id']!r} already exists as {existing.task_name!r} with other arguments: "
+                "an idempotent submit must repeat the same task and arguments; use a new task_id otherwise")
+        return False
+
+    def publish_pending(self, task_ids: list[str]) -> int:
+        """Publish the given rows now if they are `pending` (e.g. right after ops resets them for
+        replay) instead of waiting for the relay. Returns how many were published."""
+        c = store.tasks.c
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(c.id, c.task_name, c.queue, c.delay_seconds)
+                .where(c.id.in_(list(task_ids)), c.state == "pending")
+            ).mappings().all()
+        return publish_and_mark(self.engine, self.publisher, [dict(r) for r in rows]) if rows else 0
+
+
+# --- Relay ----------------------------------------------------------------------------------
+
+def relay_pass(engine: sa.Engine, publisher: Publisher, *, min_age: float, batch: int = SQS_BATCH,
+               should_stop=lambda: False) -> int:
+    """Publish pending rows older than min_age until none are left (or SQS stops accepting).
+    Each batch is one short transaction that locks its rows while they are sent, so copies of
+    the relay never send the same row. Returns how many were published."""
+    total = 0
+    while not should_stop():
+        with engine.begin() as conn:
+            rows = store.claim_unpublished(conn, older_than_seconds=min_age, limit=batch)
+            if not rows:
+                break
+            sent = publish_and_mark(conn, publisher, rows)
+        total += sent
+        if sent < len(rows):
+            break  # SQS trouble: the rest waits for the next interval instead of spinning
+    return total
+
+
+def emf_line(env: str, summary: dict, *, published: int | None = None, now: float | None = None) -> str:
+    """One CloudWatch Embedded Metric Format record; the CDK monitoring construct alarms on
+    OutboxOldestPendingAgeSeconds under exactly these names."""
+    record: dict[str, Any] = {
+        "_aws": {
+            "Timestamp": int((now if now is not None else time.time()) * 1000),
+            "CloudWatchMetrics": [{
+                "Namespace": EMF_NAMESPACE,
+                "Dimensions": [["Environment"]],
+                "Metrics": [
+                    {"Name": "OutboxPendingCount", "Unit": "Count"},
+                    {"Name": "OutboxOldestPendingAgeSeconds", "Unit": "Seconds"},
+                ],
+            }],
+        },
+        "Environment": env,
+        "OutboxPendingCount": summary["count"],
+        "OutboxOldestPendingAgeSeconds": round(summary["oldest_age_seconds"], 3),
+    }
+    if published is not None:
+        record["OutboxPublished"] = published  # a property for Logs Insights, not a metric
+    return json.dumps(record)
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SystemExit(f"error: {name}={raw!r} is not a number of seconds: fix or unset it") from None
+    if value < 0:
+        raise SystemExit(f"error: {name}={raw!r} is negative: use 0 or more seconds")
+    return value
+
+
+def run_relay(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m app.outbox relay",
+                                     description="Publish committed tasks that were not sent to SQS.")
+    parser.add_argument("--once", action="store_true", help="one pass until no rows are left, then exit")
+    parser.add_argument("--interval", type=float, default=None,
+                        help=f"seconds between passes (PCELERY_RELAY_INTERVAL, default {DEFAULT_RELAY_INTERVAL:g})")
+    parser.add_argument("--min-age", type=float, default=None,
+                        help=f"only rows pending at least this long (PCELERY_RELAY_MIN_AGE, default {DEFAULT_RELAY_MIN_AGE:g})")
+    parser.add_argument("--batch", type=int, default=SQS_BATCH, help="rows per transaction (default 10)")
+    args = parser.parse_args(argv)
+    min_age = args.min_age if args.min_age is not None else _env_float("PCELERY_RELAY_MIN_AGE", DEFAULT_RELAY_MIN_AGE)
+    interval = args.interval if args.interval is not None else _env_float("PCELERY_RELAY_INTERVAL", DEFAULT_RELAY_INTERVAL)
+    if min_age < 0 or interval < 0 or args.batch < 1:
+        parser.error("--min-age and --interval must not be negative, --batch must be at least 1")
+
+    from app.settings import Settings, SettingsError
+
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    engine = store.make_engine(settings.database_url)
+    publisher = Publisher(settings.catalog, settings.env, endpoint_url=settings.sqs_endpoint, region=settings.region)
+
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        log.info("%s received: finishing the current batch, then exiting", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    log.info("relay started: env=%s min_age=%gs interval=%gs batch=%d", settings.env, min_age, interval, args.batch)
+    try:
+        while True:
+            try:
+                published = relay_pass(engine, publisher, min_age=min_age, batch=args.batch, should_stop=stop.is_set)
+                if published:
+                    log.info("published %d pending task(s)", published)
+                print(emf_line(settings.env, store.pending_summary(engine), published=published), flush=True)
+            except sa.exc.SQLAlchemyError as exc:
+                log.error("database error in relay pass (%s); retrying in %gs",
+                          str(exc).splitlines()[0], interval)
+                if args.once:
+                    return 1
+            if args.once or stop.wait(interval):
+                return 0
+    finally:
+        engine.dispose()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] != "relay":
+        print("usage: python -m app.outbox relay [--once] [--interval S] [--min-age S] [--batch N]", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=os.environ.get("PCELERY_LOG_LEVEL", "INFO"), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run_relay(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
