@@ -8,6 +8,7 @@ queues construct is tested against the same `QueueContract.sqs_attributes` numbe
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -117,7 +118,64 @@ def local_environ(endpoint: str, database_url: str, *, catalog_spec: str = "cata
     return environ
 
 
-# start_worker(environ, *, queues=None, concurrency=None, hostname=None, log=None) -> subprocess.Popen
-# start_relay(environ, *, log=None) -> subprocess.Popen
-# (added by the worker work: they run the same entry points the worker image runs, with
-#  os.environ | environ, in their own session so the caller can signal the whole group)
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def start_worker(environ: dict[str, str], *, queues: list[str] | None = None, concurrency: int | None = None,
+                 hostname: str | None = None, log=None) -> subprocess.Popen:
+    """Start bin/worker (the worker image's entry point) with os.environ | environ, in its own
+    session: signal the whole group (os.killpg) to stop it and its pool children together."""
+    env = {**os.environ, **environ}
+    if queues:
+        env["PCELERY_WORKER_QUEUES"] = ",".join(queues)
+    if concurrency:
+        env["PCELERY_CONCURRENCY"] = str(concurrency)
+    if hostname:
+        env["PCELERY_WORKER_NAME"] = hostname
+    return _start([sys.executable, os.path.join(REPO_ROOT, "bin", "worker")], env, log)
+
+
+def start_relay(environ: dict[str, str], *, log=None, interval: float | None = None,
+                min_age: float | None = None) -> subprocess.Popen:
+    """Start the outbox relay (`python -m app.outbox relay`, the relay service's command) the same way."""
+    command = [sys.executable, "-m", "app.outbox", "relay"]
+    if interval is not None:
+        command += ["--interval", str(interval)]
+    if min_age is not None:
+        command += ["--min-age", str(min_age)]
+    return _start(command, {**os.environ, **environ}, log)
+
+
+def _start(command: list[str], env: dict[str, str], log) -> subprocess.Popen:
+    return subprocess.Popen(
+        command,
+        cwd=REPO_ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=log or subprocess.DEVNULL,
+        stderr=subprocess.STDOUT if log else subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def stop_process_group(proc: subprocess.Popen, *, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int | None:
+    """Signal a process started by start_worker/start_relay and its children; SIGKILL the group
+    if it has not exited within `timeout`. Returns the exit code."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    # Pool children may outlive a killed parent: always sweep the group.
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    try:
+        return proc.wait(5)
+    except subprocess.TimeoutExpired:
+        return None

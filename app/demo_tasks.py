@@ -1,0 +1,114 @@
+"""Demo tasks: one per behaviour the demo and the integration tests show.
+
+Every visible effect goes into `pcelery_demo_effects` (created by `migrate`), so "the effect
+happened exactly once" is a row count, and each row says which attempt and which SQS receive
+produced it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+
+import sqlalchemy as sa
+
+from app.worker import current_run, persistent_task
+
+metadata = sa.MetaData()
+
+effects = sa.Table(
+    "pcelery_demo_effects",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("key", sa.String(200), nullable=False, index=True),
+    sa.Column("task_id", sa.String(36)),
+    sa.Column("attempt", sa.Integer),
+    sa.Column("receive_count", sa.Integer),
+    sa.Column("worker", sa.String(200)),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+# Attempts of the flaky task, committed on their own so a failed attempt still counts.
+attempts = sa.Table(
+    "pcelery_demo_attempts",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("key", sa.String(200), nullable=False, index=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+
+def migrate(engine: sa.Engine) -> None:
+    """Create the demo tables (idempotent); the demo and the tests call it once before the workers start."""
+    metadata.create_all(engine, checkfirst=True)
+
+
+def effect_count(engine: sa.Engine, key: str) -> int:
+    with engine.connect() as conn:
+        return conn.execute(sa.select(sa.func.count()).select_from(effects).where(effects.c.key == key)).scalar_one()
+
+
+def effect_rows(engine: sa.Engine, key: str) -> list[dict]:
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(effects).where(effects.c.key == key).order_by(effects.c.id))
+        return [dict(r._mapping) for r in rows]
+
+
+def _record_effect(conn: sa.Connection, key: str) -> None:
+    run = current_run()
+    conn.execute(effects.insert().values(
+        key=key,
+        task_id=run.task_id if run else None,
+        attempt=run.attempt if run else None,
+        receive_count=run.receive_count if run else None,
+        worker=run.worker if run else None,
+        created_at=dt.datetime.now(dt.timezone.utc),
+    ))
+
+
+@persistent_task(name="demo.add")
+def add(x, y):
+    return x + y
+
+
+@persistent_task(name="demo.effect", transactional=True)
+def effect(key, *, db):
+    """The effect (one row) commits with the task's success: a duplicate delivery adds nothing."""
+    _record_effect(db, key)
+    return key
+
+
+@persistent_task(name="demo.flaky", transactional=True)
+def flaky(key, failures=1, *, db):
+    """Fails on its first `failures` attempts, then records its effect and succeeds."""
+    from app.worker import engine
+
+    with engine().begin() as own:  # outside the task's transaction: a failed attempt still counts
+        own.execute(attempts.insert().values(key=key, created_at=dt.datetime.now(dt.timezone.utc)))
+        seen = own.execute(sa.select(sa.func.count()).select_from(attempts).where(attempts.c.key == key)).scalar_one()
+    if seen <= failures:
+        raise RuntimeError(f"flaky {key}: failing on purpose (attempt {seen} of {failures} planned failures)")
+    _record_effect(db, key)
+    return seen
+
+
+@persistent_task(name="demo.always_fail")
+def always_fail(reason="always fails"):
+    raise RuntimeError(reason)
+
+
+@persistent_task(name="demo.slow", transactional=True)
+def slow(key, seconds=3.0, *, db):
+    """Sleeps, then records its effect: long enough to kill its worker mid-task."""
+    time.sleep(seconds)
+    _record_effect(db, key)
+    return key
+
+
+@persistent_task(name="demo.long", queue="long", transactional=True)
+def long(key, seconds=10.0, *, db):
+    """Runs for longer than the long queue's visibility timeout: only the heartbeat keeps the
+    message from being delivered (and run) a second time meanwhile."""
+    time.sleep(seconds)
+    _record_effect(db, key)
+    return key

@@ -1,0 +1,474 @@
+"""The Celery app, the `persistent_task` decorator, and the one wrapper every task runs through.
+
+A delivery carries only the task id (the payload is the row in the claim-check store, app.store).
+`PersistentTask.__call__` runs in the pool child for every delivery:
+
+1. Claim the row (store.claim, worker identity "host:pid", lease a little shorter than the
+   queue's visibility timeout, see `lease_seconds`):
+   - duplicate (the row already succeeded): return the stored result; the message is acked.
+   - busy (another worker holds a live lease): do not run. Raise `LeftForRedelivery`, which
+     rejects without requeue, so the message stays in SQS and comes back after the visibility
+     timeout, when the claim sees the verdict. Cost: each such return is one more receive
+     towards maxReceiveCount.
+   - missing (no row: a forged or stale id): `PoisonMessage`; the message is never acked, so
+     SQS moves it to the DLQ after maxReceiveCount receives.
+   - run: load args/kwargs from the row and run the task.
+2. While it runs, on queues whose contract has heartbeat=True, a heartbeat thread calls
+   ChangeMessageVisibility(visibility timeout) and store.extend_lease every heartbeat_interval,
+   so a task longer than the visibility timeout is never delivered twice at once. Queues
+   without heartbeats do not need it: the catalog refuses a contract whose hard time limit does
+   not fit in the visibility timeout, and each beat is an SQS request.
+3. Success: store.finish_success, in the same transaction as the task's own writes when it is
+   declared transactional=True (it gets a `db` Connection): the effect happens exactly once.
+   Failure (soft time limit included): store.finish_failure, `dead` when this receive is the
+   last one before the DLQ (ApproximateReceiveCount >= maxReceiveCount), then re-raise so Celery
+   rejects the message and SQS redelivers it, or dead-letters it.
+
+In the main process, `PersistentRequest` covers what the child cannot: a SIGKILLed child's row
+is released (running -> queued) so the requeued message runs at once instead of waiting for the
+dead worker's lease, and a hard time limit is recorded as a failure. `PersistentConsumer` rejects
+(rather than acks, i.e. deletes) messages that cannot be decoded, so they reach the DLQ too.
+
+At start (`worker_init`) the worker refuses to consume a queue without a RedrivePolicy (kombu
+would silently delete every failed task there) and a store whose schema is behind the code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import sys
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from billiard.einfo import ExceptionWithTraceback
+from celery import Celery, Task, signals
+from celery.exceptions import Reject, WorkerLostError
+from celery.worker import state as worker_state
+from celery.worker.consumer import Consumer
+from celery.worker.request import Request
+
+from app import store
+from app.settings import Settings
+from catalog import QueueContract, queue_prefix, sqs_queue_name
+
+logger = logging.getLogger("pcelery.worker")
+
+settings = Settings.from_env()
+app = Celery("pcelery")
+app.config_from_object("app.celeryconfig")
+
+
+# --- Declaring tasks --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TaskDeclaration:
+    name: str
+    queue: str  # catalog queue name
+    transactional: bool
+
+
+# Every persistent task this process has imported, by wire name. The outbox and the router read it.
+TASKS: dict[str, TaskDeclaration] = {}
+
+
+def persistent_task(*, name: str, queue: str | None = None, transactional: bool = False):
+    """Declare an application task. `name` is its stable wire name; `queue` a catalog queue
+    (default: the catalog's default), whose contract gives the soft and hard time limits.
+    transactional=True passes a `db` keyword (a SQLAlchemy Connection) whose writes commit
+    together with the task's success, so its effect happens exactly once."""
+    contract = settings.catalog.get(queue or settings.catalog.default_queue)  # CatalogError names the queues
+
+    def decorate(fn):
+        if name in TASKS:
+            raise ValueError(f"task name {name!r} is declared twice: task names must be unique")
+        TASKS[name] = TaskDeclaration(name, contract.name, transactional)
+        return app.task(
+            name=name,
+            base=PersistentTask,
+            queue=contract.name,
+            soft_time_limit=contract.soft_time_limit,
+            time_limit=contract.hard_time_limit,
+            transactional=transactional,
+        )(fn)
+
+    return decorate
+
+
+def route_task(name, args, kwargs, options, task=None, **kw):
+    """Celery router: a declared task goes to its declared queue (only for bare .delay(); the
+    outbox publishes by itself)."""
+    declared = TASKS.get(name)
+    return {"queue": declared.queue} if declared else None
+
+
+# --- The wrapper -------------------------------------------------------------------------------
+
+class LeftForRedelivery(Reject):
+    """Do not run and do not ack: the message stays in SQS and comes back after the visibility
+    timeout. Not a task failure: nothing is recorded in the store or the result backend."""
+
+    def __init__(self, reason=None, requeue=False):
+        super().__init__(reason, requeue)
+
+
+class PoisonMessage(Exception):
+    """A delivery that can never run (no row for its id, or a row of another task). It fails on
+    every receive and so ends in the DLQ, where ops can look at it."""
+
+
+def worker_identity(pid: int | None = None) -> str:
+    return f"{socket.gethostname()}:{pid or os.getpid()}"
+
+
+def lease_seconds(contract: QueueContract) -> int:
+    """The row's lease ends a margin before the message's visibility timeout, which started a
+    little earlier (at the receive). So when a dead worker's message reappears, its lease has
+    expired and the new delivery runs at once instead of being turned away as busy."""
+    return max(1, contract.visibility_timeout - contract.visibility_margin)
+
+
+_per_process: dict[str, tuple[int, Any]] = {}
+
+
+def _process_local(key: str, factory):
+    """One engine/SQS client per process: pool children are forked, and a connection pool or
+    HTTP session must never be shared across a fork."""
+    pid = os.getpid()
+    cached = _per_process.get(key)
+    if cached is None or cached[0] != pid:
+        cached = _per_process[key] = (pid, factory())
+    return cached[1]
+
+
+def engine():
+    return _process_local("engine", lambda: store.make_engine(settings.database_url))
+
+
+def sqs():
+    from app.local import sqs_client
+
+    return _process_local("sqs", lambda: sqs_client(settings.sqs_endpoint, settings.region))
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """Where the message came from, as kombu's SQS transport recorded it on receipt."""
+
+    contract: QueueContract
+    queue_url: str | None
+    receipt_handle: str | None
+    receive_count: int  # SQS ApproximateReceiveCount of this receive (0 if unknown)
+
+    @classmethod
+    def from_request(cls, request, default_queue: str) -> "Delivery":
+        properties = getattr(request, "properties", None) or {}
+        info = properties.get("delivery_info") or {}
+        message = info.get("sqs_message") or {}
+        queue_url = info.get("sqs_queue")
+        attributes = message.get("Attributes") or {}
+        return cls(
+            contract=_contract_of(queue_url, request, default_queue),
+            queue_url=queue_url,
+            receipt_handle=properties.get("delivery_tag") or message.get("ReceiptHandle"),
+            receive_count=int(attributes.get("ApproximateReceiveCount") or 0),
+        )
+
+    def is_last_receive(self, attempts: int) -> bool:
+        """True when SQS dead-letters the message instead of delivering it again. Without the
+        receive count (never seen with kombu, which always asks for it) the row's attempts stand in."""
+        return (self.receive_count or attempts) >= self.contract.max_receive_count
+
+
+def _contract_of(queue_url: str | None, request, default_queue: str) -> QueueContract:
+    """The contract of the queue the message was received from (a submit may route a task to
+    another queue than its declared one), else the task's declared queue."""
+    prefix = queue_prefix(settings.env)
+    candidates = []
+    if queue_url:
+        candidates.append(queue_url.rstrip("/").rsplit("/", 1)[-1].removeprefix(prefix))
+    routing_key = (getattr(request, "delivery_info", None) or {}).get("routing_key")
+    if routing_key:
+        candidates.append(routing_key.removeprefix(prefix))
+    for name in candidates:
+        if name in settings.catalog.names():
+            return settings.catalog.get(name)
+    return settings.catalog.get(default_queue)
+
+
+class Heartbeat:
+    """Keeps a running task's message invisible and its row's lease alive, every
+    heartbeat_interval, until stopped. Failures are logged and retried at the next beat: a
+    missed beat or two is what the catalog's visibility timeout is sized to survive."""
+
+    def __init__(self, *, task_id: str, worker: str, delivery: Delivery):
+        self.task_id, self.worker, self.delivery = task_id, worker, delivery
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{task_id}", daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self):
+        contract = self.delivery.contract
+        while not self._stop.wait(contract.heartbeat_interval):
+            try:
+                sqs().change_message_visibility(
+                    QueueUrl=self.delivery.queue_url,
+                    ReceiptHandle=self.delivery.receipt_handle,
+                    VisibilityTimeout=contract.visibility_timeout,
+                )
+            except Exception as exc:  # noqa: BLE001 - next beat retries; the margin covers a miss
+                logger.warning("heartbeat of task %s: ChangeMessageVisibility failed: %s", self.task_id, exc)
+            try:
+                if not store.extend_lease(engine(), self.task_id, worker=self.worker,
+                                          lease_seconds=lease_seconds(contract)):
+                    logger.warning("heartbeat of task %s: this worker no longer owns the row", self.task_id)
+            except Exception as exc:  # noqa: BLE001
+                logger.warning("heartbeat of task %s: extending the lease failed: %s", self.task_id, exc)
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What a running task may want to know about its own delivery (see `current_run`)."""
+
+    task_id: str
+    attempt: int  # 1 on the first run; counts runs, not busy/duplicate deliveries
+    receive_count: int  # SQS ApproximateReceiveCount of this delivery
+    max_receive_count: int
+    worker: str
+
+
+_current_run = threading.local()
+
+
+def current_run() -> RunInfo | None:
+    """The delivery the calling task runs for, or None outside a worker's task."""
+    return getattr(_current_run, "info", None)
+
+
+class _LostOwnership(Exception):
+    """finish_success found the row owned by someone else: roll the task's writes back."""
+
+
+class PersistentTask(Task):
+    Request = "app.worker:PersistentRequest"
+    transactional = False
+
+    def __call__(self, *args, **kwargs):
+        request = self.request
+        if request.called_directly or request.is_eager:
+            return self._run_inline(*args, **kwargs)
+        task_id = request.id
+        delivery = Delivery.from_request(request, self.queue)
+        worker = worker_identity()
+        db = engine()
+        claim = store.claim(db, task_id, worker=worker, lease_seconds=lease_seconds(delivery.contract))
+
+        if claim.outcome == "duplicate":
+            logger.info("task %s[%s] already succeeded: duplicate delivery acked, not run", self.name, task_id)
+            row = store.get_task(db, task_id)
+            return row["result"] if row else None
+        if claim.outcome == "busy":
+            raise LeftForRedelivery(
+                f"task {task_id} is running on another worker (lease until {claim.lease_until}); "
+                f"this delivery comes back after the {delivery.contract.visibility_timeout} s visibility timeout"
+            )
+        if claim.outcome == "missing":
+            raise PoisonMessage(
+                f"no row for task id {task_id} ({self.name}): nothing to run; the message is left to "
+                f"go to the DLQ after {delivery.contract.max_receive_count} receives"
+            )
+        if claim.task_name != self.name:
+            error = PoisonMessage(
+                f"message names task {self.name!r} but row {task_id} is for {claim.task_name!r}: not run"
+            )
+            store.finish_failure(db, task_id, worker=worker, error=error,
+                                 final=delivery.is_last_receive(claim.attempts))
+            raise error
+
+        heartbeat = (
+            Heartbeat(task_id=task_id, worker=worker, delivery=delivery)
+            if delivery.contract.heartbeat and delivery.queue_url and delivery.receipt_handle
+            else contextlib.nullcontext()
+        )
+        _current_run.info = RunInfo(task_id, claim.attempts, delivery.receive_count,
+                                    delivery.contract.max_receive_count, worker)
+        try:
+            with heartbeat:
+                return self._run_claimed(db, task_id, worker, claim)
+        except _LostOwnership:
+            raise LeftForRedelivery(
+                f"task {task_id}: this worker lost its lease before finishing; its writes were rolled back"
+            ) from None
+        except Exception as exc:
+            final = delivery.is_last_receive(claim.attempts)
+            store.finish_failure(db, task_id, worker=worker, error=exc, final=final)
+            logger.warning("task %s[%s] failed on receive %s of %s (%s): %s", self.name, task_id,
+                           delivery.receive_count, delivery.contract.max_receive_count,
+                           "dead, goes to the DLQ" if final else "SQS redelivers it", exc)
+            raise
+        finally:
+            _current_run.info = None
+
+    def _run_claimed(self, db, task_id: str, worker: str, claim: store.Claim):
+        if self.transactional:
+            with db.begin() as conn:
+                result = self.run(*claim.args, db=conn, **claim.kwargs)
+                if not store.finish_success(conn, task_id, worker=worker, result=result):
+                    raise _LostOwnership()
+            return result
+        result = self.run(*claim.args, **claim.kwargs)
+        with db.begin() as conn:
+            if not store.finish_success(conn, task_id, worker=worker, result=result):
+                # The effect already happened (not transactional); the owner records its own verdict.
+                logger.warning("task %s[%s] finished after losing its lease; result not recorded", self.name, task_id)
+        return result
+
+    def _run_inline(self, *args, **kwargs):
+        """Direct call (a unit test, or one task calling another's function): no claim."""
+        if self.transactional and "db" not in kwargs:
+            with engine().begin() as conn:
+                return self.run(*args, db=conn, **kwargs)
+        return self.run(*args, **kwargs)
+
+
+class PersistentRequest(Request):
+    """Main-process side of a delivery: what happens when the child cannot report itself."""
+
+    def on_failure(self, exc_info, send_failed_event=True, return_ok=False):
+        exc = exc_info.exception
+        if isinstance(exc, ExceptionWithTraceback):
+            exc = exc.exc
+        if isinstance(exc, LeftForRedelivery):
+            # Not a failure: leave the message for SQS, and keep the result backend untouched
+            # (Celery would record a FAILURE for a task that another worker is running).
+            worker_state.task_ready(self)
+            logger.info("task %s[%s] left for redelivery: %s", self.name, self.id, exc.reason)
+            self.reject(requeue=False)
+            return
+        if isinstance(exc, (WorkerLostError, SystemExit, KeyboardInterrupt)):
+            self._release_lease()
+        return super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
+
+    def on_timeout(self, soft, timeout):
+        if not soft:
+            # The pool kills the child at the hard limit; record the verdict it could not.
+            self._record_hard_timeout(timeout)
+        return super().on_timeout(soft, timeout)
+
+    def _child_identity(self) -> str | None:
+        return worker_identity(self.worker_pid) if self.worker_pid else None
+
+    def _release_lease(self):
+        child = self._child_identity()
+        if not child:
+            return
+        try:
+            if store.release(engine(), self.id, worker=child):
+                logger.warning("task %s[%s]: its worker process %s was lost; row released for the redelivery",
+                               self.name, self.id, child)
+        except Exception as exc:  # noqa: BLE001 - the lease then simply expires
+            logger.warning("task %s[%s]: releasing the lost worker's row failed: %s", self.name, self.id, exc)
+
+    def _record_hard_timeout(self, timeout):
+        child = self._child_identity()
+        if not child:
+            return
+        sqs_message = (self.message.delivery_info or {}).get("sqs_message") or {}
+        receive_count = int((sqs_message.get("Attributes") or {}).get("ApproximateReceiveCount") or 0)
+        contract = _contract_of((self.message.delivery_info or {}).get("sqs_queue"), self, self.task.queue)
+        try:
+            store.finish_failure(
+                engine(), self.id, worker=child,
+                error=f"TimeLimitExceeded: hard time limit ({timeout} s) exceeded; the process was killed",
+                final=receive_count >= contract.max_receive_count,
+            )
+        except Exception as exc:  # noqa: BLE001
+            logger.warning("task %s[%s]: recording the hard time limit failed: %s", self.name, self.id, exc)
+
+
+# --- Consumer: poison messages never get deleted ----------------------------------------------
+
+class PersistentConsumer(Consumer):
+    def on_decode_error(self, message, exc):
+        """Celery acks (deletes) a message it cannot decode: the evidence would be lost. Reject it
+        instead; with the queue's redrive policy SQS moves it to the DLQ after maxReceiveCount."""
+        logger.critical(
+            "undecodable message left for the DLQ (content type %r, encoding %r): %s; body starts %r",
+            message.content_type, message.content_encoding, exc, _body_head(message),
+        )
+        message.reject_log_error(logger, self.connection_errors)
+
+    def on_unknown_task(self, body, message, exc):
+        headers = message.headers if isinstance(message.headers, dict) else {}
+        if "id" not in headers or "task" not in headers:
+            # Celery's handler would raise KeyError on a headerless message after logging it.
+            return self.on_unknown_message(body, message)
+        return super().on_unknown_task(body, message, exc)
+
+
+def _body_head(message) -> bytes | str:
+    body = getattr(message, "body", b"") or b""
+    return body[:200]
+
+
+# --- Start-up guard ------------------------------------------------------------------------------
+
+def startup_problems(queues: list[str]) -> list[str]:
+    """What makes it unsafe to start consuming `queues`: a queue without a RedrivePolicy (kombu
+    deletes a failed task there instead of leaving it for the DLQ), or a store schema behind the
+    code. Empty when the worker may start."""
+    problems = []
+    client = sqs()
+    for name in queues:
+        sqs_name = sqs_queue_name(settings.env, name)
+        try:
+            url = client.get_queue_url(QueueName=sqs_name)["QueueUrl"]
+            attributes = client.get_queue_attributes(QueueUrl=url, AttributeNames=["RedrivePolicy"])
+        except Exception as exc:  # noqa: BLE001 - reported as a start-up problem with the queue name
+            problems.append(f"queue {sqs_name!r} cannot be read ({exc}): check that it exists and the role may "
+                            "call sqs:GetQueueUrl and sqs:GetQueueAttributes on it")
+            continue
+        if "RedrivePolicy" not in attributes.get("Attributes", {}):
+            problems.append(
+                f"queue {sqs_name!r} has no RedrivePolicy, so kombu would silently delete every failed task "
+                f"there: give it its DLQ ({sqs_queue_name(settings.env, name, dlq=True)!r}) with the catalog's "
+                f"maxReceiveCount (deploy the stack, or app.local.create_queues locally), then start again"
+            )
+    try:
+        db = engine()
+        version = store.schema_version(db)
+        db.dispose()  # pool children open their own connections
+        if version < store.LATEST_SCHEMA_VERSION:
+            problems.append(f"the task store's schema is at version {version}, the code needs "
+                            f"{store.LATEST_SCHEMA_VERSION}: run `python -m app.store migrate`")
+    except Exception as exc:  # noqa: BLE001
+        problems.append(f"the task store cannot be reached ({type(exc).__name__}: {exc}): check DATABASE_URL / DB_*")
+    return problems
+
+
+def _consumed_queues(worker) -> list[str]:
+    prefix = queue_prefix(settings.env)
+    try:
+        names = list(worker.app.amqp.queues.consume_from or worker.app.amqp.queues)
+    except AttributeError:
+        names = []
+    names = [n.removeprefix(prefix) for n in names]
+    return names or list(settings.worker_queues)
+
+
+@signals.worker_init.connect
+def _refuse_unsafe_start(sender=None, **_):
+    problems = startup_problems(_consumed_queues(sender))
+    if problems:
+        print("worker: refusing to start:\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stderr, flush=True)
+        raise SystemExit(3)
