@@ -61,6 +61,7 @@ import sys
 import threading
 import time
 import uuid
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
 import sqlalchemy as sa
@@ -101,6 +102,12 @@ def make_sqs_client(endpoint_url: str | None = None, region: str | None = None):
     return boto3.client("sqs", **kwargs)
 
 
+@dataclass
+class Published:
+    sent: dict[str, str] = field(default_factory=dict)  # {task_id: SQS MessageId}
+    unreachable: bool = False  # SQS could not be reached: further calls would only wait out timeouts
+
+
 class Publisher:
     """Sends task ids to their catalog queue's SQS queue. Never raises for SQS trouble: what was
     not sent stays `pending` for the relay."""
@@ -129,15 +136,15 @@ class Publisher:
             self._urls[queue] = url
         return url
 
-    def publish(self, rows: Iterable[dict]) -> dict[str, str]:
-        """rows: dicts with id, task_name, queue, delay_seconds. Returns {task_id: MessageId} of
-        what SQS accepted."""
+    def publish(self, rows: Iterable[dict]) -> Published:
+        """rows: dicts with id, task_name, queue, delay_seconds. Returns what SQS accepted."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         by_queue: dict[str, list[dict]] = {}
         for row in rows:
             by_queue.setdefault(row["queue"], []).append(row)
         published: dict[str, str] = {}
+        unreachable = False
         for queue, queue_rows in by_queue.items():
             try:
                 url = self.queue_url(queue)
@@ -152,8 +159,9 @@ class Publisher:
                 unsent = sum(1 for rows_ in by_queue.values() for r in rows_ if r["id"] not in published)
                 log.warning("SQS unreachable (%s: %s); %d task(s) stay pending for the relay",
                             type(exc).__name__, exc, unsent)
+                unreachable = True
                 break
-        return published
+        return Published(published, unreachable)
 
     def _send_batch(self, url: str, queue: str, rows: list[dict]) -> dict[str, str]:
         def entry(i, row):
@@ -172,12 +180,12 @@ class Publisher:
         return sent
 
 
-def publish_and_mark(engine_or_conn: sa.Engine | sa.Connection, publisher: Publisher, rows: list[dict]) -> int:
-    """Publish rows and move the sent ones to `queued`. Returns how many were published."""
+def publish_and_mark(engine_or_conn: sa.Engine | sa.Connection, publisher: Publisher, rows: list[dict]) -> Published:
+    """Publish rows and move the sent ones to `queued`."""
     published = publisher.publish(rows)
-    if published:
-        store.mark_queued(engine_or_conn, published)
-    return len(published)
+    if published.sent:
+        store.mark_queued(engine_or_conn, published.sent)
+    return published
 
 
 # --- Submit API -----------------------------------------------------------------------------
@@ -378,10 +386,13 @@ class Outbox:
                 sa.select(c.id, c.task_name, c.queue, c.delay_seconds)
                 .where(c.id.in_(list(task_ids)), c.state == "pending")
             ).mappings().all()
-        return publish_and_mark(self.engine, self.publisher, [dict(r) for r in rows]) if rows else 0
+        return len(publish_and_mark(self.engine, self.publisher, [dict(r) for r in rows]).sent) if rows else 0
 
 
 # --- Relay ----------------------------------------------------------------------------------
+
+MAX_REFUSED_PER_PASS = 1000
+
 
 def relay_pass(engine: sa.Engine, publisher: Publisher, *, min_age: float, batch: int = SQS_BATCH,
                should_stop=lambda: False) -> int:
@@ -389,15 +400,19 @@ def relay_pass(engine: sa.Engine, publisher: Publisher, *, min_age: float, batch
     Each batch is one short transaction that locks its rows while they are sent, so copies of
     the relay never send the same row. Returns how many were published."""
     total = 0
-    while not should_stop():
+    # Rows SQS refused in this pass (a missing queue, an invalid delay): skipped until the next
+    # pass, so they can neither spin this loop nor hold back the rows behind them.
+    refused: set[str] = set()
+    while not should_stop() and len(refused) < MAX_REFUSED_PER_PASS:
         with engine.begin() as conn:
-            rows = store.claim_unpublished(conn, older_than_seconds=min_age, limit=batch)
+            rows = store.claim_unpublished(conn, older_than_seconds=min_age, limit=batch, exclude_ids=refused)
             if not rows:
                 break
-            sent = publish_and_mark(conn, publisher, rows)
-        total += sent
-        if sent < len(rows):
-            break  # SQS trouble: the rest waits for the next interval instead of spinning
+            published = publish_and_mark(conn, publisher, rows)
+        total += len(published.sent)
+        refused.update(r["id"] for r in rows if r["id"] not in published.sent)
+        if published.unreachable:
+            break  # the rest waits for the next interval
     return total
 
 

@@ -33,7 +33,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -381,16 +381,21 @@ def release(engine: sa.Engine, task_id: str, *, worker: str) -> bool:
 
 # --- The relay's side -----------------------------------------------------------------------
 
-def claim_unpublished(conn: sa.Connection, *, older_than_seconds: float, limit: int = 10) -> list[dict]:
+def claim_unpublished(conn: sa.Connection, *, older_than_seconds: float, limit: int = 10,
+                      exclude_ids: Iterable[str] = ()) -> list[dict]:
     """Relay: lock up to `limit` pending rows older than the threshold (FOR UPDATE SKIP LOCKED on
     Postgres; SQLite has one writer anyway) and return them (id, task_name, queue, delay_seconds).
     Age counts from when the row became pending (updated_at), so a replayed row also gets the
-    submitter's head start before the relay sends it."""
+    submitter's head start before the relay sends it. exclude_ids: rows SQS refused earlier in
+    this relay pass."""
     cutoff = utcnow() - dt.timedelta(seconds=older_than_seconds)
     c = tasks.c
+    query = sa.select(c.id, c.task_name, c.queue, c.delay_seconds).where(c.state == "pending", c.updated_at <= cutoff)
+    exclude = list(exclude_ids)
+    if exclude:
+        query = query.where(c.id.not_in(exclude))
     rows = conn.execute(
-        sa.select(c.id, c.task_name, c.queue, c.delay_seconds)
-        .where(c.state == "pending", c.updated_at <= cutoff)
+        query
         .order_by(c.updated_at)
         .limit(limit)
         .with_for_update(skip_locked=True)
