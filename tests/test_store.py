@@ -1,0 +1,325 @@
+"""The claim-check store on both databases: every transition, the refused ones, the claim race,
+migrations and the migrate CLI."""
+
+from __future__ import annotations
+
+import datetime as dt
+import multiprocessing
+import os
+import subprocess
+import sys
+import uuid
+
+import pytest
+import sqlalchemy as sa
+
+from app import store
+from app.local import free_port
+from app.settings import REPO_ROOT
+
+
+@pytest.fixture
+def engine(db_url):
+    eng = store.make_engine(db_url)
+    store.migrate(eng)
+    with eng.begin() as conn:  # the Postgres database lives for the session: start each test empty
+        conn.execute(store.tasks.delete())
+    yield eng
+    eng.dispose()
+
+
+def new_task(engine, *, task_name="demo.add", queue="default", args=(1, 2), kwargs=None, delay=0) -> str:
+    task_id = str(uuid.uuid4())
+    with engine.begin() as conn:
+        store.insert_task(conn, task_id=task_id, task_name=task_name, queue=queue, args=list(args),
+                          kwargs=kwargs or {"x": 1}, delay_seconds=delay)
+    return task_id
+
+
+def state_of(engine, task_id):
+    return store.get_task(engine, task_id)["state"]
+
+
+# --- migrations -----------------------------------------------------------------------------
+
+def test_migrate_is_idempotent_and_versioned(db_url):
+    eng = store.make_engine(db_url)
+    with eng.begin() as conn:  # from an empty database, also on the session's Postgres
+        conn.execute(sa.text("DROP TABLE IF EXISTS pcelery_tasks"))
+        conn.execute(sa.text("DROP TABLE IF EXISTS pcelery_schema_version"))
+    assert store.schema_version(eng) == 0
+    first = store.migrate(eng)
+    assert first == ["1: create table pcelery_tasks with its state indexes"]
+    assert store.migrate(eng) == []
+    assert store.schema_version(eng) == store.LATEST_SCHEMA_VERSION == 1
+    names = set(sa.inspect(eng).get_table_names())
+    assert {"pcelery_tasks", "pcelery_schema_version"} <= names
+    eng.dispose()
+
+
+def _run_store_cli(environ):
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "DB_HOST")}
+    env.update(environ)
+    return subprocess.run([sys.executable, "-m", "app.store", "migrate"], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_migrate_cli_applies_then_reports_current(tmp_path):
+    url = f"sqlite:///{tmp_path / 'cli.sqlite3'}"
+    first = _run_store_cli({"DATABASE_URL": url})
+    assert first.returncode == 0, first.stderr
+    assert "applied 1: create table pcelery_tasks" in first.stderr
+    second = _run_store_cli({"DATABASE_URL": url})
+    assert second.returncode == 0, second.stderr
+    assert "schema is current (version 1)" in second.stderr
+    assert "applied" not in second.stderr
+
+
+def test_migrate_cli_unreachable_database_exits_2_with_one_line():
+    url = f"postgresql+psycopg://postgres:secret@127.0.0.1:{free_port()}/nothing"
+    done = _run_store_cli({"DATABASE_URL": url})
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("error: cannot reach the database at postgresql+psycopg://postgres:***@127.0.0.1:")
+    assert "secret" not in done.stderr
+
+
+def test_migrate_cli_bad_settings_exits_2():
+    done = _run_store_cli({"PCELERY_ENV": "qa"})
+    assert done.returncode == 2
+    assert "unknown environment 'qa'" in done.stderr
+
+
+# --- transitions ----------------------------------------------------------------------------
+
+def test_happy_path_pending_queued_running_succeeded(engine):
+    task_id = new_task(engine, args=[2, 3], kwargs={"scale": 10})
+    row = store.get_task(engine, task_id)
+    assert row["state"] == "pending" and row["attempts"] == 0
+    assert row["payload"] == {"args": [2, 3], "kwargs": {"scale": 10}}
+    assert row["created_at"].tzinfo is not None and row["created_at"].utcoffset() == dt.timedelta(0)
+
+    assert store.mark_queued(engine, {task_id: "msg-1"}) == 1
+    row = store.get_task(engine, task_id)
+    assert (row["state"], row["message_id"]) == ("queued", "msg-1")
+    assert row["queued_at"].utcoffset() == dt.timedelta(0)
+
+    before = store.utcnow()
+    claim = store.claim(engine, task_id, worker="w1@host:1", lease_seconds=60)
+    assert claim.outcome == "run"
+    assert (claim.task_name, claim.args, claim.kwargs, claim.attempts) == ("demo.add", [2, 3], {"scale": 10}, 1)
+    assert claim.lease_until.utcoffset() == dt.timedelta(0)
+    assert before + dt.timedelta(seconds=59) < claim.lease_until < store.utcnow() + dt.timedelta(seconds=61)
+    row = store.get_task(engine, task_id)
+    assert (row["state"], row["worker"]) == ("running", "w1@host:1")
+
+    assert store.extend_lease(engine, task_id, worker="w1@host:1", lease_seconds=120)
+    assert store.get_task(engine, task_id)["lease_until"] > claim.lease_until
+
+    with engine.begin() as conn:
+        assert store.finish_success(conn, task_id, worker="w1@host:1", result={"sum": 5})
+    row = store.get_task(engine, task_id)
+    assert (row["state"], row["result"], row["lease_until"]) == ("succeeded", {"sum": 5}, None)
+    assert row["finished_at"] >= row["started_at"]
+
+
+def test_succeeded_row_is_a_duplicate_and_never_requeued(engine):
+    task_id = new_task(engine)
+    store.claim(engine, task_id, worker="w1", lease_seconds=60)
+    with engine.begin() as conn:
+        store.finish_success(conn, task_id, worker="w1", result=None)
+    again = store.claim(engine, task_id, worker="w2", lease_seconds=60)
+    assert again.outcome == "duplicate" and again.args is None
+    assert store.mark_queued(engine, {task_id: "late"}) == 0  # a late publisher does not resurrect it
+    row = store.get_task(engine, task_id)
+    assert (row["state"], row["attempts"], row["message_id"]) == ("succeeded", 1, None)
+
+
+def test_claim_accepts_pending_because_the_message_can_beat_mark_queued(engine):
+    task_id = new_task(engine)
+    assert store.claim(engine, task_id, worker="w1", lease_seconds=60).outcome == "run"
+    assert store.mark_queued(engine, {task_id: "m"}) == 0  # pending->queued only: running untouched
+    assert state_of(engine, task_id) == "running"
+
+
+def test_failure_redelivery_then_dead_then_redrive(engine):
+    task_id = new_task(engine)
+    store.claim(engine, task_id, worker="w1", lease_seconds=60)
+    assert store.finish_failure(engine, task_id, worker="w1", error=ValueError("bad input"), final=False)
+    row = store.get_task(engine, task_id)
+    assert (row["state"], row["error"], row["lease_until"]) == ("failed", "ValueError: bad input", None)
+
+    second = store.claim(engine, task_id, worker="w2", lease_seconds=60)  # SQS redelivered it
+    assert (second.outcome, second.attempts) == ("run", 2)
+    assert store.finish_failure(engine, task_id, worker="w2", error="KeyError: 'x'", final=True)
+    row = store.get_task(engine, task_id)
+    assert (row["state"], row["error"]) == ("dead", "KeyError: 'x'")
+
+    redriven = store.claim(engine, task_id, worker="w3", lease_seconds=60)  # back from the DLQ
+    assert (redriven.outcome, redriven.attempts) == ("run", 3)
+
+
+def test_other_workers_are_refused_while_the_lease_is_live(engine):
+    task_id = new_task(engine)
+    store.claim(engine, task_id, worker="w1", lease_seconds=60)
+    busy = store.claim(engine, task_id, worker="w2", lease_seconds=60)
+    assert busy.outcome == "busy" and busy.lease_until is not None
+    assert not store.extend_lease(engine, task_id, worker="w2", lease_seconds=60)
+    with engine.begin() as conn:
+        assert not store.finish_success(conn, task_id, worker="w2", result=1)
+    assert not store.finish_failure(engine, task_id, worker="w2", error="x", final=True)
+    assert not store.release(engine, task_id, worker="w2")
+    row = store.get_task(engine, task_id)
+    assert (row["state"], row["worker"], row["attempts"], row["error"]) == ("running", "w1", 1, None)
+
+
+def test_release_gives_the_row_back_to_queued(engine):
+    task_id = new_task(engine)
+    store.claim(engine, task_id, worker="w1", lease_seconds=60)
+    assert store.release(engine, task_id, worker="w1")
+    row = store.get_task(engine, task_id)
+    assert (row["state"], row["lease_until"]) == ("queued", None)
+    assert store.claim(engine, task_id, worker="w2", lease_seconds=60).attempts == 2
+
+
+def test_missing_row_is_reported_as_missing(engine):
+    assert store.claim(engine, "no-such-task", worker="w1", lease_seconds=60).outcome == "missing"
+    assert store.get_task(engine, "no-such-task") is None
+
+
+def test_expired_lease_can_be_claimed_again_and_the_old_owner_loses(engine):
+    task_id = new_task(engine)
+    store.claim(engine, task_id, worker="dead-worker", lease_seconds=0)  # expires at once
+    stuck = store.list_tasks(engine, stuck=True)
+    assert [r["id"] for r in stuck] == [task_id]
+    retaken = store.claim(engine, task_id, worker="w2", lease_seconds=60)
+    assert (retaken.outcome, retaken.attempts) == ("run", 2)
+    assert store.list_tasks(engine, stuck=True) == []
+    with engine.begin() as conn:  # the first worker came back to life: its verdict must not land
+        assert not store.finish_success(conn, task_id, worker="dead-worker", result="stale")
+    assert store.get_task(engine, task_id)["worker"] == "w2"
+
+
+def test_finish_success_joins_the_callers_transaction(engine):
+    task_id = new_task(engine)
+    store.claim(engine, task_id, worker="w1", lease_seconds=60)
+    with pytest.raises(RuntimeError):
+        with engine.begin() as conn:
+            store.finish_success(conn, task_id, worker="w1", result=1)
+            raise RuntimeError("the task's own write failed")
+    assert state_of(engine, task_id) == "running"
+
+
+def test_errors_are_formatted_and_truncated(engine):
+    task_id = new_task(engine)
+    store.claim(engine, task_id, worker="w1", lease_seconds=60)
+    store.finish_failure(engine, task_id, worker="w1", error=RuntimeError("x" * 20000), final=False)
+    error = store.get_task(engine, task_id)["error"]
+    assert error.startswith("RuntimeError: xxx") and error.endswith("...[truncated]")
+    assert len(error) == store.MAX_ERROR_CHARS
+
+
+def test_result_that_json_cannot_hold_is_stored_as_repr(engine):
+    task_id = new_task(engine)
+    store.claim(engine, task_id, worker="w1", lease_seconds=60)
+    with engine.begin() as conn:
+        assert store.finish_success(conn, task_id, worker="w1", result={1, 2})
+    result = store.get_task(engine, task_id)["result"]
+    assert result["repr"] == "{1, 2}"
+    assert "not JSON-serializable (set" in result["note"]
+
+
+def test_reset_for_replay_spares_live_running_rows(engine):
+    done, live, crashed = new_task(engine), new_task(engine), new_task(engine)
+    store.claim(engine, done, worker="w1", lease_seconds=60)
+    store.finish_failure(engine, done, worker="w1", error="E: boom", final=True)
+    store.claim(engine, live, worker="w1", lease_seconds=60)
+    store.claim(engine, crashed, worker="w1", lease_seconds=0)
+
+    reset = store.reset_for_replay(engine, [done, live, crashed, "no-such-task"])
+    assert reset == [done, crashed]
+    row = store.get_task(engine, done)
+    assert (row["state"], row["attempts"], row["error"], row["worker"]) == ("pending", 1, "E: boom", None)
+    assert state_of(engine, live) == "running"
+    assert state_of(engine, crashed) == "pending"
+
+
+def test_counts_lists_and_pending_summary(engine):
+    a, b, c = new_task(engine), new_task(engine, task_name="demo.other"), new_task(engine)
+    store.mark_queued(engine, {b: "m"})
+    store.claim(engine, c, worker="w", lease_seconds=60)
+    counts = store.count_by_state(engine)
+    assert counts == {"pending": 1, "queued": 1, "running": 1, "succeeded": 0, "failed": 0, "dead": 0}
+    assert [r["id"] for r in store.list_tasks(engine)] == [a, b, c]
+    assert [r["id"] for r in store.list_tasks(engine, state="queued")] == [b]
+    assert [r["id"] for r in store.list_tasks(engine, task_name="demo.other")] == [b]
+    assert store.list_tasks(engine, older_than_seconds=3600) == []
+    with pytest.raises(ValueError, match="unknown state 'done': use one of pending"):
+        store.list_tasks(engine, state="done")
+
+    summary = store.pending_summary(engine)
+    assert summary["count"] == 1 and 0 <= summary["oldest_age_seconds"] < 600
+    with engine.begin() as conn:  # make the pending row look 10 minutes old
+        conn.execute(sa.update(store.tasks).where(store.tasks.c.id == a)
+                     .values(updated_at=store.utcnow() - dt.timedelta(minutes=10)))
+    assert store.pending_summary(engine)["oldest_age_seconds"] >= 600
+
+
+def test_claim_unpublished_honours_age_and_exclusions(engine):
+    old, fresh = new_task(engine), new_task(engine)
+    with engine.begin() as conn:
+        conn.execute(sa.update(store.tasks).where(store.tasks.c.id == old)
+                     .values(updated_at=store.utcnow() - dt.timedelta(seconds=120)))
+    with engine.begin() as conn:
+        rows = store.claim_unpublished(conn, older_than_seconds=60)
+    assert rows == [{"id": old, "task_name": "demo.add", "queue": "default", "delay_seconds": 0}]
+    with engine.begin() as conn:
+        assert [r["id"] for r in store.claim_unpublished(conn, older_than_seconds=0)] == [old, fresh]
+        assert [r["id"] for r in store.claim_unpublished(conn, older_than_seconds=0, exclude_ids={old})] == [fresh]
+
+
+def test_claim_unpublished_skips_rows_another_relay_has_locked(pg_url):
+    eng = store.make_engine(pg_url)
+    store.migrate(eng)
+    with eng.begin() as conn:
+        conn.execute(store.tasks.delete())
+    ids = [new_task(eng) for _ in range(15)]
+    with eng.connect() as first, eng.connect() as second:
+        with first.begin():
+            mine = [r["id"] for r in store.claim_unpublished(first, older_than_seconds=0, limit=10)]
+            with second.begin():
+                theirs = [r["id"] for r in store.claim_unpublished(second, older_than_seconds=0, limit=10)]
+    assert mine == ids[:10] and theirs == ids[10:]
+    eng.dispose()
+
+
+# --- the race -------------------------------------------------------------------------------
+
+def _claim_all(args):
+    url, worker, task_ids, barrier = args
+    eng = store.make_engine(url)
+    try:
+        barrier.wait(timeout=60)
+        return [(tid, store.claim(eng, tid, worker=worker, lease_seconds=60).outcome) for tid in task_ids]
+    finally:
+        eng.dispose()
+
+
+def test_racing_processes_claim_each_task_exactly_once(engine, db_url):
+    task_ids = [new_task(engine) for _ in range(40)]
+    engine.dispose()  # no pooled connection crosses the fork
+    ctx = multiprocessing.get_context("fork")
+    workers = 3
+    barrier = ctx.Manager().Barrier(workers)
+    orders = [task_ids, list(reversed(task_ids)), task_ids[20:] + task_ids[:20]]
+    with ctx.Pool(workers) as pool:
+        results = pool.map(_claim_all, [(db_url, f"w{i}", orders[i], barrier) for i in range(workers)])
+    outcomes: dict[str, list[str]] = {}
+    for per_worker in results:
+        for tid, outcome in per_worker:
+            outcomes.setdefault(tid, []).append(outcome)
+    for tid in task_ids:
+        assert sorted(outcomes[tid]) == ["busy", "busy", "run"], (tid, outcomes[tid])
+    assert store.count_by_state(engine)["running"] == len(task_ids)
+    assert {r["attempts"] for r in store.list_tasks(engine, state="running")} == {1}
