@@ -1,0 +1,81 @@
+"""The outbox relay service and the one-off schema-migration task definition.
+
+Both run the worker image with a different command. The relay publishes `pending` rows that
+their submitter failed to publish; one task is enough (it batches, and several would be safe
+thanks to SKIP LOCKED), so it does not scale.
+"""
+
+from __future__ import annotations
+
+from aws_cdk import RemovalPolicy
+from aws_cdk import aws_ec2 as ec2
+from aws_cdk import aws_ecs as ecs
+from aws_cdk import aws_logs as logs
+from constructs import Construct
+
+RELAY_COMMAND = ["python", "-m", "app.outbox", "relay"]
+MIGRATE_COMMAND = ["python", "-m", "app.store", "migrate"]
+
+
+class Relay(Construct):
+    def __init__(
+        self,
+        scope: Construct,
+        id: str,
+        *,
+        env_name: str,
+        cluster: ecs.ICluster,
+        subnets: ec2.SubnetSelection,
+        security_group: ec2.ISecurityGroup,
+        image: ecs.ContainerImage,
+        environment: dict[str, str],
+        secrets: dict[str, ecs.Secret],
+        log_retention: logs.RetentionDays,
+        log_removal_policy: RemovalPolicy,
+    ) -> None:
+        super().__init__(scope, id)
+        self.log_group = logs.LogGroup(
+            self, "Logs", log_group_name=f"/pcelery/{env_name}/relay",
+            retention=log_retention, removal_policy=log_removal_policy,
+        )
+        # The image's ENTRYPOINT is the worker, so these override the entry point, not the command.
+        self.task_definition = _task(
+            self, "Task", family=f"pcelery-{env_name}-relay", image=image, entry_point=RELAY_COMMAND,
+            environment=environment, secrets=secrets, log_group=self.log_group, stream_prefix="relay",
+        )
+        self.service = ecs.FargateService(
+            self, "Service",
+            cluster=cluster,
+            task_definition=self.task_definition,
+            service_name=f"pcelery-{env_name}-relay",
+            desired_count=1,
+            vpc_subnets=subnets,
+            security_groups=[security_group],
+            assign_public_ip=False,
+            # One relay at a time is the steady state; a deployment briefly runs two, which
+            # SKIP LOCKED makes harmless.
+            min_healthy_percent=100,
+            max_healthy_percent=200,
+            circuit_breaker=ecs.DeploymentCircuitBreaker(rollback=True),
+        )
+        # Run once per release, before the new workers: `aws ecs run-task` (infra/README.md).
+        self.migrate_task_definition = _task(
+            self, "MigrateTask", family=f"pcelery-{env_name}-migrate", image=image,
+            entry_point=MIGRATE_COMMAND, environment=environment, secrets=secrets,
+            log_group=self.log_group, stream_prefix="migrate",
+        )
+
+
+def _task(scope, id, *, family, image, entry_point, environment, secrets, log_group, stream_prefix):
+    task = ecs.FargateTaskDefinition(
+        scope, id, cpu=256, memory_limit_mib=512, family=family,
+        runtime_platform=ecs.RuntimePlatform(
+            cpu_architecture=ecs.CpuArchitecture.X86_64,
+            operating_system_family=ecs.OperatingSystemFamily.LINUX,
+        ),
+    )
+    task.add_container(
+        stream_prefix, image=image, entry_point=entry_point, environment=environment, secrets=secrets,
+        logging=ecs.LogDrivers.aws_logs(stream_prefix=stream_prefix, log_group=log_group),
+    )
+    return task

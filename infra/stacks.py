@@ -1,0 +1,323 @@
+"""The two stacks of each environment and the app that holds them.
+
+Stateful (VPC, queues, RDS, Redis) changes rarely and holds data; stateless (cluster, services,
+scaling, alarms, dashboard) changes every release and can be destroyed and recreated at will.
+All grants and connections between the two are made here, in the stateless stack.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import aws_cdk as cdk
+from aws_cdk import RemovalPolicy, Stack
+from aws_cdk import aws_ec2 as ec2
+from aws_cdk import aws_ecr_assets as ecr_assets
+from aws_cdk import aws_ecs as ecs
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_logs as logs
+from constructs import Construct
+
+from catalog import APP_NAME, CATALOG, Catalog
+
+from .cache import REDIS_PORT, Cache
+from .config import EnvConfig
+from .database import DATABASE_NAME, DATABASE_PORT, Database, removal_policy_for_logs
+from .monitoring import DatabaseTargets, Monitoring
+from .network import Network
+from .queues import Queues
+from .relay import Relay
+from .workers import Workers
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# The image asset copies its folder into cdk.out on every synth: keep everything the image does
+# not need out of it (and out of the asset hash, so an infra-only change builds no new image).
+IMAGE_EXCLUDES = [
+    ".git", ".venv*", "node_modules", "cdk.out", "cdk.out.*", "var", "tests", "infra", "app.py",
+    "cdk.json", "cdk.context.json", "package.json", "package-lock.json", "**/__pycache__",
+    ".pytest_cache", ".ruff_cache", "*.md", ".ci", "Makefile", "pytest.ini", "requirements-*.txt",
+]
+
+# What a Celery worker does on the queue it consumes, and nothing more. No wildcard actions.
+CONSUME_ACTIONS = [
+    "sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:ChangeMessageVisibility",
+    "sqs:GetQueueAttributes", "sqs:GetQueueUrl",
+]
+# Publishing a task (the submit API after commit, or the relay for what it missed).
+PUBLISH_ACTIONS = ["sqs:SendMessage", "sqs:GetQueueUrl"]
+
+_RETENTION_NAMES = {
+    1: "ONE_DAY", 3: "THREE_DAYS", 5: "FIVE_DAYS", 7: "ONE_WEEK", 14: "TWO_WEEKS", 30: "ONE_MONTH",
+    60: "TWO_MONTHS", 90: "THREE_MONTHS", 120: "FOUR_MONTHS", 150: "FIVE_MONTHS", 180: "SIX_MONTHS",
+    365: "ONE_YEAR", 400: "THIRTEEN_MONTHS", 545: "EIGHTEEN_MONTHS", 731: "TWO_YEARS",
+    1096: "THREE_YEARS", 1827: "FIVE_YEARS", 3653: "TEN_YEARS",
+}
+
+
+def log_retention(days: int) -> logs.RetentionDays:
+    return logs.RetentionDays[_RETENTION_NAMES[days]]
+
+
+_REMOVAL = {"destroy": RemovalPolicy.DESTROY, "snapshot": RemovalPolicy.SNAPSHOT, "retain": RemovalPolicy.RETAIN}
+
+
+def stack_names(env: str) -> tuple[str, str]:
+    return f"{APP_NAME}-{env}-stateful", f"{APP_NAME}-{env}-stateless"
+
+
+def acknowledge(scope: Construct, rule: str, reason: str) -> None:
+    """A cdk-nag finding accepted on one construct, with the reason reviewers will read."""
+    cdk.Validations.of(scope).acknowledge(cdk.Acknowledgment(id=rule, reason=reason))
+
+
+class _EnvStack(Stack):
+    def __init__(self, scope: Construct, id: str, *, config: EnvConfig, description: str, **kwargs) -> None:
+        self._zones = list(config.availability_zones)
+        super().__init__(
+            scope, id, stack_name=id, description=description,
+            env=cdk.Environment(account=config.account, region=config.region), **kwargs,
+        )
+        cdk.Tags.of(self).add("app", APP_NAME)
+        cdk.Tags.of(self).add("environment", config.name)
+
+    @property
+    def availability_zones(self) -> list[str]:
+        # The zones from cdk.json. Without this override a stack with an account and region asks
+        # AWS for its zones at synth time, which needs credentials and breaks offline synth.
+        return self._zones
+
+
+class StatefulStack(_EnvStack):
+    def __init__(self, scope: Construct, id: str, *, config: EnvConfig, catalog: Catalog) -> None:
+        super().__init__(
+            scope, id, config=config, termination_protection=config.protection.termination_protection,
+            description=f"{APP_NAME} {config.name}: VPC, SQS queues and DLQs, RDS Postgres, Redis (stateful)",
+        )
+        removal = _REMOVAL[config.protection.removal_policy]
+        retention = log_retention(config.log_retention_days)
+        self.config = config
+        self.network = Network(
+            self, "Network",
+            cidr=config.network.cidr,
+            availability_zones=list(config.availability_zones),
+            nat_gateways=config.network.nat_gateways,
+            flow_logs=config.network.flow_logs,
+            interface_endpoints=config.network.interface_endpoints,
+            log_retention=retention,
+            removal_policy=removal_policy_for_logs(removal),
+        )
+        self.queues = Queues(
+            self, "Queues", env_name=config.name, catalog=catalog,
+            # A queue has no snapshot; "snapshot" keeps it.
+            removal_policy=removal_policy_for_logs(removal),
+        )
+        db = config.database
+        self.database = Database(
+            self, "Database",
+            vpc=self.network.vpc,
+            subnets=self.network.data_subnets,
+            rotation_subnets=self.network.task_subnets,
+            instance_name=f"{APP_NAME}-{config.name}",
+            instance_type=db.instance_type,
+            allocated_storage_gib=db.allocated_storage_gib,
+            max_allocated_storage_gib=db.max_allocated_storage_gib,
+            multi_az=db.multi_az,
+            backup_retention_days=db.backup_retention_days,
+            rotation_days=db.rotation_days,
+            deletion_protection=config.protection.deletion_protection,
+            removal_policy=removal,
+            log_retention=retention,
+        )
+        self.cache = None
+        if config.cache:
+            self.cache = Cache(
+                self, "Cache",
+                vpc=self.network.vpc,
+                subnets=self.network.data_subnets,
+                replication_group_id=f"{APP_NAME}-{config.name}",
+                node_type=config.cache.node_type,
+                replicas=config.cache.replicas,
+                removal_policy=removal,
+            )
+        self._acknowledge(config)
+
+    def _acknowledge(self, config: EnvConfig) -> None:
+        db = self.database.instance
+        acknowledge(db, "AwsSolutions-RDS11",
+                    "The standard port 5432: the instance is reachable only from the task security group "
+                    "in isolated subnets, so a non-standard port adds no protection.")
+        if not config.database.multi_az:
+            acknowledge(db, "AwsSolutions-RDS3",
+                        f"{config.name} runs single-AZ to halve the database cost; prod is Multi-AZ (cdk.json).")
+        if not config.protection.deletion_protection:
+            acknowledge(db, "AwsSolutions-RDS10",
+                        f"{config.name} is torn down and rebuilt freely; prod has deletion protection (cdk.json).")
+        if not config.database.rotation_days:
+            acknowledge(self.database, "AwsSolutions-SMG4",
+                        f"{config.name} keeps its generated master password; prod rotates it (cdk.json rotation_days).")
+        acknowledge(self.network.vpc, "CloudFormation-Validate::W3010",
+                    "Zones are named in cdk.json on purpose: synth must work offline, without an AZ lookup.")
+        if not config.network.flow_logs:
+            acknowledge(self.network.vpc, "AwsSolutions-VPC7",
+                        f"{config.name} has no flow logs to save their cost; staging and prod have them.")
+        if self.cache:
+            acknowledge(self.cache.auth_token, "AwsSolutions-SMG4",
+                        "Rotating a Redis AUTH token needs the ElastiCache ROTATE/SET strategy and a client "
+                        "restart; it is rotated by hand (infra/README.md).")
+            acknowledge(self.cache.replication_group, "AwsSolutions-AEC5",
+                        "The standard port 6379: reachable only from the task security group in isolated subnets.")
+            if config.cache.replicas == 0:
+                acknowledge(self.cache.replication_group, "AwsSolutions-AEC4",
+                            f"{config.name}'s result backend is a single node: results are also in Postgres, "
+                            "so losing Redis loses nothing durable.")
+
+
+class StatelessStack(_EnvStack):
+    def __init__(self, scope: Construct, id: str, *, config: EnvConfig, catalog: Catalog,
+                 stateful: StatefulStack, image_directory: Path) -> None:
+        super().__init__(
+            scope, id, config=config,
+            description=f"{APP_NAME} {config.name}: ECS workers, outbox relay, scaling, alarms, dashboard (stateless)",
+        )
+        self.add_stack_dependency(stateful)
+        retention = log_retention(config.log_retention_days)
+        log_removal = removal_policy_for_logs(_REMOVAL[config.protection.removal_policy])
+        network, queues, database, cache = stateful.network, stateful.queues, stateful.database, stateful.cache
+
+        image = ecs.ContainerImage.from_asset(
+            str(image_directory), exclude=IMAGE_EXCLUDES, platform=ecr_assets.Platform.LINUX_AMD64,
+        )
+        environment = {
+            "PCELERY_ENV": config.name,
+            "AWS_REGION": config.region,
+            "DB_HOST": database.instance.db_instance_endpoint_address,
+            "DB_PORT": str(DATABASE_PORT),
+            "DB_NAME": DATABASE_NAME,
+        }
+        # Credentials only ever as ECS secrets: resolved by the agent at task start, never in the
+        # task definition or the template.
+        secrets = {
+            "DB_USER": ecs.Secret.from_secrets_manager(database.secret, "username"),
+            "DB_PASSWORD": ecs.Secret.from_secrets_manager(database.secret, "password"),
+        }
+        if cache:
+            environment.update(REDIS_HOST=cache.host, REDIS_PORT=str(REDIS_PORT))
+            secrets["REDIS_AUTH_TOKEN"] = ecs.Secret.from_secrets_manager(cache.auth_token)
+
+        self.workers = Workers(
+            self, "Workers",
+            env_name=config.name,
+            vpc=network.vpc,
+            subnets=network.task_subnets,
+            catalog=catalog,
+            queues=dict(queues.work),
+            bounds={q.name: config.worker_bounds(q) for q in catalog},
+            image=image,
+            cpu=config.workers.cpu,
+            memory_mib=config.workers.memory_mib,
+            environment=environment,
+            secrets=secrets,
+            log_retention=retention,
+            log_removal_policy=log_removal,
+        )
+        self.relay = Relay(
+            self, "Relay",
+            env_name=config.name,
+            cluster=self.workers.cluster,
+            subnets=network.task_subnets,
+            security_group=self.workers.security_group,
+            image=image,
+            environment=environment,
+            secrets=secrets,
+            log_retention=retention,
+            log_removal_policy=log_removal,
+        )
+
+        # --- wiring: who may talk to what ---
+        all_work_arns = [queues.work[q.name].queue_arn for q in catalog]
+        for q in catalog:
+            role = self.workers.task_roles[q.name]
+            role.add_to_principal_policy(iam.PolicyStatement(
+                sid="ConsumeOwnQueue", actions=CONSUME_ACTIONS, resources=[queues.work[q.name].queue_arn]))
+            # A task may submit follow-up tasks to any queue; the submit API publishes right
+            # after commit. Without this, every follow-up would wait for the relay. No DLQs.
+            role.add_to_principal_policy(iam.PolicyStatement(
+                sid="PublishTasks", actions=PUBLISH_ACTIONS, resources=all_work_arns))
+        self.relay.task_definition.task_role.add_to_principal_policy(iam.PolicyStatement(
+            sid="PublishTasks", actions=PUBLISH_ACTIONS, resources=all_work_arns))
+        # The migration task talks to Postgres only: its role gets no SQS permission at all.
+
+        # Ingress rules made here, in the stateless stack: the L2 `allow_from` would put them in
+        # the stateful stack next to the target group and make the two stacks reference each other.
+        tasks = self.workers.security_group
+        self._allow(tasks, database.instance.connections, DATABASE_PORT, "DatabaseFromTasks",
+                    "workers, relay and migrations")
+        if cache:
+            self._allow(tasks, cache.connections, REDIS_PORT, "CacheFromTasks", "workers and relay")
+
+        self.monitoring = Monitoring(
+            self, "Monitoring",
+            env_name=config.name,
+            catalog=catalog,
+            work_queues=dict(queues.work),
+            dead_letter_queues=dict(queues.dead),
+            cluster_name=self.workers.cluster.cluster_name,
+            worker_service_names={q: s.service_name for q, s in self.workers.services.items()},
+            relay_service_name=self.relay.service.service_name,
+            database=DatabaseTargets(
+                instance_identifier=database.instance.instance_identifier,
+                allocated_storage_gib=config.database.allocated_storage_gib,
+                max_connections=config.database.max_connections,
+            ),
+            cache_node_ids=cache.node_ids if cache else None,
+            alarm_email=config.alarm_email,
+            outbox_lag_alarm_seconds=config.outbox_lag_alarm_seconds,
+        )
+
+        cdk.CfnOutput(self, "ClusterName", value=self.workers.cluster.cluster_name)
+        cdk.CfnOutput(self, "MigrateTaskDefinition", value=self.relay.migrate_task_definition.family)
+        cdk.CfnOutput(self, "TaskSecurityGroup", value=self.workers.security_group.security_group_id)
+        cdk.CfnOutput(self, "TaskSubnets", value=",".join(
+            network.vpc.select_subnets(subnet_type=network.task_subnets.subnet_type).subnet_ids))
+        cdk.CfnOutput(self, "AlarmTopic", value=self.monitoring.topic.topic_arn)
+        self._acknowledge()
+
+    def _allow(self, source: ec2.ISecurityGroup, target: ec2.Connections, port: int, id: str,
+               description: str) -> None:
+        for i, group in enumerate(target.security_groups):
+            ec2.CfnSecurityGroupIngress(
+                self, f"{id}{i}", group_id=group.security_group_id, source_security_group_id=source.security_group_id,
+                ip_protocol="tcp", from_port=port, to_port=port,
+                description=f"from {description}",
+            )
+
+    def _acknowledge(self) -> None:
+        for task in [*(s.task_definition for s in self.workers.services.values()),
+                     self.relay.task_definition, self.relay.migrate_task_definition]:
+            acknowledge(task.execution_role, "AwsSolutions-IAM5[Resource::*]",
+                        "ecr:GetAuthorizationToken has no resource-level permissions; the image pull and "
+                        "log actions CDK adds are scoped to the repository and log group.")
+            acknowledge(task, "AwsSolutions-ECS2",
+                        "Only non-secret settings (env name, queue, DB host/port/name, Redis host) are "
+                        "environment variables; credentials are ECS secrets from Secrets Manager.")
+
+
+def build_app(app: cdk.App, configs: list[EnvConfig], *, catalog: Catalog = CATALOG,
+              image_directory: Path = REPO_ROOT) -> dict[str, tuple[StatefulStack, StatelessStack]]:
+    """Both stacks of every given environment, in `app`."""
+    stacks = {}
+    for config in configs:
+        stateful_name, stateless_name = stack_names(config.name)
+        stateful = StatefulStack(app, stateful_name, config=config, catalog=catalog)
+        stateless = StatelessStack(app, stateless_name, config=config, catalog=catalog,
+                                   stateful=stateful, image_directory=image_directory)
+        stacks[config.name] = (stateful, stateless)
+    return stacks
+
+
+def add_checks(app: cdk.App) -> None:
+    """cdk-nag's AwsSolutions pack on every stack: any unacknowledged finding fails synth."""
+    from cdk_nag import AwsSolutionsChecks
+
+    cdk.Validations.of(app).add_plugins(AwsSolutionsChecks(app))

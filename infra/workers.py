@@ -1,0 +1,209 @@
+"""The ECS cluster and one Fargate worker service per catalog queue, scaled on backlog per task.
+
+The services get their configuration (environment, secrets, image, sizes) as arguments; which
+queues a role may touch is granted by the stack.
+"""
+
+from __future__ import annotations
+
+from aws_cdk import Duration, RemovalPolicy, Stack
+from aws_cdk import aws_applicationautoscaling as appscaling
+from aws_cdk import aws_cloudwatch as cloudwatch
+from aws_cdk import aws_cloudwatch_actions as cw_actions
+from aws_cdk import aws_ec2 as ec2
+from aws_cdk import aws_ecs as ecs
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_logs as logs
+from aws_cdk import aws_sqs as sqs
+from constructs import Construct
+
+from catalog import Catalog, QueueContract
+
+ECS_MAX_STOP_TIMEOUT = 120
+# Time a warm shutdown needs beyond the task itself: finish the ack, close the pool, exit.
+SHUTDOWN_SLACK = 15
+
+
+def stop_timeout(contract: QueueContract) -> int:
+    """Seconds ECS waits between SIGTERM (Celery's warm shutdown) and SIGKILL.
+
+    Enough for the longest task to run out its hard limit where ECS allows it. A longer task
+    (the heartbeat queues) is killed after 120 s; its message comes back once its visibility
+    lapses, which the heartbeat keeps short, and counts as one receive.
+    """
+    return min(ECS_MAX_STOP_TIMEOUT, contract.hard_time_limit + SHUTDOWN_SLACK)
+
+
+def insights_metric(name: str, *, cluster_name: str, service_name: str, period: Duration) -> cloudwatch.Metric:
+    return cloudwatch.Metric(
+        namespace="ECS/ContainerInsights", metric_name=name, statistic="Average", period=period,
+        dimensions_map={"ClusterName": cluster_name, "ServiceName": service_name},
+    )
+
+
+class Workers(Construct):
+    def __init__(
+        self,
+        scope: Construct,
+        id: str,
+        *,
+        env_name: str,
+        vpc: ec2.IVpc,
+        subnets: ec2.SubnetSelection,
+        catalog: Catalog,
+        queues: dict[str, sqs.IQueue],
+        bounds: dict[str, tuple[int, int]],
+        image: ecs.ContainerImage,
+        cpu: int,
+        memory_mib: int,
+        environment: dict[str, str],
+        secrets: dict[str, ecs.Secret],
+        log_retention: logs.RetentionDays,
+        log_removal_policy: RemovalPolicy,
+    ) -> None:
+        super().__init__(scope, id)
+        self.cluster = ecs.Cluster(
+            self, "Cluster", vpc=vpc, cluster_name=f"pcelery-{env_name}",
+            # The running-low alarms and the scaling metric read its RunningTaskCount.
+            container_insights_v2=ecs.ContainerInsights.ENABLED,
+        )
+        self.security_group = ec2.SecurityGroup(
+            self, "SecurityGroup", vpc=vpc, allow_all_outbound=True,
+            description=f"pcelery-{env_name} workers and relay: outbound only (SQS, RDS, Redis, ECR)",
+        )
+        self.services: dict[str, ecs.FargateService] = {}
+        self.task_roles: dict[str, iam.IRole] = {}
+        for contract in catalog:
+            low, high = bounds[contract.name]
+            self._worker(
+                contract, env_name=env_name, subnets=subnets, queue=queues[contract.name],
+                low=low, high=high, image=image, cpu=cpu, memory_mib=memory_mib,
+                environment={**environment, "PCELERY_WORKER_QUEUES": contract.name},
+                secrets=secrets, log_retention=log_retention, log_removal_policy=log_removal_policy,
+            )
+
+    def _worker(self, contract: QueueContract, *, env_name, subnets, queue, low, high, image, cpu,
+                memory_mib, environment, secrets, log_retention, log_removal_policy) -> None:
+        scope = Construct(self, contract.name)
+        log_group = logs.LogGroup(
+            scope, "Logs", log_group_name=f"/pcelery/{env_name}/worker-{contract.name}",
+            retention=log_retention, removal_policy=log_removal_policy,
+        )
+        task = ecs.FargateTaskDefinition(
+            scope, "Task", cpu=cpu, memory_limit_mib=memory_mib,
+            family=f"pcelery-{env_name}-worker-{contract.name}",
+            runtime_platform=ecs.RuntimePlatform(
+                cpu_architecture=ecs.CpuArchitecture.X86_64,
+                operating_system_family=ecs.OperatingSystemFamily.LINUX,
+            ),
+        )
+        task.add_container(
+            "worker", image=image, environment=environment, secrets=secrets,
+            logging=ecs.LogDrivers.aws_logs(stream_prefix="worker", log_group=log_group),
+            stop_timeout=Duration.seconds(stop_timeout(contract)),
+            readonly_root_filesystem=False,
+        )
+        service = ecs.FargateService(
+            scope, "Service",
+            cluster=self.cluster,
+            task_definition=task,
+            service_name=f"pcelery-{env_name}-worker-{contract.name}",
+            desired_count=low,
+            vpc_subnets=subnets,
+            security_groups=[self.security_group],
+            assign_public_ip=False,
+            min_healthy_percent=100,
+            max_healthy_percent=200,
+            circuit_breaker=ecs.DeploymentCircuitBreaker(rollback=True),
+        )
+        self.services[contract.name] = service
+        self.task_roles[contract.name] = task.task_role
+        if high > low or low == 0:
+            self._scaling(scope, contract, service=service, queue=queue, low=low, high=high)
+
+    def _scaling(self, scope: Construct, contract: QueueContract, *, service: ecs.FargateService,
+                 queue: sqs.IQueue, low: int, high: int) -> None:
+        stack = Stack.of(self)
+        target = appscaling.ScalableTarget(
+            scope, "Scaling",
+            service_namespace=appscaling.ServiceNamespace.ECS,
+            resource_id=f"service/{self.cluster.cluster_name}/{service.service_name}",
+            scalable_dimension="ecs:service:DesiredCount",
+            min_capacity=low, max_capacity=high,
+            role=iam.Role.from_role_arn(scope, "ScalingRole", stack.format_arn(
+                service="iam", region="", resource="role",
+                resource_name="aws-service-role/ecs.application-autoscaling.amazonaws.com/"
+                              "AWSServiceRoleForApplicationAutoScaling_ECSService",
+            )),
+        )
+
+        def query(id_, namespace, name, dims):
+            P = appscaling.CfnScalingPolicy
+            return P.TargetTrackingMetricDataQueryProperty(
+                id=id_, return_data=False,
+                metric_stat=P.TargetTrackingMetricStatProperty(
+                    stat="Average",
+                    metric=P.TargetTrackingMetricProperty(
+                        namespace=namespace, metric_name=name,
+                        dimensions=[P.TargetTrackingMetricDimensionProperty(name=k, value=v) for k, v in dims.items()],
+                    ),
+                ),
+            )
+
+        queue_dims = {"QueueName": queue.queue_name}
+        service_dims = {"ClusterName": self.cluster.cluster_name, "ServiceName": service.service_name}
+        # Backlog per running task, held at the catalog's backlog_per_worker. In-flight messages
+        # count as backlog: a task busy with a one-hour report must not look idle, or scale-in
+        # would kill it mid-run and the redelivery would count towards maxReceiveCount.
+        appscaling.CfnScalingPolicy(
+            scope, "BacklogPerTask",
+            policy_name=f"{service.service_name}-backlog-per-task",
+            policy_type="TargetTrackingScaling",
+            scaling_target_id=target.scalable_target_id,
+            target_tracking_scaling_policy_configuration=appscaling.CfnScalingPolicy.TargetTrackingScalingPolicyConfigurationProperty(
+                target_value=float(contract.backlog_per_worker),
+                scale_out_cooldown=60,
+                scale_in_cooldown=300,
+                customized_metric_specification=appscaling.CfnScalingPolicy.CustomizedMetricSpecificationProperty(
+                    metrics=[
+                        query("visible", "AWS/SQS", "ApproximateNumberOfMessagesVisible", queue_dims),
+                        query("inflight", "AWS/SQS", "ApproximateNumberOfMessagesNotVisible", queue_dims),
+                        query("running", "ECS/ContainerInsights", "RunningTaskCount", service_dims),
+                        appscaling.CfnScalingPolicy.TargetTrackingMetricDataQueryProperty(
+                            id="backlog", expression="(visible + inflight) / running",
+                            label="messages per running task", return_data=True,
+                        ),
+                    ],
+                ),
+            ),
+        )
+        if low == 0:
+            # Target tracking multiplies the current count, so from zero tasks it never moves:
+            # a message waiting while nothing runs sets the service to one task.
+            wake = appscaling.StepScalingAction(
+                scope, "Wake", scaling_target=target,
+                adjustment_type=appscaling.AdjustmentType.EXACT_CAPACITY,
+                cooldown=Duration.seconds(120),
+                metric_aggregation_type=appscaling.MetricAggregationType.MAXIMUM,
+            )
+            wake.add_adjustment(adjustment=1, lower_bound=0)
+            period = Duration.minutes(1)
+            alarm = cloudwatch.Alarm(
+                scope, "WakeAlarm",
+                alarm_description=f"Scales {service.service_name} from zero when its queue has work (not a page).",
+                metric=cloudwatch.MathExpression(
+                    expression="IF(FILL(running, 0) < 1, FILL(visible, 0), 0)",
+                    using_metrics={
+                        "visible": queue.metric_approximate_number_of_messages_visible(period=period, statistic="Maximum"),
+                        "running": insights_metric("RunningTaskCount", cluster_name=self.cluster.cluster_name,
+                                                   service_name=service.service_name, period=period),
+                    },
+                    period=period,
+                    label="visible messages while no task runs",
+                ),
+                threshold=1,
+                comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
+                evaluation_periods=1,
+                treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+            )
+            alarm.add_alarm_action(cw_actions.ApplicationScalingAction(wake))
