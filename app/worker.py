@@ -295,6 +295,10 @@ class PersistentTask(Task):
                                  final=delivery.is_last_receive(claim.attempts))
             raise error
 
+        if delivery.contract.name != self.queue:
+            logger.warning("task %s[%s] is declared for queue %r but came from %r, whose contract (visibility "
+                           "timeout, heartbeat) now applies: submit it with queue=%r", self.name, task_id,
+                           self.queue, delivery.contract.name, self.queue)
         heartbeat = (
             Heartbeat(task_id=task_id, worker=worker, delivery=delivery)
             if delivery.contract.heartbeat and delivery.queue_url and delivery.receipt_handle

@@ -1,0 +1,425 @@
+"""End-to-end behaviour of the worker: real `bin/worker` subprocesses (Celery prefork), a real
+moto server over HTTP, the real Postgres and Redis. Timings come from catalog:DEMO_CATALOG
+(default: visibility 8 s, maxReceiveCount 3; long: visibility 6 s, heartbeat every 2 s,
+maxReceiveCount 2), so redeliveries and dead-lettering happen within seconds.
+
+Isolation: this module runs its own moto server and its own Postgres database, so other test
+modules' queues and rows never mix with these. Scenarios that need their own worker (kills,
+result backend, refused start) use another environment name (dev/staging/prod): its SQS queues
+are disjoint from the shared worker's "local" ones, so no other worker can take their messages.
+
+Waits poll for a condition with generous deadlines (two cores, other test runs in parallel);
+nothing asserts on wall time.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from app import store
+from app.local import (create_queues, local_environ, sqs_client, start_moto_server, start_relay, start_worker,
+                       stop_process_group)
+from app.messages import decode_body, encode_body
+from app.outbox import Outbox
+from catalog import DEMO_CATALOG, sqs_queue_name
+from conftest import PG_ADMIN_URL, REDIS_URL
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT = DEMO_CATALOG.get("default")
+LONG = DEMO_CATALOG.get("long")
+
+
+# --- Helpers ------------------------------------------------------------------------------------
+
+def wait_for(predicate, *, timeout: float, what: str, logs: list[Path] = (), interval: float = 0.25):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            tails = "\n".join(f"--- {p.name} (tail) ---\n{_tail(p)}" for p in logs)
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{tails}")
+        time.sleep(interval)
+
+
+def _tail(path: Path, lines: int = 60) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+class Worker:
+    def __init__(self, stack: "Stack", log: Path, **kwargs):
+        self.log = log
+        self._log_file = open(log, "ab")
+        self.proc = start_worker(stack.environ, log=self._log_file, **kwargs)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def wait_ready(self, timeout: float = 90):
+        wait_for(lambda: " ready." in self.log.read_text(errors="replace") or not self.alive(),
+                 timeout=timeout, what=f"worker ready ({self.log.name})", logs=[self.log])
+        assert self.alive(), f"worker exited with {self.proc.returncode}:\n{_tail(self.log)}"
+        return self
+
+    def stop(self, sig=signal.SIGTERM):
+        code = stop_process_group(self.proc, sig=sig)
+        self._log_file.close()
+        return code
+
+
+class Stack:
+    """One environment's queues on an SQS endpoint, the task store, and an outbox to submit with."""
+
+    def __init__(self, endpoint: str, db_url: str, env: str, tmp: Path, *, result_backend: str | None = None,
+                 create: bool = True):
+        self.endpoint, self.db_url, self.env, self.tmp = endpoint, db_url, env, tmp
+        self.environ = local_environ(endpoint, db_url, env=env, result_backend=result_backend)
+        self.environ["PCELERY_TASK_MODULES"] = "app.demo_tasks"
+        self.sqs = sqs_client(endpoint)
+        self.queues = create_queues(self.sqs, DEMO_CATALOG, env) if create else {}
+        self.engine = store.make_engine(db_url)
+        self.outbox = Outbox(self.engine, DEMO_CATALOG, env, endpoint_url=endpoint)
+        self.workers: list[Worker] = []
+
+    def worker(self, name: str, **kwargs) -> Worker:
+        w = Worker(self, self.tmp / f"{self.env}-{name}.log", hostname=f"{name}@{self.env}", **kwargs)
+        self.workers.append(w)
+        return w
+
+    def logs(self) -> list[Path]:
+        return [w.log for w in self.workers]
+
+    def close(self):
+        for w in self.workers:
+            if w.alive():
+                w.stop()
+        self.engine.dispose()
+
+    def submit(self, task_name: str, *args, queue: str | None = None, **kwargs) -> str:
+        with self.outbox.transaction() as conn:
+            return self.outbox.submit(conn, task_name, *args, queue=queue, **kwargs)
+
+    def row(self, task_id: str) -> dict:
+        return store.get_task(self.engine, task_id)
+
+    def wait_rows(self, ids, states, *, timeout: float = 90) -> list[dict]:
+        states = {states} if isinstance(states, str) else set(states)
+
+        def done():
+            rows = [self.row(i) for i in ids]
+            return rows if all(r and r["state"] in states for r in rows) else None
+
+        return wait_for(done, timeout=timeout, what=f"{len(ids)} task(s) in state {sorted(states)}",
+                        logs=self.logs())
+
+    def url(self, queue: str, *, dlq: bool = False) -> str:
+        return self.queues[queue]["dlq_url" if dlq else "url"]
+
+    def depth(self, queue: str, *, dlq: bool = False) -> int:
+        attrs = self.sqs.get_queue_attributes(
+            QueueUrl=self.url(queue, dlq=dlq),
+            AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+        )["Attributes"]
+        return int(attrs["ApproximateNumberOfMessages"]) + int(attrs["ApproximateNumberOfMessagesNotVisible"])
+
+    def dlq_bodies(self, queue: str) -> list[str]:
+        """Bodies in the queue's DLQ, left there (received with a zero visibility timeout)."""
+        seen = {}
+        for _ in range(5):
+            got = self.sqs.receive_message(QueueUrl=self.url(queue, dlq=True), MaxNumberOfMessages=10,
+                                           VisibilityTimeout=0, WaitTimeSeconds=0).get("Messages", [])
+            seen.update({m["MessageId"]: m["Body"] for m in got})
+        return list(seen.values())
+
+    def send_raw(self, queue: str, body: str) -> None:
+        self.sqs.send_message(QueueUrl=self.url(queue), MessageBody=body)
+
+
+def effects(stack: Stack, key: str) -> list[dict]:
+    from app.demo_tasks import effect_rows
+
+    return effect_rows(stack.engine, key)
+
+
+@pytest.fixture(scope="module")
+def database_url():
+    """A database of this module's own on the machine's Postgres (dropped afterwards)."""
+    import psycopg
+
+    name = f"pcelery_worker_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = f"{PG_ADMIN_URL.rsplit('/', 1)[0].replace('postgresql://', 'postgresql+psycopg://', 1)}/{name}"
+    engine = store.make_engine(url)
+    store.migrate(engine)
+    from app.demo_tasks import migrate as migrate_demo_tables
+
+    migrate_demo_tables(engine)
+    engine.dispose()
+    yield url
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="module")
+def moto():
+    server = start_moto_server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(moto, database_url, tmp_path_factory):
+    """Environment "local" with one shared worker (both queues, concurrency 2)."""
+    s = Stack(moto.endpoint, database_url, "local", tmp_path_factory.mktemp("local"))
+    s.worker("shared").wait_ready()
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def dead_letters(stack):
+    """Started once and early: an always-failing task and the three kinds of poison message.
+    Each needs maxReceiveCount visibility timeouts to reach the DLQ, so they cycle in parallel
+    while the first tests wait."""
+    failing = stack.submit("demo.always_fail", "boom on purpose")
+    no_row_id = str(uuid.uuid4())
+    unknown_id = str(uuid.uuid4())
+    stack.send_raw("default", "this is neither base64 nor JSON {{{")
+    stack.send_raw("default", encode_body(unknown_id, "demo.no_such_task", queue="default"))
+    stack.send_raw("default", encode_body(no_row_id, "demo.add", queue="default"))
+    return {"failing": failing, "no_row": no_row_id, "unknown": unknown_id}
+
+
+# --- Failures and poison end in the DLQ -----------------------------------------------------------
+
+def test_always_failing_task_runs_max_receive_count_times_then_sits_in_the_dlq(stack, dead_letters):
+    task_id = dead_letters["failing"]
+    wait_for(lambda: any((decode_body(b) or None) and decode_body(b).task_id == task_id
+                         for b in stack.dlq_bodies("default")),
+             timeout=120, what="the always-failing task's message in the DLQ", logs=stack.logs())
+    row = stack.row(task_id)
+    assert row["state"] == "dead"
+    assert row["attempts"] == DEFAULT.max_receive_count
+    assert row["error"] == "RuntimeError: boom on purpose"
+
+
+def test_each_poison_kind_ends_in_the_dlq_while_the_worker_keeps_serving(stack, dead_letters):
+    def dlq_state():
+        bodies = stack.dlq_bodies("default")
+        ids = {m.task_id for m in map(decode_body, bodies) if m}
+        return {
+            "undecodable": "this is neither base64 nor JSON {{{" in bodies,
+            "unknown task": dead_letters["unknown"] in ids,
+            "no row": dead_letters["no_row"] in ids,
+        }
+
+    wait_for(lambda: all(dlq_state().values()), timeout=120,
+             what="all three poison messages in the DLQ", logs=stack.logs())
+    assert stack.row(dead_letters["no_row"]) is None  # nothing invented a row for it
+    wait_for(lambda: stack.depth("default") == 0, timeout=60, what="default queue drained", logs=stack.logs())
+
+    assert stack.workers[0].alive(), "a poison message stopped the worker"
+    good = [stack.submit("demo.add", i, 100) for i in range(3)]
+    rows = stack.wait_rows(good, "succeeded")
+    assert [r["result"] for r in rows] == [100, 101, 102]
+
+
+# --- The happy path, duplicates and heartbeats -------------------------------------------------
+
+def test_twenty_tasks_succeed_and_the_queue_drains(stack):
+    import redis
+
+    ids = [stack.submit("demo.add", i, i) for i in range(20)]
+    rows = stack.wait_rows(ids, "succeeded")
+    assert [r["result"] for r in rows] == [2 * i for i in range(20)]
+    assert all(r["attempts"] == 1 for r in rows)
+    wait_for(lambda: stack.depth("default") == 0, timeout=60, what="default queue empty", logs=stack.logs())
+    # This worker runs without a result backend: the row is the only record of the result.
+    r = redis.Redis.from_url(REDIS_URL)
+    assert not any(r.exists(f"celery-task-meta-{i}") for i in ids)
+
+
+def test_the_same_id_delivered_twice_has_its_effect_once(stack):
+    key = f"dup-{uuid.uuid4().hex[:8]}"
+    task_id = stack.submit("demo.effect", key)
+    body = encode_body(task_id, "demo.effect", queue="default")
+    stack.send_raw("default", body)  # a second copy while the first may still be running
+    stack.wait_rows([task_id], "succeeded")
+    wait_for(lambda: stack.depth("default") == 0, timeout=60,
+             what="both copies acked (the busy one comes back after the visibility timeout)", logs=stack.logs())
+    stack.send_raw("default", body)  # and once more after success
+    wait_for(lambda: stack.depth("default") == 0, timeout=60, what="late duplicate acked", logs=stack.logs())
+    assert len(effects(stack, key)) == 1
+    row = stack.row(task_id)
+    assert row["state"] == "succeeded" and row["attempts"] == 1 and row["result"] == key
+
+
+def test_a_task_longer_than_the_visibility_timeout_runs_once_thanks_to_the_heartbeat(stack):
+    seconds = 2.5 * LONG.visibility_timeout  # without heartbeats SQS would redeliver it twice meanwhile
+    key = f"long-{uuid.uuid4().hex[:8]}"
+    task_id = stack.submit("demo.long", key, seconds, queue="long")
+    row = stack.wait_rows([task_id], "succeeded", timeout=120)[0]
+    assert row["attempts"] == 1
+    [effect] = effects(stack, key)
+    # The control: the message was received exactly once. Without the heartbeat it becomes
+    # visible again after 6 s, is received again (count 2), and with the row's lease (4 s) long
+    # expired the second delivery would have claimed and run the task a second time.
+    assert effect["receive_count"] == 1
+    wait_for(lambda: stack.depth("long") == 0, timeout=30, what="long queue empty", logs=stack.logs())
+
+
+# --- Killed workers ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def kill_stack(moto, database_url, tmp_path_factory):
+    s = Stack(moto.endpoint, database_url, "staging", tmp_path_factory.mktemp("staging"))
+    yield s
+    s.close()
+
+
+def _running_pid(stack: Stack, task_id: str) -> int:
+    row = stack.wait_rows([task_id], "running", timeout=60)[0]
+    return int(row["worker"].rsplit(":", 1)[1])
+
+
+def test_sigkill_of_a_pool_child_mid_task_still_completes_the_task(kill_stack):
+    worker = kill_stack.worker("kill-child", queues=["default"], concurrency=1).wait_ready()
+    key = f"child-{uuid.uuid4().hex[:8]}"
+    task_id = kill_stack.submit("demo.slow", key, 3.0)
+    child = _running_pid(kill_stack, task_id)
+    assert child != worker.proc.pid
+    os.kill(child, signal.SIGKILL)
+    row = kill_stack.wait_rows([task_id], "succeeded", timeout=90)[0]
+    assert row["attempts"] == 2
+    assert len(effects(kill_stack, key)) == 1
+    assert worker.alive()
+    worker.stop()
+
+
+def test_sigkill_of_the_whole_worker_mid_task_completes_on_a_new_worker(kill_stack):
+    first = kill_stack.worker("kill-main-1", queues=["default"], concurrency=1).wait_ready()
+    key = f"main-{uuid.uuid4().hex[:8]}"
+    task_id = kill_stack.submit("demo.slow", key, 3.0)
+    _running_pid(kill_stack, task_id)
+    os.killpg(first.proc.pid, signal.SIGKILL)  # the main process and its pool children: a lost container
+    first.stop()
+    kill_stack.worker("kill-main-2", queues=["default"], concurrency=1).wait_ready()
+    row = kill_stack.wait_rows([task_id], "succeeded", timeout=90)[0]
+    assert row["attempts"] == 2
+    assert len(effects(kill_stack, key)) == 1
+
+
+# --- Result backend ---------------------------------------------------------------------------------
+
+def test_with_the_redis_result_backend_async_result_get_returns_the_result(moto, database_url, tmp_path):
+    from celery import Celery
+    from celery.result import AsyncResult
+
+    s = Stack(moto.endpoint, database_url, "dev", tmp_path, result_backend=REDIS_URL)
+    try:
+        s.worker("results", queues=["default"]).wait_ready()
+        task_id = s.submit("demo.add", 20, 22)
+        client = Celery("results-client", backend=REDIS_URL)
+        assert AsyncResult(task_id, app=client).get(timeout=90, interval=0.2) == 42
+        assert s.row(task_id)["result"] == 42  # the row holds it as well
+        client.backend.forget(task_id)
+    finally:
+        s.close()
+
+
+# --- SQS down at submit time ------------------------------------------------------------------------
+
+def test_a_task_submitted_while_sqs_is_down_is_published_by_the_relay_and_runs(database_url, tmp_path):
+    server = start_moto_server()
+    port = int(server.endpoint.rsplit(":", 1)[1])
+    s = Stack(server.endpoint, database_url, "prod", tmp_path)
+    relay_log = open(tmp_path / "relay.log", "ab")
+    relay = start_relay(s.environ, log=relay_log, interval=0.5, min_age=1.0)
+    try:
+        server.stop()
+        task_id = s.submit("demo.add", 1, 2)  # publish after commit fails fast; the row stays
+        assert s.row(task_id)["state"] == "pending"
+        time.sleep(1.5)  # older than --min-age while SQS is still down: the relay tries and fails
+        assert s.row(task_id)["state"] == "pending"
+        assert relay.poll() is None, "the relay died while SQS was down"
+
+        server = start_moto_server(port)  # back on the same endpoint, with its queues recreated
+        s.queues = create_queues(s.sqs, DEMO_CATALOG, "prod")
+        s.wait_rows([task_id], ("queued", "running", "succeeded"), timeout=60)
+        s.worker("after-outage", queues=["default"]).wait_ready()
+        row = s.wait_rows([task_id], "succeeded")[0]
+        assert row["result"] == 3 and row["message_id"]
+    finally:
+        stop_process_group(relay)
+        relay_log.close()
+        s.close()
+        server.stop()
+
+
+# --- Refusing to start ---------------------------------------------------------------------------
+
+def test_a_queue_without_a_redrive_policy_is_refused_at_worker_start(moto, database_url, tmp_path):
+    sqs = sqs_client(moto.endpoint)
+    env = "prod"  # the endpoint-down test uses "prod" on a server of its own
+    for contract in DEMO_CATALOG:
+        sqs.create_queue(QueueName=sqs_queue_name(env, contract.name))  # no RedrivePolicy
+    s = Stack(moto.endpoint, database_url, env, tmp_path, create=False)
+    w = s.worker("no-redrive", queues=["default"])
+    code = w.proc.wait(90)
+    output = w.log.read_text()
+    s.close()
+    assert code != 0
+    assert "refusing to start" in output
+    assert f"'{sqs_queue_name(env, 'default')}' has no RedrivePolicy" in output
+    assert "Traceback" not in output
+
+
+def test_invalid_settings_stop_the_worker_before_celery_starts(tmp_path):
+    env = {**os.environ, "PCELERY_WORKER_QUEUES": "default,nope", "PCELERY_CATALOG": "catalog:DEMO_CATALOG"}
+    done = subprocess.run([sys.executable, str(REPO / "bin" / "worker")], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2
+    assert "PCELERY_WORKER_QUEUES names ['nope']" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+# --- The image carries what the worker imports -------------------------------------------------------
+
+def test_the_dockerfile_copies_every_repo_module_the_processes_import():
+    probe = (
+        "import sys, app.worker, app.demo_tasks, app.outbox, app.store, ops; "
+        "root = sys.argv[1]; "
+        "print('\\n'.join(sorted({m.__file__ for m in list(sys.modules.values()) "
+        "if getattr(m, '__file__', None) and m.__file__.startswith(root)})))"
+    )
+    env = {**os.environ, **local_environ("http://127.0.0.1:9", "sqlite:///:memory:")}
+    env.pop("AWS_ENDPOINT_URL_SQS")  # importing must not need SQS (Celery loads the config lazily)
+    files = subprocess.run([sys.executable, "-c", probe, str(REPO) + os.sep], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=120, check=True).stdout.split()
+    top_level = {Path(f).relative_to(REPO).parts[0] for f in files if "site-packages" not in f}  # not the venv
+    dockerfile = (REPO / "Dockerfile").read_text()
+    copied = {src.rstrip("/") for src, _ in re.findall(r"^COPY\s+(?!--from)(\S+)\s+(\S+)", dockerfile, re.M)}
+    assert top_level - copied == set(), f"Dockerfile does not COPY {sorted(top_level - copied)}"
+    assert "bin" in copied and "requirements.txt" in copied
+    assert re.search(r'^ENTRYPOINT \["/app/bin/worker"\]', dockerfile, re.M)
+    assert os.access(REPO / "bin" / "worker", os.X_OK)
+    # The image's interpreter must be able to run bin/worker's syntax.
+    ast.parse((REPO / "bin" / "worker").read_text(), feature_version=(3, 11))
