@@ -365,8 +365,11 @@ class Outbox:
             from sqlalchemy.dialects.sqlite import insert
         else:  # pragma: no cover - the product runs on these two
             raise SubmitError(f"task_id= needs Postgres or SQLite, not {conn.dialect.name}")
-        inserted = conn.execute(insert(store.tasks).values(row).on_conflict_do_nothing(index_elements=["id"])).rowcount
-        if inserted:
+        # RETURNING rather than rowcount: psycopg reports -1 for INSERT ... ON CONFLICT.
+        inserted = conn.execute(
+            insert(store.tasks).values(row).on_conflict_do_nothing(index_elements=["id"]).returning(store.tasks.c.id)
+        ).first()
+        if inserted is not None:
             return True
         existing = conn.execute(
             sa.select(store.tasks.c.task_name, store.tasks.c.payload).where(store.tasks.c.id == row["id"])
@@ -377,16 +380,20 @@ class Outbox:
                 "an idempotent submit must repeat the same task and arguments; use a new task_id otherwise")
         return False
 
-    def publish_pending(self, task_ids: list[str]) -> int:
+    def publish_ids(self, task_ids: list[str]) -> dict[str, str]:
         """Publish the given rows now if they are `pending` (e.g. right after ops resets them for
-        replay) instead of waiting for the relay. Returns how many were published."""
+        replay) instead of waiting for the relay. Returns {task_id: MessageId} of those sent;
+        the rest stay pending for the relay."""
         c = store.tasks.c
+        ids = list(task_ids)
+        rows: list[dict] = []
         with self.engine.connect() as conn:
-            rows = conn.execute(
-                sa.select(c.id, c.task_name, c.queue, c.delay_seconds)
-                .where(c.id.in_(list(task_ids)), c.state == "pending")
-            ).mappings().all()
-        return len(publish_and_mark(self.engine, self.publisher, [dict(r) for r in rows]).sent) if rows else 0
+            for start in range(0, len(ids), 500):
+                rows += [dict(r) for r in conn.execute(
+                    sa.select(c.id, c.task_name, c.queue, c.delay_seconds)
+                    .where(c.id.in_(ids[start:start + 500]), c.state == "pending")
+                ).mappings()]
+        return publish_and_mark(self.engine, self.publisher, rows).sent if rows else {}
 
 
 # --- Relay ----------------------------------------------------------------------------------
