@@ -176,7 +176,9 @@ def _short(text, n=60):
 
 
 def _note(text: str) -> None:
-    print(f"ops: {text}", file=sys.stderr)
+    # One line, always: an AWS error message can carry a whole HTML page.
+    text = " ".join(str(text).split())
+    print(f"ops: {text if len(text) <= 600 else text[:599] + '…'}", file=sys.stderr)
 
 
 # ------------------------------------------------------------------------------- confirming

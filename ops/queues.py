@@ -84,7 +84,7 @@ def connect(*, profile: str | None = None, region: str | None = None,
         session = boto3.Session(profile_name=profile, region_name=region)
     except botocore.exceptions.ProfileNotFound as exc:
         raise OpsError(f"{exc}: check --profile / AWS_PROFILE (aws configure list-profiles)", EXIT_AUTH) from None
-    region = session.region_name or os.environ.get("AWS_DEFAULT_REGION")
+    region = region or os.environ.get("AWS_REGION") or session.region_name or os.environ.get("AWS_DEFAULT_REGION")
     if not region:
         if endpoint:
             region = "us-east-1"
@@ -478,7 +478,8 @@ def redrive_native(sqs, plan: RedrivePlan, *, rate: float | None = None, poll_se
         handle = sqs.start_message_move_task(**kwargs)["TaskHandle"]
     except (bx.BotoCoreError, bx.ClientError) as exc:
         if _native_unsupported(exc):
-            raise NativeUnsupported(str(exc)) from None
+            status = getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
+            raise NativeUnsupported(f"StartMessageMoveTask answered HTTP {status}") from None
         raise aws_error(exc, f"start a move task on {plan.source.name!r} (is one already running? "
                              "`aws sqs list-message-move-tasks`)") from None
     log.info("native move task started: %s -> %s", plan.source.name, plan.destination.name)
@@ -667,9 +668,9 @@ def redrive(aws: Aws, plan: RedrivePlan, *, limit: int | None = None, rate: floa
             return redrive_native(aws.sqs, plan, rate=rate)
         except NativeUnsupported as exc:
             if plan.mode == "native":
-                raise OpsError(f"this SQS endpoint does not implement StartMessageMoveTask ({exc}): use --mode "
+                raise OpsError(f"this SQS endpoint does not implement the native move task ({exc}): use --mode "
                                "client (moto lacks it; AWS and LocalStack have it)", EXIT_UNREACHABLE) from None
-            log.info("native redrive not available at this endpoint: moving messages client-side")
+            log.info("native redrive not available at this endpoint (%s): moving messages client-side", exc)
     return redrive_client(aws.sqs, plan, limit=limit, rate=rate, task=task, hold_seconds=hold_seconds)
 
 

@@ -1,0 +1,684 @@
+"""The ops CLI, driven through its real entry point (`python -m ops ...` subprocesses) against
+the moto server of the `sqs_endpoint` fixture and a migrated SQLite claim-check store; the
+native redrive path against LocalStack; the orchestration of the library functions in unit
+tests (in-process moto, or a fake SQS client standing in for the collaborator).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from app import store
+from app.local import LOCAL_CREDENTIALS, create_queues, free_port, local_environ, sqs_client
+from app.messages import encode_body
+from catalog import DEMO_CATALOG, sqs_queue_name
+
+REPO = Path(__file__).resolve().parent.parent
+LOCALSTACK_PY = REPO / ".venv-localstack" / "bin" / "python"
+
+
+# ------------------------------------------------------------------------------ the stack
+
+
+@dataclass
+class Stack:
+    endpoint: str
+    sqs: object
+    queues: dict
+    db_url: str
+    engine: object
+    env: dict
+    sent: dict = field(default_factory=dict)
+
+    def ops(self, *args, env=None, timeout=60, stdin=subprocess.DEVNULL) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "ops", *args], env={**self.env, **(env or {})},
+                              cwd=REPO, capture_output=True, text=True, timeout=timeout, stdin=stdin)
+
+    def ops_json(self, *args, **kw):
+        proc = self.ops(*args, "--output", "json", **kw)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)
+
+    def url(self, queue, dlq=False):
+        return self.queues[queue]["dlq_url" if dlq else "url"]
+
+    def counts(self, url) -> tuple[int, int, int]:
+        a = self.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
+        return (int(a["ApproximateNumberOfMessages"]), int(a["ApproximateNumberOfMessagesNotVisible"]),
+                int(a["ApproximateNumberOfMessagesDelayed"]))
+
+    def send(self, url, body, **attrs) -> dict:
+        """Send and return {body: message attributes as SQS gives them back}."""
+        wire = {k: {"DataType": "String", "StringValue": str(v)} for k, v in attrs.items()}
+        self.sqs.send_message(QueueUrl=url, MessageBody=body, MessageAttributes=wire)
+        self.sent[body] = wire or None
+        return {body: wire or None}
+
+    def dead_task(self, task_name, queue="default", error="ValueError: boom") -> str:
+        """A row the way the worker leaves it after the last receive, and its message in the DLQ."""
+        tid = str(uuid.uuid4())
+        with self.engine.begin() as conn:
+            store.insert_task(conn, task_id=tid, task_name=task_name, queue=queue, args=[1], kwargs={})
+        assert store.claim(self.engine, tid, worker="w1", lease_seconds=30).outcome == "run"
+        store.finish_failure(self.engine, tid, worker="w1", error=error, final=True)
+        self.send(self.url(queue, dlq=True), encode_body(tid, task_name, queue=queue), origin="test")
+        return tid
+
+    def drain_bodies(self, url, expected: int, deadline_s: float = 30) -> list[str]:
+        """Every body in the queue (consumed), waiting for held messages to come back."""
+        bodies = []
+        deadline = time.monotonic() + deadline_s
+        while len(bodies) < expected and time.monotonic() < deadline:
+            msgs = self.sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=1,
+                                            VisibilityTimeout=60).get("Messages", [])
+            bodies += [m["Body"] for m in msgs]
+        return bodies
+
+
+def _reset_moto(endpoint):
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=10).read()
+
+
+@pytest.fixture
+def stack(sqs_endpoint, tmp_path):
+    _reset_moto(sqs_endpoint)  # every test starts from empty queues
+    sqs = sqs_client(sqs_endpoint)
+    queues = create_queues(sqs, DEMO_CATALOG, "local")
+    db_url = f"sqlite:///{tmp_path / 'tasks.sqlite3'}"
+    engine = store.make_engine(db_url)
+    store.migrate(engine)
+    env = {**os.environ, **local_environ(sqs_endpoint, db_url), "AWS_EC2_METADATA_DISABLED": "true"}
+    env.pop("AWS_PROFILE", None)
+    yield Stack(sqs_endpoint, sqs, queues, db_url, engine, env)
+    engine.dispose()
+
+
+def _error_line(proc) -> str:
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert lines and lines[-1].startswith("ops: error:"), proc.stderr
+    return lines[-1]
+
+
+# ----------------------------------------------------------------------------------- depth
+
+
+def test_depth_reports_exact_counts_for_every_catalog_queue_and_its_dlq(stack):
+    for i in range(3):
+        stack.send(stack.url("default"), f"visible-{i}")
+    stack.sqs.send_message(QueueUrl=stack.url("long"), MessageBody="later", DelaySeconds=300)
+    stack.send(stack.url("default"), "in-flight")
+    # A message held by a consumer counts as in flight.
+    got = stack.sqs.receive_message(QueueUrl=stack.url("default"), MaxNumberOfMessages=1, VisibilityTimeout=300)
+    assert len(got["Messages"]) == 1
+    stack.dead_task("app.demo_tasks.flaky")
+    stack.dead_task("app.demo_tasks.flaky")
+
+    rows = stack.ops_json("depth")
+
+    by_name = {r["queue"]: r for r in rows}
+    assert set(by_name) == {"pcelery-local-default", "pcelery-local-long"}
+    d, lg = by_name["pcelery-local-default"], by_name["pcelery-local-long"]
+    assert (d["visible"], d["in_flight"], d["delayed"]) == (3, 1, 0)
+    assert (lg["visible"], lg["in_flight"], lg["delayed"]) == (0, 0, 1)
+    assert d["oldest_age_seconds"] is None  # local endpoint: CloudWatch cannot tell
+    assert d["dlq"] == {"queue": "pcelery-local-default-dlq", "url": stack.url("default", dlq=True),
+                        "visible": 2, "in_flight": 0, "delayed": 0}
+    assert d["tasks"]["dead"] == 2 and d["tasks"]["pending"] == 0
+    assert lg["tasks"] == {}
+
+    # The table names the same numbers, and a single queue can be asked for by URL or SQS name.
+    table = stack.ops("depth", stack.url("default"))
+    assert table.returncode == 0
+    assert "pcelery-local-default" in table.stdout and "dead=2" in table.stdout
+    assert [r["queue"] for r in stack.ops_json("depth", "pcelery-local-long")] == ["pcelery-local-long"]
+
+
+def test_depth_without_database_still_answers_and_says_why(stack):
+    stack.send(stack.url("default"), "x")
+    proc = stack.ops("depth", "default", "-o", "json",
+                     env={"DATABASE_URL": f"postgresql://postgres@127.0.0.1:{free_port()}/nope"})
+    assert proc.returncode == 0, proc.stderr
+    [row] = json.loads(proc.stdout)
+    assert row["visible"] == 1 and row["tasks"] is None
+    assert "unreachable" in proc.stderr and "DATABASE_URL" in proc.stderr
+
+
+def test_depth_watch_refreshes_until_interrupted(stack):
+    proc = subprocess.Popen([sys.executable, "-m", "ops", "depth", "default", "--watch", "0.2", "-o", "json"],
+                            env=stack.env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = json.loads(proc.stdout.readline())
+        stack.send(stack.url("default"), "arrives-while-watching")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if json.loads(proc.stdout.readline())[0]["visible"] == 1:
+                break
+        else:
+            pytest.fail("depth --watch never showed the new message")
+        assert first[0]["visible"] == 0
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+# ------------------------------------------------------------------------------------ peek
+
+
+def test_peek_shows_messages_with_their_rows_and_consumes_nothing(stack):
+    tid = stack.dead_task("app.demo_tasks.always_fails", error="RuntimeError: payment API down")
+    stack.send(stack.url("default", dlq=True), "not a celery message", source="hand")
+    before = (stack.counts(stack.url("default", dlq=True)), stack.counts(stack.url("default")))
+
+    messages = stack.ops_json("peek", "default-dlq", "--limit", "10")
+
+    after = (stack.counts(stack.url("default", dlq=True)), stack.counts(stack.url("default")))
+    assert before == after == ((2, 0, 0), (0, 0, 0))  # nothing consumed, nothing left in flight
+    assert len(messages) == 2
+    celery = next(m for m in messages if m["task_id"])
+    raw = next(m for m in messages if not m["task_id"])
+    assert set(celery) == {"message_id", "task", "task_id", "receive_count", "sent_at", "attributes", "body",
+                           "task_row"}
+    assert celery["task"] == "app.demo_tasks.always_fails" and celery["task_id"] == tid
+    assert celery["receive_count"] == 1 and celery["sent_at"].endswith("Z")
+    assert celery["attributes"] == {"origin": "test"}
+    assert celery["task_row"]["state"] == "dead"
+    assert celery["task_row"]["attempts"] == 1
+    assert celery["task_row"]["last_error"] == "RuntimeError: payment API down"
+    assert raw["task"] is None and raw["body"] == "not a celery message" and raw["task_row"] is None
+
+    # --limit bounds it; a second peek sees the same messages again (receive count grows).
+    [one] = stack.ops_json("peek", "default-dlq", "--limit", "1")
+    assert one["receive_count"] == 2
+    table = stack.ops("peek", "default-dlq")
+    assert "app.demo_tasks.always_fails" in table.stdout and "payment API down" in table.stdout
+    assert stack.counts(stack.url("default", dlq=True)) == (2, 0, 0)
+
+
+def test_peek_refuses_a_work_queue_because_receives_count_toward_the_dlq(stack):
+    stack.send(stack.url("default"), "live")
+    proc = stack.ops("peek", "default")
+    assert proc.returncode == 6
+    assert "work queue" in _error_line(proc)
+    assert stack.counts(stack.url("default")) == (1, 0, 0)
+
+
+# --------------------------------------------------------------------------------- redrive
+
+
+def test_redrive_moves_everything_preserving_bodies_and_attributes_and_requeues_rows(stack):
+    dlq = stack.url("default", dlq=True)
+    tids = [stack.dead_task("app.demo_tasks.flaky") for _ in range(3)]
+    for i in range(9):
+        stack.send(dlq, f"raw-{i}", n=i, kind="raw")
+    originals = dict(stack.sent)
+    assert len(originals) == 12
+
+    dry = stack.ops_json("redrive", "default-dlq", "--dry-run")
+    assert dry["dry_run"] is True and dry["moved"] == 0 and dry["would_move"] == 12
+    assert stack.counts(dlq) == (12, 0, 0) and stack.counts(stack.url("default")) == (0, 0, 0)
+
+    summary = stack.ops_json("redrive", "default-dlq", "--yes")
+
+    assert {k: summary[k] for k in ("source", "destination", "mode", "moved", "failed", "skipped", "dry_run")} == {
+        "source": "pcelery-local-default-dlq", "destination": "pcelery-local-default", "mode": "client",
+        "moved": 12, "failed": 0, "skipped": 0, "dry_run": False}
+    assert summary["tasks_requeued"] == 3
+    assert stack.counts(dlq) == (0, 0, 0)
+    moved = stack.sqs.receive_message(QueueUrl=stack.url("default"), MaxNumberOfMessages=10,
+                                      MessageAttributeNames=["All"])["Messages"]
+    moved += stack.sqs.receive_message(QueueUrl=stack.url("default"), MaxNumberOfMessages=10,
+                                       MessageAttributeNames=["All"])["Messages"]
+    assert {m["Body"]: m.get("MessageAttributes") for m in moved} == originals
+    assert {store.get_task(stack.engine, t)["state"] for t in tids} == {"queued"}
+
+
+def test_redrive_task_filter_moves_only_that_task_and_leaves_the_rest_visible(stack):
+    dlq = stack.url("default", dlq=True)
+    wanted = [stack.dead_task("app.demo_tasks.flaky") for _ in range(4)]
+    others = [stack.dead_task("app.demo_tasks.always_fails") for _ in range(3)]
+    stack.send(dlq, "garbage")
+
+    dry = stack.ops_json("redrive", "default-dlq", "--task", "app.demo_tasks.flaky", "--dry-run")
+    assert dry["would_move"] == 4 and dry["moved"] == 0
+    assert stack.counts(dlq) == (8, 0, 0)
+
+    summary = stack.ops_json("redrive", "default-dlq", "--task", "app.demo_tasks.flaky", "--yes")
+
+    assert (summary["mode"], summary["moved"], summary["skipped"], summary["failed"]) == ("client", 4, 4, 0)
+    assert stack.counts(dlq) == (4, 0, 0)  # the others are visible again at once
+    assert stack.counts(stack.url("default"))[0] == 4
+    assert {store.get_task(stack.engine, t)["state"] for t in wanted} == {"queued"}
+    assert {store.get_task(stack.engine, t)["state"] for t in others} == {"dead"}
+
+    limited = stack.ops_json("redrive", "default-dlq", "--limit", "2", "--yes")
+    assert limited["moved"] == 2 and stack.counts(dlq) == (2, 0, 0)
+
+
+def test_killed_client_redrive_loses_no_message(stack):
+    dlq, dest = stack.url("default", dlq=True), stack.url("default")
+    originals = {f"message-{i:02d}" for i in range(30)}
+    for body in originals:
+        stack.send(dlq, body)
+    proc = subprocess.Popen([sys.executable, "-m", "ops", "redrive", "default-dlq", "--yes", "--mode", "client",
+                             "--rate", "3", "--hold-seconds", "2"], env=stack.env, cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while stack.counts(dest)[0] < 4 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert stack.counts(dest)[0] >= 4, "the redrive never got going"
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    moved_before_kill = stack.counts(dest)[0]
+    assert moved_before_kill < 30, "the redrive finished before it could be killed: lower --rate"
+
+    # Whatever the kill interrupted comes back to the DLQ when its hold runs out.
+    in_dlq = stack.drain_bodies(dlq, 30 - moved_before_kill)
+    in_dest = stack.drain_bodies(dest, moved_before_kill)
+    assert len(in_dlq) + len(in_dest) >= 30
+    assert originals <= set(in_dlq) | set(in_dest)
+
+
+def test_redrive_refusals_and_errors_have_their_exit_codes(stack):
+    stack.send(stack.url("default", dlq=True), "x")
+
+    proc = stack.ops("redrive", "default-dlq")  # stdin is not a terminal, no --yes
+    assert proc.returncode == 7 and "--yes" in _error_line(proc)
+
+    proc = stack.ops("redrive", "default", "--yes")
+    assert proc.returncode == 6 and "not a DLQ" in _error_line(proc)
+
+    proc = stack.ops("redrive", "default-dlq", "--to", "long", "--yes")
+    assert proc.returncode == 6 and "not a source queue" in _error_line(proc)
+
+    proc = stack.ops("redrive", "default-dlq", "--mode", "native", "--task", "x", "--yes")
+    assert proc.returncode == 6 and "--mode client" in _error_line(proc)
+
+    proc = stack.ops("redrive", "default-dlq", "--mode", "native", "--yes")  # moto lacks the move-task API
+    assert proc.returncode == 4 and "StartMessageMoveTask" in _error_line(proc)
+
+    proc = stack.ops("redrive", "nope-dlq", "--yes")
+    assert proc.returncode == 3 and "not found" in _error_line(proc)
+
+    # A plain queue nobody dead-letters into is not a DLQ either.
+    stack.sqs.create_queue(QueueName="orphan")
+    stack.send(stack.sqs.get_queue_url(QueueName="orphan")["QueueUrl"], "y")
+    proc = stack.ops("redrive", "orphan", "--yes")
+    assert proc.returncode == 6 and "not a DLQ" in _error_line(proc)
+    # ... unless forced, with an explicit destination.
+    forced = stack.ops_json("redrive", "orphan", "--to", "long", "--force", "--yes")
+    assert forced["moved"] == 1 and stack.counts(stack.url("long"))[0] == 1
+
+    # Two queues dead-letter into the same DLQ: the destination is ambiguous.
+    dlq_arn = stack.queues["default"]["dlq_arn"]
+    stack.sqs.create_queue(QueueName="second-source", Attributes={
+        "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": 3})})
+    proc = stack.ops("redrive", "default-dlq", "--yes")
+    assert proc.returncode == 6 and "--to" in _error_line(proc)
+    ok = stack.ops_json("redrive", "default-dlq", "--to", "second-source", "--yes")
+    assert ok["moved"] == 1 and ok["destination"] == "second-source"
+
+    # Auto mode on moto falls back to client and says so.
+    stack.send(stack.url("default", dlq=True), "z")
+    proc = stack.ops("redrive", "default-dlq", "--to", "default", "--yes")
+    assert proc.returncode == 0 and "client-side" in proc.stderr
+
+
+# ------------------------------------------------------------------------------ errors
+
+
+def test_unknown_queue_unreachable_endpoint_and_missing_credentials(stack, tmp_path):
+    proc = stack.ops("depth", "nope")
+    assert proc.returncode == 3 and "catalog queues are default, long" in _error_line(proc)
+
+    proc = stack.ops("depth", env={"AWS_ENDPOINT_URL_SQS": f"http://127.0.0.1:{free_port()}"})
+    assert proc.returncode == 4 and "cannot reach the SQS endpoint" in _error_line(proc)
+
+    # Real AWS (no endpoint) and no credentials anywhere.
+    bare = {k: v for k, v in stack.env.items()
+            if not k.startswith("AWS_") or k in ("AWS_REGION", "AWS_EC2_METADATA_DISABLED")}
+    bare.update(AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"))
+    proc = subprocess.run([sys.executable, "-m", "ops", "depth", "--env", "prod"], env=bare, cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 5 and "no AWS credentials" in _error_line(proc)
+    proc = subprocess.run([sys.executable, "-m", "ops", "depth", "--env", "prod"], cwd=REPO, capture_output=True,
+                          text=True, timeout=60, env={k: v for k, v in bare.items() if k != "AWS_REGION"})
+    assert proc.returncode == 5 and "no AWS region" in _error_line(proc)
+
+    proc = stack.ops("depth", "--profile", "no-such-profile")
+    assert proc.returncode == 5 and "no-such-profile" in _error_line(proc)
+
+
+# ------------------------------------------------------------------------------- tasks
+
+
+def test_tasks_lists_rows_by_state_age_and_stuck(stack):
+    dead = stack.dead_task("app.demo_tasks.flaky")
+    stuck = str(uuid.uuid4())
+    with stack.engine.begin() as conn:
+        store.insert_task(conn, task_id=stuck, task_name="app.demo_tasks.slow", queue="long", args=[], kwargs={})
+    assert store.claim(stack.engine, stuck, worker="gone", lease_seconds=0).outcome == "run"
+
+    rows = stack.ops_json("tasks", "--state", "dead")
+    assert [r["id"] for r in rows] == [dead] and rows[0]["error"] == "ValueError: boom"
+    assert [r["id"] for r in stack.ops_json("tasks", "--stuck")] == [stuck]
+    assert stack.ops_json("tasks", "--older-than", "1h") == []
+    assert len(stack.ops_json("tasks", "--older-than", "0s")) == 2
+    assert [r["id"] for r in stack.ops_json("tasks", "--task", "app.demo_tasks.slow")] == [stuck]
+    table = stack.ops("tasks")
+    assert dead in table.stdout and "running" in table.stdout
+
+    proc = stack.ops("tasks", "--older-than", "ten minutes")
+    assert proc.returncode == 2 and "90s, 15m, 2h or 1d" in proc.stderr
+    proc = stack.ops("tasks", "--state", "zombie")
+    assert proc.returncode == 2 and "unknown state" in _error_line(proc)
+    proc = stack.ops("tasks", env={"DATABASE_URL": f"postgresql://postgres@127.0.0.1:{free_port()}/nope"})
+    assert proc.returncode == 9 and "unreachable" in _error_line(proc)
+
+
+# ------------------------------------------------------------------------------- purge
+
+
+def test_purge_asks_and_empties_and_guards_prod(stack):
+    for i in range(4):
+        stack.send(stack.url("default", dlq=True), f"m{i}")
+    proc = stack.ops("purge", "default-dlq")
+    assert proc.returncode == 7 and stack.counts(stack.url("default", dlq=True)) == (4, 0, 0)
+    dry = stack.ops_json("purge", "default-dlq", "--dry-run")
+    assert dry["would_purge_approximately"] == 4 and stack.counts(stack.url("default", dlq=True)) == (4, 0, 0)
+    done = stack.ops_json("purge", "default-dlq", "--yes")
+    assert done["purged_approximately"] == 4
+    assert stack.counts(stack.url("default", dlq=True)) == (0, 0, 0)
+
+    prod = create_queues(stack.sqs, DEMO_CATALOG, "prod")
+    stack.send(prod["default"]["url"], "live prod task")
+    stack.send(prod["default"]["dlq_url"], "dead prod task")
+    proc = stack.ops("purge", "default", "--env", "prod", "--yes", "--confirm-name", "pcelery-prod-default")
+    assert proc.returncode == 6 and "work queue in prod" in _error_line(proc)
+    proc = stack.ops("purge", "default-dlq", "--env", "prod", "--yes")  # --yes is not enough in prod
+    assert proc.returncode == 7
+    proc = stack.ops("purge", "default-dlq", "--env", "prod", "--confirm-name", "pcelery-prod-default")
+    assert proc.returncode == 7 and "is not the queue's name" in _error_line(proc)
+    assert stack.counts(prod["default"]["dlq_url"]) == (1, 0, 0)
+    proc = stack.ops("purge", "default-dlq", "--env", "prod", "--confirm-name", "pcelery-prod-default-dlq")
+    assert proc.returncode == 0
+    assert stack.counts(prod["default"]["dlq_url"]) == (0, 0, 0)
+    assert stack.counts(prod["default"]["url"]) == (1, 0, 0)
+    forced = stack.ops("purge", prod["default"]["url"], "--env", "prod", "--force",
+                       "--confirm-name", "pcelery-prod-default")
+    assert forced.returncode == 0 and stack.counts(prod["default"]["url"]) == (0, 0, 0)
+
+
+def test_help_documents_every_exit_code_and_parse_only_mode_touches_nothing(stack):
+    from ops import EXIT_CODES
+
+    out = subprocess.run([sys.executable, "-m", "ops", "--help"], capture_output=True, text=True, cwd=REPO).stdout
+    for code in EXIT_CODES:
+        assert f"  {code:>3}  " in out
+    for cmd in ("depth", "peek", "redrive", "tasks", "replay", "purge", "local"):
+        sub = stack.ops(cmd, "--help")
+        assert sub.returncode == 0 and "--output" in sub.stdout and "--endpoint-url" in sub.stdout
+    stack.send(stack.url("default", dlq=True), "x")
+    proc = stack.ops("purge", "default-dlq", "--yes", env={"OPS_PARSE_ONLY": "1"})
+    assert proc.returncode == 0 and stack.counts(stack.url("default", dlq=True)) == (1, 0, 0)
+    proc = stack.ops("tasks", "--older-than", "soon", env={"OPS_PARSE_ONLY": "1"})
+    assert proc.returncode == 2
+
+
+# ------------------------------------------------- library units (in-process moto, fakes)
+
+
+class FakeMoveTaskSqs:
+    """Stands in for SQS's move-task API, scripted status by status."""
+
+    def __init__(self, statuses, interrupt_on_poll=None):
+        self.statuses = list(statuses)
+        self.polls = 0
+        self.cancelled = []
+        self.started = []
+        self.interrupt_on_poll = interrupt_on_poll
+
+    def start_message_move_task(self, **kw):
+        self.started.append(kw)
+        return {"TaskHandle": "handle-1"}
+
+    def list_message_move_tasks(self, **kw):
+        self.polls += 1
+        if self.polls == self.interrupt_on_poll:
+            raise KeyboardInterrupt
+        status = self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
+        return {"Results": [{"TaskHandle": "handle-1", **status}]}
+
+    def cancel_message_move_task(self, TaskHandle):
+        self.cancelled.append(TaskHandle)
+        self.statuses = [{"Status": "CANCELLED", "ApproximateNumberOfMessagesMoved": 4,
+                          "ApproximateNumberOfMessagesToMove": 10}]
+        return {"ApproximateNumberOfMessagesMoved": 4}
+
+
+def _plan(source="pcelery-local-default-dlq", dest="pcelery-local-default", mode="native"):
+    from ops.queues import QueueRef, RedrivePlan
+
+    return RedrivePlan(source=QueueRef(source, f"http://x/1/{source}"), source_arn=f"arn:aws:sqs:r:1:{source}",
+                       destination=QueueRef(dest, f"http://x/1/{dest}"), destination_arn=f"arn:aws:sqs:r:1:{dest}",
+                       mode=mode, visible=10)
+
+
+def test_native_redrive_follows_progress_until_completed(caplog):
+    from ops.queues import redrive_native
+
+    fake = FakeMoveTaskSqs([
+        {"Status": "RUNNING", "ApproximateNumberOfMessagesMoved": 3, "ApproximateNumberOfMessagesToMove": 10},
+        {"Status": "RUNNING", "ApproximateNumberOfMessagesMoved": 7, "ApproximateNumberOfMessagesToMove": 10},
+        {"Status": "COMPLETED", "ApproximateNumberOfMessagesMoved": 10, "ApproximateNumberOfMessagesToMove": 10},
+    ])
+    caplog.set_level("INFO", logger="ops")
+    result = redrive_native(fake, _plan(), rate=900, sleep=lambda s: None)
+    assert (result.moved, result.failed, result.interrupted, result.failure_reason) == (10, 0, False, None)
+    assert fake.started == [{"SourceArn": "arn:aws:sqs:r:1:pcelery-local-default-dlq",
+                             "DestinationArn": "arn:aws:sqs:r:1:pcelery-local-default",
+                             "MaxNumberOfMessagesPerSecond": 500}]  # SQS's ceiling
+    assert [r.getMessage() for r in caplog.records if "moved" in r.getMessage()] == [
+        "move task RUNNING: 3 of 10 moved", "move task RUNNING: 7 of 10 moved", "move task COMPLETED: 10 of 10 moved"]
+
+
+def test_native_redrive_cancels_the_move_task_on_ctrl_c():
+    from ops.queues import redrive_native
+
+    fake = FakeMoveTaskSqs([{"Status": "RUNNING", "ApproximateNumberOfMessagesMoved": 2,
+                             "ApproximateNumberOfMessagesToMove": 10}], interrupt_on_poll=2)
+    result = redrive_native(fake, _plan(), sleep=lambda s: None)
+    assert fake.cancelled == ["handle-1"]
+    assert result.interrupted and result.moved == 4 and result.skipped == 6
+    assert result.failure_reason == "move task cancelled"
+
+
+def test_native_redrive_reports_the_failure_reason():
+    from ops.queues import redrive_native
+
+    fake = FakeMoveTaskSqs([{"Status": "FAILED", "ApproximateNumberOfMessagesMoved": 6,
+                             "ApproximateNumberOfMessagesToMove": 10,
+                             "FailureReason": "AWS.SimpleQueueService.NonExistentQueue"}])
+    result = redrive_native(fake, _plan(), sleep=lambda s: None)
+    assert (result.moved, result.failed) == (6, 4)
+    assert result.failure_reason == "AWS.SimpleQueueService.NonExistentQueue"
+
+
+def test_native_unsupported_endpoint_is_recognised():
+    from botocore.exceptions import ClientError
+
+    from ops.queues import NativeUnsupported, redrive_native
+
+    class Moto:
+        def start_message_move_task(self, **kw):
+            raise ClientError({"Error": {"Code": "500", "Message": "not implemented"},
+                               "ResponseMetadata": {"HTTPStatusCode": 500}}, "StartMessageMoveTask")
+
+    with pytest.raises(NativeUnsupported):
+        redrive_native(Moto(), _plan(), sleep=lambda s: None)
+
+
+def test_client_redrive_handles_partial_send_failures_without_losing_messages():
+    """Half of every SendMessageBatch fails: those stay in the DLQ (visible at once), only the
+    sent half is deleted."""
+    from moto import mock_aws
+
+    from ops.queues import plan_redrive, redrive_client, resolve
+
+    with mock_aws():
+        sqs = sqs_client(None)
+        q = create_queues(sqs, DEMO_CATALOG, "local")
+        for i in range(12):
+            sqs.send_message(QueueUrl=q["default"]["dlq_url"], MessageBody=f"b{i}")
+
+        class FlakySend:
+            def __init__(self, real):
+                self.real = real
+
+            def __getattr__(self, name):
+                return getattr(self.real, name)
+
+            def send_message_batch(self, QueueUrl, Entries):
+                ok = [e for i, e in enumerate(Entries) if i % 2 == 0]
+                resp = self.real.send_message_batch(QueueUrl=QueueUrl, Entries=ok)
+                resp["Failed"] = [{"Id": e["Id"], "SenderFault": False, "Code": "InternalError"}
+                                  for i, e in enumerate(Entries) if i % 2]
+                return resp
+
+        flaky = FlakySend(sqs)
+        dlq = resolve(flaky, "default-dlq", env="local", catalog=DEMO_CATALOG)
+        plan = plan_redrive(flaky, dlq, env="local", catalog=DEMO_CATALOG, mode="client")
+        result = redrive_client(flaky, plan, hold_seconds=30)
+
+        def count(url):
+            a = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
+            return int(a["ApproximateNumberOfMessages"]), int(a["ApproximateNumberOfMessagesNotVisible"])
+
+        assert (result.moved, result.failed) == (6, 6)
+        assert count(q["default"]["url"]) == (6, 0)
+        assert count(q["default"]["dlq_url"]) == (6, 0)  # the failed half, visible again at once
+
+
+def test_parse_duration():
+    from ops.tasks import parse_duration
+
+    assert [parse_duration(t) for t in ("90s", "15m", "2h", "1d", "1.5h")] == [90, 900, 7200, 86400, 5400]
+    for bad in ("", "15", "m", "2 weeks", "-1h"):
+        with pytest.raises(ValueError):
+            parse_duration(bad)
+
+
+# --------------------------------------------------------------- native redrive (LocalStack)
+
+
+@pytest.fixture(scope="session")
+def localstack_endpoint(tmp_path_factory):
+    if not LOCALSTACK_PY.exists():
+        pytest.skip(f"LocalStack venv missing ({LOCALSTACK_PY}): run `make setup` to test the native redrive path")
+    port = free_port()
+    root = tmp_path_factory.mktemp("localstack")
+    env = {**os.environ, "OVERRIDE_IN_DOCKER": "0", "FILESYSTEM_ROOT": str(root),
+           "GATEWAY_LISTEN": f"127.0.0.1:{port}", "LOCALSTACK_HOST": f"127.0.0.1:{port}", "SERVICES": "sqs",
+           "SQS_ENDPOINT_STRATEGY": "path", "SKIP_SSL_CERT_DOWNLOAD": "1", "LOCALSTACK_TELEMETRY_DISABLED": "1",
+           "DNS_ADDRESS": "0"}
+    log = open(root / "localstack.log", "wb")
+    proc = subprocess.Popen([str(LOCALSTACK_PY), "-m", "localstack.runtime.main"], env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True, cwd=root)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"LocalStack exited with {proc.returncode}: see {root / 'localstack.log'}")
+            try:
+                health = json.loads(urllib.request.urlopen(f"{endpoint}/_localstack/health", timeout=2).read())
+                if health["services"].get("sqs") in ("available", "running"):
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"LocalStack did not become healthy in 120 s: see {root / 'localstack.log'}")
+            time.sleep(0.5)
+        yield endpoint
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture
+def ls_stack(localstack_endpoint, tmp_path):
+    sqs = sqs_client(localstack_endpoint)
+    for url in sqs.list_queues().get("QueueUrls", []):
+        sqs.delete_queue(QueueUrl=url)
+    queues = create_queues(sqs, DEMO_CATALOG, "local")
+    db_url = f"sqlite:///{tmp_path / 'tasks.sqlite3'}"
+    engine = store.make_engine(db_url)
+    store.migrate(engine)
+    env = {**os.environ, **local_environ(localstack_endpoint, db_url)}
+    yield Stack(localstack_endpoint, sqs, queues, db_url, engine, env)
+    engine.dispose()
+
+
+def test_native_redrive_on_localstack_moves_everything_and_reports_progress(ls_stack):
+    dlq = ls_stack.url("default", dlq=True)
+    for i in range(15):
+        ls_stack.send(dlq, f"native-{i}", n=i)
+
+    proc = ls_stack.ops("redrive", "default-dlq", "--yes", "-o", "json", timeout=120)  # auto picks native here
+
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert (summary["mode"], summary["moved"], summary["failed"]) == ("native", 15, 0)
+    assert "native move task started" in proc.stderr and "COMPLETED: 15 of 15 moved" in proc.stderr
+    moved = []
+    deadline = time.monotonic() + 30
+    while len(moved) < 15 and time.monotonic() < deadline:
+        moved += ls_stack.sqs.receive_message(QueueUrl=ls_stack.url("default"), MaxNumberOfMessages=10,
+                                              MessageAttributeNames=["All"], WaitTimeSeconds=1).get("Messages", [])
+    assert {(m["Body"], m["MessageAttributes"]["n"]["StringValue"]) for m in moved} == {
+        (f"native-{i}", str(i)) for i in range(15)}
+
+
+def test_native_redrive_on_localstack_cancels_on_ctrl_c(ls_stack):
+    dlq, dest = ls_stack.url("default", dlq=True), ls_stack.url("default")
+    for i in range(20):
+        ls_stack.send(dlq, f"slow-{i}")
+    proc = subprocess.Popen([sys.executable, "-m", "ops", "redrive", "default-dlq", "--mode", "native", "--rate",
+                             "1", "--yes", "-o", "json"], env=ls_stack.env, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while ls_stack.counts(dest)[0] < 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 130, err
+    summary = json.loads(out)
+    assert "cancelling the move task" in err
+    assert 1 <= summary["moved"] < 20
+    in_dest, in_dlq = ls_stack.counts(dest)[0], ls_stack.counts(dlq)[0]
+    assert in_dest + in_dlq == 20 and in_dest < 20
