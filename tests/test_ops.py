@@ -682,3 +682,41 @@ def test_native_redrive_on_localstack_cancels_on_ctrl_c(ls_stack):
     assert 1 <= summary["moved"] < 20
     in_dest, in_dlq = ls_stack.counts(dest)[0], ls_stack.counts(dlq)[0]
     assert in_dest + in_dlq == 20 and in_dest < 20
+
+
+# ------------------------------------------------------------------------------ replay
+
+
+def test_replay_resets_rows_and_publishes_them_through_the_outbox(stack):
+    from app.messages import decode_body
+
+    dead = [stack.dead_task("app.demo_tasks.flaky") for _ in range(2)]
+    other = stack.dead_task("app.demo_tasks.always_fails")
+    live = str(uuid.uuid4())
+    with stack.engine.begin() as conn:
+        store.insert_task(conn, task_id=live, task_name="app.demo_tasks.flaky", queue="default", args=[], kwargs={})
+    assert store.claim(stack.engine, live, worker="w2", lease_seconds=300).outcome == "run"
+
+    dry = stack.ops_json("replay", "--state", "dead", "--task", "app.demo_tasks.flaky", "--dry-run")
+    assert sorted(dry["would_replay"]) == sorted(dead)
+    assert {store.get_task(stack.engine, t)["state"] for t in dead} == {"dead"}
+    assert stack.counts(stack.url("default")) == (0, 0, 0)
+
+    proc = stack.ops("replay", "--state", "dead")
+    assert proc.returncode == 7  # no terminal, no --yes
+
+    result = stack.ops_json("replay", "--state", "dead", "--task", "app.demo_tasks.flaky", "--yes")
+    assert sorted(result["reset"]) == sorted(dead) == sorted(result["published"])
+    assert {store.get_task(stack.engine, t)["state"] for t in dead} == {"queued"}
+    assert store.get_task(stack.engine, other)["state"] == "dead"
+    msgs = stack.sqs.receive_message(QueueUrl=stack.url("default"), MaxNumberOfMessages=10)["Messages"]
+    assert sorted(decode_body(m["Body"]).task_id for m in msgs) == sorted(dead)
+
+    # By id: a running row with a live lease is not touched; an unknown id is an error.
+    result = stack.ops_json("replay", other, live, "--yes")
+    assert result["reset"] == [other] and result["skipped_running"] == [live]
+    assert store.get_task(stack.engine, live)["state"] == "running"
+    proc = stack.ops("replay", "no-such-id", "--yes")
+    assert proc.returncode == 3 and "no-such-id" in _error_line(proc)
+    proc = stack.ops("replay", "--yes")
+    assert proc.returncode == 2
