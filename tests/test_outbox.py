@@ -255,6 +255,7 @@ def test_bulk_submit_inserts_once_and_publishes_in_batches_of_ten(outbox, engine
     assert store.get_task(engine, ids[7])["payload"] == {"args": [7], "kwargs": {"n": 7}}
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # SQS behaviour, not the DB
 def test_queue_and_countdown_reach_sqs(outbox, engine, sqs, queues):
     client, _ = sqs
     with outbox.transaction() as conn:
@@ -399,6 +400,7 @@ def test_a_queue_missing_in_sqs_leaves_its_rows_pending(engine, sqs_endpoint, ca
     assert "1 task(s) stay pending for the relay" in caplog.text
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # SQS behaviour, not the DB
 def test_publish_ids_sends_replayed_rows_now(outbox, engine, sqs, queues):
     with outbox.transaction() as conn:
         task_id = outbox.submit(conn, "demo.add")
