@@ -45,7 +45,7 @@ def celery_queue_name(queue: str) -> str:
         if queue.startswith(prefix):
             queue = queue[len(prefix):]
             break
-    return queue[: -len("-dlq")] if queue.endswith("-dlq") else queue
+    return queue.removesuffix("-dlq")
 
 
 def _origin() -> str:
@@ -157,5 +157,5 @@ def decode_body(body: str | bytes) -> DecodedMessage | None:
             queue=delivery_info.get("routing_key"),
             content_type=content_type,
         )
-    except Exception:  # garbage in a DLQ must never take ops or a worker down
+    except Exception:  # noqa: BLE001 - garbage in a DLQ must never take ops or a worker down
         return None

@@ -61,8 +61,9 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -231,7 +232,7 @@ class Outbox:
         self._units: dict[int, _Unit] = {}
 
     @classmethod
-    def from_settings(cls, settings, *, engine: sa.Engine | None = None, sqs=None) -> "Outbox":
+    def from_settings(cls, settings, *, engine: sa.Engine | None = None, sqs=None) -> Outbox:
         return cls(engine or store.make_engine(settings.database_url), settings.catalog, settings.env, sqs,
                    endpoint_url=settings.sqs_endpoint, region=settings.region)
 
@@ -314,7 +315,7 @@ class Outbox:
                     "an ISO string instead of a datetime)")
         if task_id is not None and (not isinstance(task_id, str) or not task_id or len(task_id) > 36):
             raise SubmitError(f"task_id={task_id!r} must be a non-empty string of at most 36 characters")
-        return queue, int(math.ceil(countdown))
+        return queue, math.ceil(countdown)
 
     # -- submitting --
 

@@ -31,9 +31,10 @@ import contextlib
 import datetime as dt
 import json
 import sys
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -46,7 +47,7 @@ MAX_ERROR_CHARS = 4000  # a traceback-sized message is for logs; the row keeps t
 SQLITE_BUSY_SECONDS = 30  # worker pool processes, relay and ops share one SQLite file
 POSTGRES_CONNECT_TIMEOUT = 10  # a down RDS fails a start-up quickly instead of hanging
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 
 
 class UTCDateTime(sa.TypeDecorator):

@@ -89,7 +89,7 @@ def pending_ids(engine) -> list[str]:
 
 def run_relay(sqs_endpoint, db_url, *args, extra_env=None, timeout=60):
     env = {**os.environ, **local_environ(sqs_endpoint, db_url), **(extra_env or {})}
-    return subprocess.run([sys.executable, "-m", "app.outbox", "relay", *args], cwd=REPO_ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "app.outbox", "relay", *args], cwd=REPO_ROOT, env=env, check=False,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -209,18 +209,17 @@ def test_commit_publishes_exactly_once_and_marks_the_row_queued(outbox, engine, 
 
 
 def test_rollback_publishes_nothing(outbox, engine, sqs, queues):
-    with pytest.raises(RuntimeError):
-        with outbox.transaction() as conn:
-            task_id = outbox.submit(conn, "demo.add", 1)
-            raise RuntimeError("the caller's own write failed")
+    with pytest.raises(RuntimeError), outbox.transaction() as conn:
+        task_id = outbox.submit(conn, "demo.add", 1)
+        raise RuntimeError("the caller's own write failed")
     assert store.get_task(engine, task_id) is None
     assert take_messages(sqs, queues["default"]["url"], 0, deadline_polls=2) == []
 
 
 def test_submit_on_a_plain_connection_is_refused(outbox, engine):
-    with engine.begin() as conn:
-        with pytest.raises(SubmitError, match=r"not an outbox transaction: open it with `with outbox.transaction\(\)"):
-            outbox.submit(conn, "demo.add")
+    refused = pytest.raises(SubmitError, match=r"not an outbox transaction: open it with `with outbox.transaction\(\)")
+    with engine.begin() as conn, refused:
+        outbox.submit(conn, "demo.add")
     assert store.count_by_state(engine)["pending"] == 0
 
 
@@ -230,9 +229,8 @@ def test_transaction_on_the_callers_connection(outbox, engine, sqs, queues):
             assert same is conn
             task_id = outbox.submit(conn, "demo.add")
         conn.begin()
-        with pytest.raises(SubmitError, match="already in a transaction"):
-            with outbox.transaction(conn):
-                pass
+        with pytest.raises(SubmitError, match="already in a transaction"), outbox.transaction(conn):
+            pass
         conn.rollback()
     assert store.get_task(engine, task_id)["state"] == "queued"
     assert [m.task_id for m in take_messages(sqs, queues["default"]["url"], 1)] == [task_id]
@@ -272,9 +270,9 @@ def test_idempotent_task_id(outbox, engine, sqs, queues):
         assert outbox.submit(conn, "demo.add", 1, task_id="order-42") == "order-42"
     with outbox.transaction() as conn:
         assert outbox.submit(conn, "demo.add", 1, task_id="order-42") == "order-42"  # no-op
-    with pytest.raises(SubmitError, match="task_id='order-42' already exists as 'demo.add' with other arguments"):
-        with outbox.transaction() as conn:
-            outbox.submit(conn, "demo.add", 2, task_id="order-42")
+    conflict = pytest.raises(SubmitError, match="task_id='order-42' already exists as 'demo.add' with other arguments")
+    with conflict, outbox.transaction() as conn:
+        outbox.submit(conn, "demo.add", 2, task_id="order-42")
     assert [m.task_id for m in take_messages(sqs, queues["default"]["url"], 1)] == ["order-42"]
     assert store.get_task(engine, "order-42")["payload"]["args"] == [1]
 
@@ -314,9 +312,8 @@ def test_validation_errors_name_the_argument_and_the_fix(tmp_path, call, message
     eng = store.make_engine(f"sqlite:///{tmp_path / 'v.sqlite3'}")
     store.migrate(eng)
     ob = closed_port_outbox(eng)
-    with ob.transaction() as conn:
-        with pytest.raises(SubmitError) as caught:
-            call(ob, conn)
+    with ob.transaction() as conn, pytest.raises(SubmitError) as caught:
+        call(ob, conn)
     assert message in str(caught.value)
     assert isinstance(caught.value, ValueError)
     assert sum(store.count_by_state(eng).values()) == 0  # nothing half-submitted
@@ -392,9 +389,8 @@ def test_entries_sqs_refuses_stay_pending_and_do_not_stall_the_pass(engine, sqs_
 
 def test_a_queue_missing_in_sqs_leaves_its_rows_pending(engine, sqs_endpoint, caplog):
     unmade = Outbox(engine, DEMO_CATALOG, "dev", endpoint_url=sqs_endpoint)  # no dev queues exist
-    with caplog.at_level(logging.WARNING, logger="app.outbox"):
-        with unmade.transaction() as conn:
-            task_id = unmade.submit(conn, "demo.add")
+    with caplog.at_level(logging.WARNING, logger="app.outbox"), unmade.transaction() as conn:
+        task_id = unmade.submit(conn, "demo.add")
     assert pending_ids(engine) == [task_id]
     assert "SQS refused publishing to queue 'default'" in caplog.text
     assert "1 task(s) stay pending for the relay" in caplog.text

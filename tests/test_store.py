@@ -60,7 +60,7 @@ def test_migrate_is_idempotent_and_versioned(db_url):
 def _run_store_cli(environ):
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "DB_HOST")}
     env.update(environ)
-    return subprocess.run([sys.executable, "-m", "app.store", "migrate"], cwd=REPO_ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "app.store", "migrate"], cwd=REPO_ROOT, env=env, check=False,
                           capture_output=True, text=True, timeout=60)
 
 
@@ -204,10 +204,9 @@ def test_expired_lease_can_be_claimed_again_and_the_old_owner_loses(engine):
 def test_finish_success_joins_the_callers_transaction(engine):
     task_id = new_task(engine)
     store.claim(engine, task_id, worker="w1", lease_seconds=60)
-    with pytest.raises(RuntimeError):
-        with engine.begin() as conn:
-            store.finish_success(conn, task_id, worker="w1", result=1)
-            raise RuntimeError("the task's own write failed")
+    with pytest.raises(RuntimeError), engine.begin() as conn:
+        store.finish_success(conn, task_id, worker="w1", result=1)
+        raise RuntimeError("the task's own write failed")
     assert state_of(engine, task_id) == "running"
 
 
@@ -285,11 +284,10 @@ def test_claim_unpublished_skips_rows_another_relay_has_locked(pg_url):
     with eng.begin() as conn:
         conn.execute(store.tasks.delete())
     ids = [new_task(eng) for _ in range(15)]
-    with eng.connect() as first, eng.connect() as second:
-        with first.begin():
-            mine = [r["id"] for r in store.claim_unpublished(first, older_than_seconds=0, limit=10)]
-            with second.begin():
-                theirs = [r["id"] for r in store.claim_unpublished(second, older_than_seconds=0, limit=10)]
+    with eng.connect() as first, eng.connect() as second, first.begin():
+        mine = [r["id"] for r in store.claim_unpublished(first, older_than_seconds=0, limit=10)]
+        with second.begin():  # while the first relay still holds its rows
+            theirs = [r["id"] for r in store.claim_unpublished(second, older_than_seconds=0, limit=10)]
     assert mine == ids[:10] and theirs == ids[10:]
     eng.dispose()
 
