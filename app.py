@@ -9,10 +9,10 @@ import sys
 
 os.environ.setdefault("JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION", "20")
 
-import aws_cdk as cdk  # noqa: E402
+import aws_cdk as cdk
 
-from infra.config import ConfigError, load_configs  # noqa: E402
-from infra.stacks import add_checks, build_app  # noqa: E402
+from infra.config import ConfigError, load_configs
+from infra.stacks import add_checks, build_app
 
 
 def main() -> None:

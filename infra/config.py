@@ -137,7 +137,7 @@ class _Reader:
     def _bad(self, key: str, msg: str):
         self.problems.append(f"{self.path}.{key}: {msg}")
 
-    def section(self, key: str) -> "_Reader":
+    def section(self, key: str) -> _Reader:
         value = self.raw.get(key)
         if not isinstance(value, dict):
             self._bad(key, "missing or not an object: add the section (see infra/README.md)")
@@ -189,52 +189,52 @@ def parse_env(name: str, raw: Any) -> EnvConfig:
 
     n = r.section("network")
     n.unknown_keys({"cidr", "nat_gateways", "flow_logs", "interface_endpoints"})
-    network = dict(
-        cidr=n.get("cidr", str, check=_valid_cidr, hint="an IPv4 CIDR between /16 and /24, e.g. 10.20.0.0/16"),
-        nat_gateways=n.get("nat_gateways", int, check=lambda v: 1 <= v <= 3,
+    network = {
+        "cidr": n.get("cidr", str, check=_valid_cidr, hint="an IPv4 CIDR between /16 and /24, e.g. 10.20.0.0/16"),
+        "nat_gateways": n.get("nat_gateways", int, check=lambda v: 1 <= v <= 3,
                            hint="1 to 3 (Fargate tasks reach SQS, ECR and logs through NAT)"),
-        flow_logs=n.get("flow_logs", bool),
-        interface_endpoints=n.get("interface_endpoints", bool),
-    )
+        "flow_logs": n.get("flow_logs", bool),
+        "interface_endpoints": n.get("interface_endpoints", bool),
+    }
     if azs and network["nat_gateways"] and network["nat_gateways"] > len(azs):
         n._bad("nat_gateways", f"{network['nat_gateways']} is more than the {len(azs)} AZs: use at most one per AZ")
 
     d = r.section("database")
     d.unknown_keys({"instance_type", "allocated_storage_gib", "max_allocated_storage_gib", "multi_az",
                     "backup_retention_days", "rotation_days"})
-    database = dict(
-        instance_type=d.get("instance_type", str, check=lambda v: v in DB_CLASS_MEMORY_GIB,
+    database = {
+        "instance_type": d.get("instance_type", str, check=lambda v: v in DB_CLASS_MEMORY_GIB,
                             hint=f"one of {', '.join(DB_CLASS_MEMORY_GIB)} (without the db. prefix)"),
-        allocated_storage_gib=d.get("allocated_storage_gib", int, check=lambda v: 20 <= v <= 65536,
+        "allocated_storage_gib": d.get("allocated_storage_gib", int, check=lambda v: 20 <= v <= 65536,
                                     hint="20 to 65536 GiB"),
-        max_allocated_storage_gib=d.get("max_allocated_storage_gib", int, check=lambda v: 20 <= v <= 65536,
+        "max_allocated_storage_gib": d.get("max_allocated_storage_gib", int, check=lambda v: 20 <= v <= 65536,
                                         hint="20 to 65536 GiB, at least allocated_storage_gib"),
-        multi_az=d.get("multi_az", bool),
-        backup_retention_days=d.get("backup_retention_days", int, check=lambda v: 1 <= v <= 35,
+        "multi_az": d.get("multi_az", bool),
+        "backup_retention_days": d.get("backup_retention_days", int, check=lambda v: 1 <= v <= 35,
                                     hint="1 to 35 days (0 would turn backups off)"),
-        rotation_days=d.get("rotation_days", int, check=lambda v: v == 0 or 1 <= v <= 365,
+        "rotation_days": d.get("rotation_days", int, check=lambda v: v == 0 or 1 <= v <= 365,
                             hint="0 (no rotation) or 1 to 365 days"),
-    )
+    }
     if (database["allocated_storage_gib"] and database["max_allocated_storage_gib"]
             and database["max_allocated_storage_gib"] < database["allocated_storage_gib"]):
         d._bad("max_allocated_storage_gib", "is below allocated_storage_gib: raise it")
 
     c = r.section("results_backend")
     c.unknown_keys({"enabled", "node_type", "replicas"})
-    cache = dict(
-        enabled=c.get("enabled", bool),
-        node_type=c.get("node_type", str, check=_CACHE_NODE_RE.match, hint="an ElastiCache node type such as cache.t4g.micro"),
-        replicas=c.get("replicas", int, check=lambda v: 0 <= v <= 5, hint="0 to 5 read replicas"),
-    )
+    cache = {
+        "enabled": c.get("enabled", bool),
+        "node_type": c.get("node_type", str, check=_CACHE_NODE_RE.match, hint="an ElastiCache node type such as cache.t4g.micro"),
+        "replicas": c.get("replicas", int, check=lambda v: 0 <= v <= 5, hint="0 to 5 read replicas"),
+    }
 
     w = r.section("workers")
     w.unknown_keys({"cpu", "memory_mib", "min_tasks", "max_tasks"})
-    workers = dict(
-        cpu=w.get("cpu", int, check=lambda v: v in FARGATE_MEMORY, hint=f"Fargate CPU units, one of {list(FARGATE_MEMORY)}"),
-        memory_mib=w.get("memory_mib", int),
-        min_tasks=w.get("min_tasks", int, check=lambda v: 0 <= v <= 100, hint="0 to 100 (0 lets idle workers scale to zero)"),
-        max_tasks=w.get("max_tasks", int, check=lambda v: 1 <= v <= 100, hint="1 to 100"),
-    )
+    workers = {
+        "cpu": w.get("cpu", int, check=lambda v: v in FARGATE_MEMORY, hint=f"Fargate CPU units, one of {list(FARGATE_MEMORY)}"),
+        "memory_mib": w.get("memory_mib", int),
+        "min_tasks": w.get("min_tasks", int, check=lambda v: 0 <= v <= 100, hint="0 to 100 (0 lets idle workers scale to zero)"),
+        "max_tasks": w.get("max_tasks", int, check=lambda v: 1 <= v <= 100, hint="1 to 100"),
+    }
     if workers["cpu"] in FARGATE_MEMORY and workers["memory_mib"] is not None \
             and workers["memory_mib"] not in FARGATE_MEMORY[workers["cpu"]]:
         w._bad("memory_mib", f"{workers['memory_mib']} is not valid with cpu {workers['cpu']} on Fargate: "
@@ -245,12 +245,12 @@ def parse_env(name: str, raw: Any) -> EnvConfig:
 
     p = r.section("protection")
     p.unknown_keys({"removal_policy", "deletion_protection", "termination_protection"})
-    protection = dict(
-        removal_policy=p.get("removal_policy", str, check=lambda v: v in REMOVAL_POLICIES,
+    protection = {
+        "removal_policy": p.get("removal_policy", str, check=lambda v: v in REMOVAL_POLICIES,
                              hint=f"one of {', '.join(REMOVAL_POLICIES)}"),
-        deletion_protection=p.get("deletion_protection", bool),
-        termination_protection=p.get("termination_protection", bool),
-    )
+        "deletion_protection": p.get("deletion_protection", bool),
+        "termination_protection": p.get("termination_protection", bool),
+    }
     if name == "prod" and protection["removal_policy"] == "destroy":
         p._bad("removal_policy", "'destroy' in prod would delete the database with the stack: use snapshot or retain")
 

@@ -34,6 +34,7 @@ class Relay(Construct):
         log_removal_policy: RemovalPolicy,
     ) -> None:
         super().__init__(scope, id)
+        self.service_name = f"pcelery-{env_name}-relay"
         self.log_group = logs.LogGroup(
             self, "Logs", log_group_name=f"/pcelery/{env_name}/relay",
             retention=log_retention, removal_policy=log_removal_policy,
@@ -47,7 +48,7 @@ class Relay(Construct):
             self, "Service",
             cluster=cluster,
             task_definition=self.task_definition,
-            service_name=f"pcelery-{env_name}-relay",
+            service_name=self.service_name,
             desired_count=1,
             vpc_subnets=subnets,
             security_groups=[security_group],

@@ -262,9 +262,9 @@ class StatelessStack(_EnvStack):
             catalog=catalog,
             work_queues=dict(queues.work),
             dead_letter_queues=dict(queues.dead),
-            cluster_name=self.workers.cluster.cluster_name,
-            worker_service_names={q: s.service_name for q, s in self.workers.services.items()},
-            relay_service_name=self.relay.service.service_name,
+            cluster_name=self.workers.cluster_name,
+            worker_service_names=dict(self.workers.service_names),
+            relay_service_name=self.relay.service_name,
             database=DatabaseTargets(
                 instance_identifier=database.instance.instance_identifier,
                 allocated_storage_gib=config.database.allocated_storage_gib,

@@ -62,8 +62,11 @@ class Workers(Construct):
         log_removal_policy: RemovalPolicy,
     ) -> None:
         super().__init__(scope, id)
+        # Names as plain strings too, so alarm descriptions and dimensions read as text, not tokens.
+        self.cluster_name = f"pcelery-{env_name}"
+        self.service_names = {q.name: f"pcelery-{env_name}-worker-{q.name}" for q in catalog}
         self.cluster = ecs.Cluster(
-            self, "Cluster", vpc=vpc, cluster_name=f"pcelery-{env_name}",
+            self, "Cluster", vpc=vpc, cluster_name=self.cluster_name,
             # The running-low alarms and the scaling metric read its RunningTaskCount.
             container_insights_v2=ecs.ContainerInsights.ENABLED,
         )
@@ -107,7 +110,7 @@ class Workers(Construct):
             scope, "Service",
             cluster=self.cluster,
             task_definition=task,
-            service_name=f"pcelery-{env_name}-worker-{contract.name}",
+            service_name=self.service_names[contract.name],
             desired_count=low,
             vpc_subnets=subnets,
             security_groups=[self.security_group],
@@ -190,7 +193,7 @@ class Workers(Construct):
             period = Duration.minutes(1)
             alarm = cloudwatch.Alarm(
                 scope, "WakeAlarm",
-                alarm_description=f"Scales {service.service_name} from zero when its queue has work (not a page).",
+                alarm_description=f"Scales {self.service_names[contract.name]} from zero when its queue has work (not a page).",
                 metric=cloudwatch.MathExpression(
                     expression="IF(FILL(running, 0) < 1, FILL(visible, 0), 0)",
                     using_metrics={

@@ -1,0 +1,654 @@
+"""The CDK app: config validation, cdk-nag, cfn-lint and the contract each construct must keep.
+
+All template tests share one in-process synth of every environment (tests/cdk_support.py);
+the 3-queue catalog gets one more synth of dev, and the real CLI runs once.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import subprocess
+import sys
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from cdk_support import (
+    ENVS,
+    REPO_ROOT,
+    alarms,
+    cdk_context,
+    resources,
+    summary,
+    synth,
+    synth_all,
+    synth_templates,
+)
+
+from catalog import CATALOG, DLQ_RETENTION, Catalog, QueueContract, sqs_queue_name
+from infra.config import (
+    CONTEXT_KEY,
+    ConfigError,
+    load_configs,
+    parse_env,
+    selected_envs,
+)
+from infra.relay import MIGRATE_COMMAND, RELAY_COMMAND
+from infra.stacks import CONSUME_ACTIONS, PUBLISH_ACTIONS
+from infra.workers import ECS_MAX_STOP_TIMEOUT, stop_timeout
+
+SUMMARY_FILE = Path(__file__).with_name("infra_summary.json")
+CONFIGS = {c.name: c for c in load_configs({**cdk_context(), "env": None}.get)}
+
+# cfn-lint warnings we keep, each with the reason; anything else fails the test.
+EXPLAINED_WARNINGS = {
+    # Zones are named in cdk.json on purpose: synth must work offline, without an AZ lookup.
+    "W3010",
+    # A DependsOn CDK's own custom-resource provider (restrict the default security group)
+    # writes next to a GetAtt; harmless and not ours to change.
+    "W3005",
+}
+
+ANCHOR_BY_SIGNAL = {
+    "dlq-not-empty": "alarm-dlq-not-empty",
+    "oldest-message-age": "alarm-queue-backlog-old",
+    "running-low": "alarm-service-running-low",
+    "outbox-lag": "alarm-outbox-lag",
+    "db-cpu-high": "alarm-db-cpu-high",
+    "db-free-storage-low": "alarm-db-free-storage-low",
+    "db-connections-high": "alarm-db-connections-high",
+    "redis-memory-high": "alarm-redis-memory-high",
+}
+
+
+def stateful(env):
+    return synth_templates(env)[f"pcelery-{env}-stateful"]
+
+
+def stateless(env):
+    return synth_templates(env)[f"pcelery-{env}-stateless"]
+
+
+def resolve(value, producer: dict):
+    """Follow a weak cross-stack reference (Fn::GetStackOutput) back to the producer's expression."""
+    if isinstance(value, dict) and "Fn::GetStackOutput" in value:
+        return producer["Outputs"][value["Fn::GetStackOutput"]["OutputName"]]["Value"]
+    return value
+
+
+def queue_name_of(value, producer: dict) -> str:
+    value = resolve(value, producer)
+    logical_id = value["Fn::GetAtt"][0] if "Fn::GetAtt" in value else value["Ref"]
+    return producer["Resources"][logical_id]["Properties"]["QueueName"]
+
+
+def statements_of_role(template: dict, role_ref: dict) -> list[dict]:
+    role_id = role_ref["Fn::GetAtt"][0]
+    return [
+        st
+        for pol in resources({"t": template}, "AWS::IAM::Policy").values()
+        if {"Ref": role_id} in pol["Properties"]["Roles"]
+        for st in pol["Properties"]["PolicyDocument"]["Statement"]
+    ]
+
+
+def task_definition(template: dict, family: str) -> dict:
+    [task] = [r["Properties"] for r in resources({"t": template}, "AWS::ECS::TaskDefinition").values()
+              if r["Properties"]["Family"] == family]
+    return task
+
+
+def as_list(x):
+    return x if isinstance(x, list) else [x]
+
+
+# --------------------------------------------------------------------------- config
+
+
+def _context_with(env: str, path: str, value) -> dict:
+    ctx = copy.deepcopy(cdk_context())
+    node = ctx[CONTEXT_KEY][env]
+    *parents, last = path.split(".")
+    for p in parents:
+        node = node[p]
+    if value is KeyError:
+        del node[last]
+    else:
+        node[last] = value
+    return ctx
+
+
+def test_cdk_json_gives_one_typed_config_per_environment():
+    assert set(CONFIGS) == {"dev", "staging", "prod"}
+    prod, dev = CONFIGS["prod"], CONFIGS["dev"]
+    assert prod.database.multi_az and prod.protection.deletion_protection and prod.protection.termination_protection
+    assert prod.database.rotation_days > 0 and prod.network.flow_logs and prod.network.interface_endpoints
+    assert dev.cache is None and prod.cache is not None
+    assert dev.workers.min_tasks == 0  # dev scales to zero
+    assert all(len(c.availability_zones) >= 2 for c in CONFIGS.values())
+
+
+@pytest.mark.parametrize("path, value, expected", [
+    ("database.instance_type", KeyError, "pcelery:environments.prod.database.instance_type: missing"),
+    ("network.nat_gateways", "1", "pcelery:environments.prod.network.nat_gateways: '1' is a str, expected int"),
+    ("account", "12345", "pcelery:environments.prod.account: '12345' is not valid"),
+    ("workers.memory_mib", 3000, "pcelery:environments.prod.workers.memory_mib: 3000 is not valid with cpu 1024"),
+    ("protection.removal_policy", "destroy", "pcelery:environments.prod.protection.removal_policy: 'destroy' in prod"),
+    ("database.multiAz", True, "pcelery:environments.prod.database.multiAz: unknown key"),
+    ("log_retention_days", 10, "pcelery:environments.prod.log_retention_days: 10 is not valid"),
+    ("results_backend", KeyError, "pcelery:environments.prod.results_backend: missing or not an object"),
+])
+def test_bad_or_missing_value_names_the_key(path, value, expected):
+    ctx = _context_with("prod", path, value)
+    with pytest.raises(ConfigError) as err:
+        parse_env("prod", ctx[CONTEXT_KEY]["prod"])
+    assert expected in str(err.value)
+
+
+def test_every_problem_is_reported_at_once():
+    ctx = _context_with("dev", "region", "Mars")
+    ctx[CONTEXT_KEY]["dev"]["workers"]["min_tasks"] = 9
+    ctx[CONTEXT_KEY]["dev"]["workers"]["max_tasks"] = 2
+    with pytest.raises(ConfigError) as err:
+        parse_env("dev", ctx[CONTEXT_KEY]["dev"])
+    assert ".dev.region:" in str(err.value) and ".dev.workers.min_tasks:" in str(err.value)
+
+
+@pytest.mark.parametrize("selection, expected", [
+    (None, ["dev", "staging", "prod"]),
+    ("prod", ["prod"]),
+    ("dev, staging", ["dev", "staging"]),
+])
+def test_environment_selection(selection, expected):
+    assert selected_envs(selection) == expected
+
+
+def test_unknown_environment_selection_is_refused():
+    with pytest.raises(ConfigError, match="unknown environment \\['qa'\\]"):
+        selected_envs("dev,qa")
+
+
+def test_worker_bounds_sit_inside_catalog_and_env_bounds():
+    q = CATALOG.get("default")
+    assert CONFIGS["dev"].worker_bounds(q) == (0, min(q.max_workers, CONFIGS["dev"].workers.max_tasks))
+    assert CONFIGS["prod"].worker_bounds(q) == (1, min(q.max_workers, CONFIGS["prod"].workers.max_tasks))
+    busy = replace(q, min_workers=5, max_workers=8)
+    low, high = CONFIGS["dev"].worker_bounds(busy)
+    assert low <= high == CONFIGS["dev"].workers.max_tasks
+
+
+def test_app_py_fails_synth_naming_the_bad_key(tmp_path):
+    """The real entry point, given context the way the CLI gives it (CDK_CONTEXT_JSON)."""
+    ctx = _context_with("staging", "database.backup_retention_days", 0)
+    env = {**os.environ, "CDK_CONTEXT_JSON": json.dumps(ctx), "CDK_OUTDIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "app.py"], check=False, cwd=REPO_ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "pcelery:environments.staging.database.backup_retention_days: 0 is not valid" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+# --------------------------------------------------------------------------- synth, nag, cfn-lint
+
+
+@pytest.mark.slow
+def test_every_environment_synthesizes_its_two_stacks():
+    s = synth_all()
+    assert sorted(s.stack_names()) == sorted(f"pcelery-{e}-{k}" for e in ENVS for k in ("stateful", "stateless"))
+    # Termination protection guards the data in prod; everything else can be torn down.
+    assert {n for n, on in s.termination_protection.items() if on} == {"pcelery-prod-stateful"}
+
+
+@pytest.mark.slow
+def test_nag_acknowledgments_are_scoped_to_resources_and_explained():
+    """Synth ran with AwsSolutionsChecks; it fails on any unacknowledged finding, so what is
+    left to check is that every acknowledgment sits on a resource (not a whole stack) and says why."""
+    found = 0
+    for metadata in synth_all().metadata.values():
+        for path, entries in metadata.items():
+            for entry in entries:
+                if entry["type"] != "aws:cdk:acknowledged-rules":
+                    continue
+                for rule, reason in entry["data"].items():
+                    found += 1
+                    assert path.count("/") >= 2, f"{rule} acknowledged on the whole stack at {path}"
+                    assert len(reason) >= 40, f"{rule} at {path}: reason too thin: {reason!r}"
+                    assert re.search(r"AwsSolutions-|CloudFormation-Validate::", rule), rule
+    assert found >= 10
+
+
+@pytest.mark.slow
+def test_nag_fails_synth_on_an_unacknowledged_finding(tmp_path):
+    """add_checks is really wired: an unencrypted queue without a DLQ does not synthesize."""
+    import aws_cdk as cdk
+    from aws_cdk import aws_sqs as sqs
+
+    from infra.stacks import add_checks
+
+    app = cdk.App(outdir=str(tmp_path))
+    stack = cdk.Stack(app, "nag-probe")
+    sqs.Queue(stack, "Plain", encryption=sqs.QueueEncryption.UNENCRYPTED)
+    add_checks(app)
+    with pytest.raises(RuntimeError, match="ValidationFailed"):
+        app.synth()
+    report = (tmp_path / "validation-report.json").read_text()
+    assert "AwsSolutions-SQS3" in report or "AwsSolutions-SQS2" in report
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("env", ENVS)
+def test_cfn_lint_finds_no_errors_and_only_explained_warnings(env):
+    from cfnlint.api import lint
+
+    for name, template in synth_templates(env).items():
+        matches = lint(json.dumps(template), regions=[CONFIGS[env].region])
+        errors = [f"{m.rule.id} {m.message} ({m.path_string})" for m in matches if m.rule.id[0] == "E"]
+        unexplained = [f"{m.rule.id} {m.message}" for m in matches
+                       if m.rule.id[0] == "W" and m.rule.id not in EXPLAINED_WARNINGS]
+        assert not errors, f"{name}: {errors}"
+        assert not unexplained, f"{name}: fix or explain in EXPLAINED_WARNINGS: {unexplained}"
+
+
+# --------------------------------------------------------------------------- queues
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("env", ENVS)
+def test_queues_and_dlqs_carry_the_catalog_contract(env):
+    t = stateful(env)
+    cfg = CONFIGS[env]
+    by_name = {r["Properties"]["QueueName"]: (lid, r["Properties"])
+               for lid, r in resources({"t": t}, "AWS::SQS::Queue").items()}
+    assert len(by_name) == 2 * len(CATALOG)
+    for q in CATALOG:
+        _work_id, work = by_name[sqs_queue_name(env, q.name)]
+        dlq_id, dlq = by_name[sqs_queue_name(env, q.name, dlq=True)]
+        want = q.sqs_attributes(dlq_arn="<dlq>")
+        assert str(work["VisibilityTimeout"]) == want["VisibilityTimeout"]
+        assert str(work["MessageRetentionPeriod"]) == want["MessageRetentionPeriod"]
+        assert str(work["ReceiveMessageWaitTimeSeconds"]) == want["ReceiveMessageWaitTimeSeconds"]
+        assert work["RedrivePolicy"] == {
+            "deadLetterTargetArn": {"Fn::GetAtt": [dlq_id, "Arn"]},
+            "maxReceiveCount": json.loads(want["RedrivePolicy"])["maxReceiveCount"],
+        }
+        source_arn = f"arn:aws:sqs:{cfg.region}:{cfg.account}:{sqs_queue_name(env, q.name)}"
+        want_dlq = q.dlq_attributes(source_arn)
+        assert str(dlq["MessageRetentionPeriod"]) == want_dlq["MessageRetentionPeriod"] == str(DLQ_RETENTION)
+        assert dlq["RedriveAllowPolicy"] == json.loads(want_dlq["RedriveAllowPolicy"])
+        assert "RedrivePolicy" not in dlq
+        for props in (work, dlq):
+            assert props["SqsManagedSseEnabled"] is True
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("env", ENVS)
+def test_every_queue_refuses_plain_http(env):
+    t = stateful(env)
+    policies = resources({"t": t}, "AWS::SQS::QueuePolicy").values()
+    for queue_id in resources({"t": t}, "AWS::SQS::Queue"):
+        denies = [st for p in policies if {"Ref": queue_id} in p["Properties"]["Queues"]
+                  for st in p["Properties"]["PolicyDocument"]["Statement"]
+                  if st["Effect"] == "Deny" and st.get("Condition") == {"Bool": {"aws:SecureTransport": "false"}}]
+        assert denies, f"{queue_id} has no TLS-only policy"
+
+
+# --------------------------------------------------------------------------- IAM
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("env", ENVS)
+def test_no_wildcard_actions_anywhere(env):
+    for name, t in synth_templates(env).items():
+        docs = [p["Properties"]["PolicyDocument"] for p in resources({"t": t}, "AWS::IAM::Policy").values()]
+        docs += [p["PolicyDocument"] for r in resources({"t": t}, "AWS::IAM::Role").values()
+                 for p in r["Properties"].get("Policies", [])]
+        for doc in docs:
+            for st in doc["Statement"]:
+                if st["Effect"] == "Allow":
+                    for action in as_list(st["Action"]):
+                        assert "*" not in action, f"{name}: wildcard action {action}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("env", ENVS)
+def test_worker_role_consumes_its_own_queue_publishes_work_and_never_touches_a_dlq(env):
+    t, producer = stateless(env), stateful(env)
+    work_names = {sqs_queue_name(env, q.name) for q in CATALOG}
+    for q in CATALOG:
+        task = task_definition(t, f"pcelery-{env}-worker-{q.name}")
+        grants: dict[str, set[str]] = {}
+        for st in statements_of_role(t, task["TaskRoleArn"]):
+            assert st["Effect"] == "Allow"
+            for resource in as_list(st["Resource"]):
+                name = queue_name_of(resource, producer)
+                assert not name.endswith("-dlq"), f"worker {q.name} may touch DLQ {name}"
+                grants.setdefault(name, set()).update(as_list(st["Action"]))
+        own = sqs_queue_name(env, q.name)
+        assert grants[own] == set(CONSUME_ACTIONS) | set(PUBLISH_ACTIONS)
+        for other in work_names - {own}:
+            assert grants[other] == set(PUBLISH_ACTIONS), f"worker {q.name} on {other}: {grants[other]}"
+        assert set(grants) == work_names
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("env", ENVS)
+def test_relay_only_publishes_and_migration_has_no_sqs_access(env):
+    t, producer = stateless(env), stateful(env)
+    relay = task_definition(t, f"pcelery-{env}-relay")
+    statements = statements_of_role(t, relay["TaskRoleArn"])
+    assert {a for st in statements for a in as_list(st["Action"])} == set(PUBLISH_ACTIONS)
+    assert {queue_name_of(r, producer) for st in statements for r in as_list(st["Resource"])} == {
+        sqs_queue_name(env, q.name) for q in CATALOG}
+    migrate = task_definition(t, f"pcelery-{env}-migrate")
+    assert statements_of_role(t, migrate["TaskRoleArn"]) == []
+
+
+# --------------------------------------------------------------------------- containers
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("env", ENVS)
+def test_containers_get_the_runtime_contract_and_secrets_only_as_secrets(env):
+    t = stateless(env)
+    cfg = CONFIGS[env]
+    secret_names = {"DB_USER", "DB_PASSWORD"} | ({"REDIS_AUTH_TOKEN"} if cfg.cache else set())
+    plain_names = {"PCELERY_ENV", "AWS_REGION", "DB_HOST", "DB_PORT", "DB_NAME"} | (
+        {"REDIS_HOST", "REDIS_PORT"} if cfg.cache else set())
+    tasks = [r["Properties"] for r in resources({"t": t}, "AWS::ECS::TaskDefinition").values()]
+    assert len(tasks) == len(CATALOG) + 2
+    for task in tasks:
+        [container] = task["ContainerDefinitions"]
+        env_vars = {e["Name"]: e["Value"] for e in container["Environment"]}
+        assert not secret_names & set(env_vars), f"{task['Family']} has a secret in plain env"
+        for name, value in env_vars.items():
+            assert not re.search(r"PASSWORD|TOKEN|SECRET|KEY", name), name
+            assert "secretsmanager" not in json.dumps(value), f"{task['Family']}: {name} resolves a secret"
+        assert {s["Name"] for s in container["Secrets"]} == secret_names
+        assert set(env_vars) - {"PCELERY_WORKER_QUEUES"} == plain_names
+        assert env_vars["PCELERY_ENV"] == env
+        assert container["LogConfiguration"]["LogDriver"] == "awslogs"
+        family = task["Family"]
+        if family.endswith("-relay"):
+            assert container["EntryPoint"] == RELAY_COMMAND
+        elif family.endswith("-migrate"):
+            assert container["EntryPoint"] == MIGRATE_COMMAND
+        else:
+            queue = family.rsplit("-worker-", 1)[1]
+            assert env_vars["PCELERY_WORKER_QUEUES"] == queue
+            assert "EntryPoint" not in container  # the image's ENTRYPOINT, bin/worker
+            assert container["StopTimeout"] == stop_timeout(CATALOG.get(queue)) <= ECS_MAX_STOP_TIMEOUT
+
+
+def test_stop_timeout_covers_a_warm_shutdown_where_ecs_allows():
+    assert stop_timeout(CATALOG.get("default")) == CATALOG.get("default").hard_time_limit + 15
+    assert stop_timeout(CATALOG.get("long")) == ECS_MAX_STOP_TIMEOUT
+
+
+# --------------------------------------------------------------------------- services and scaling
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("env", ENVS)
+def test_worker_services_roll_back_and_scale_on_backlog_per_task(env):
+    t = stateless(env)
+    cfg = CONFIGS[env]
+    [cluster] = resources({"t": t}, "AWS::ECS::Cluster").values()
+    assert {"Name": "containerInsights", "Value": "enabled"} in cluster["Properties"]["ClusterSettings"]
+    service_ids = {r["Properties"]["ServiceName"]: lid for lid, r in resources({"t": t}, "AWS::ECS::Service").items()}
+    services = {name: t["Resources"][lid]["Properties"] for name, lid in service_ids.items()}
+    targets = list(resources({"t": t}, "AWS::ApplicationAutoScaling::ScalableTarget").items())
+    policies = resources({"t": t}, "AWS::ApplicationAutoScaling::ScalingPolicy")
+    alarms_ = resources({"t": t}, "AWS::CloudWatch::Alarm").values()
+    for q in CATALOG:
+        name = f"pcelery-{env}-worker-{q.name}"
+        service = services[name]
+        assert service["DeploymentConfiguration"]["DeploymentCircuitBreaker"] == {"Enable": True, "Rollback": True}
+        assert service["NetworkConfiguration"]["AwsvpcConfiguration"]["AssignPublicIp"] == "DISABLED"
+        low, high = cfg.worker_bounds(q)
+        assert service["DesiredCount"] == low
+        [(target_id, target)] = [(i, r) for i, r in targets
+                                 if json.dumps({"Fn::GetAtt": [service_ids[name], "Name"]})
+                                 in json.dumps(r["Properties"]["ResourceId"])]
+        assert (target["Properties"]["MinCapacity"], target["Properties"]["MaxCapacity"]) == (low, high)
+        mine = {lid: p["Properties"] for lid, p in policies.items()
+                if p["Properties"]["ScalingTargetId"] == {"Ref": target_id}}
+        [tracking] = [p for p in mine.values() if p["PolicyType"] == "TargetTrackingScaling"]
+        conf = tracking["TargetTrackingScalingPolicyConfiguration"]
+        assert conf["TargetValue"] == q.backlog_per_worker
+        metrics = {m["Id"]: m for m in conf["CustomizedMetricSpecification"]["Metrics"]}
+        assert metrics["backlog"]["Expression"] == "(visible + inflight) / running"
+        assert metrics["visible"]["MetricStat"]["Metric"]["MetricName"] == "ApproximateNumberOfMessagesVisible"
+        assert metrics["running"]["MetricStat"]["Metric"]["MetricName"] == "RunningTaskCount"
+        steps = {lid: p for lid, p in mine.items() if p["PolicyType"] == "StepScaling"}
+        if low == 0:
+            # Scale-to-zero must wake up: a step policy sets one task when messages wait and none runs.
+            [(wake_id, wake)] = steps.items()
+            conf = wake["StepScalingPolicyConfiguration"]
+            assert conf["AdjustmentType"] == "ExactCapacity"
+            assert conf["StepAdjustments"] == [{"MetricIntervalLowerBound": 0, "ScalingAdjustment": 1}]
+            [wake_alarm] = [a["Properties"] for a in alarms_ if a["Properties"].get("AlarmActions") == [{"Ref": wake_id}]]
+            assert wake_alarm["Threshold"] == 1
+            assert "IF(FILL(running, 0) < 1" in json.dumps(wake_alarm["Metrics"])
+        else:
+            assert steps == {}
+    relay = services[f"pcelery-{env}-relay"]
+    assert relay["DesiredCount"] == 1
+    assert relay["DeploymentConfiguration"]["DeploymentCircuitBreaker"]["Rollback"] is True
+
+
+# --------------------------------------------------------------------------- data stores and network
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("env", ENVS)
+def test_database_is_private_encrypted_tls_only_and_protected_per_env(env):
+    t = stateful(env)
+    cfg = CONFIGS[env]
+    [db] = [r for r in resources({"t": t}, "AWS::RDS::DBInstance").values()]
+    p = db["Properties"]
+    assert p["PubliclyAccessible"] is False and p["StorageEncrypted"] is True
+    assert re.fullmatch(r"17\.\d+", p["EngineVersion"]), p["EngineVersion"]
+    assert p["BackupRetentionPeriod"] == cfg.database.backup_retention_days >= 1
+    assert p["MultiAZ"] is cfg.database.multi_az
+    assert p["DeletionProtection"] is cfg.protection.deletion_protection
+    assert "MasterUserPassword" in p and "resolve:secretsmanager" in json.dumps(p["MasterUserPassword"])
+    params = t["Resources"][p["DBParameterGroupName"]["Ref"]]["Properties"]["Parameters"]
+    assert params["rds.force_ssl"] == "1"
+    subnet_ids = t["Resources"][p["DBSubnetGroupName"]["Ref"]]["Properties"]["SubnetIds"]
+    assert subnet_ids and all("isolated" in s["Ref"] for s in subnet_ids)
+    rotations = resources({"t": t}, "AWS::SecretsManager::RotationSchedule")
+    assert bool(rotations) is (cfg.database.rotation_days > 0)
+    assert db["DeletionPolicy"] == {"destroy": "Delete", "snapshot": "Snapshot", "retain": "Retain"}[
+        cfg.protection.removal_policy]
+    if env == "prod":
+        assert p["MultiAZ"] and p["DeletionProtection"] and rotations
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("env", ENVS)
+def test_redis_only_where_enabled_and_always_encrypted_with_auth(env):
+    t = stateful(env)
+    groups = list(resources({"t": t}, "AWS::ElastiCache::ReplicationGroup").values())
+    if CONFIGS[env].cache is None:
+        assert groups == []
+        return
+    [g] = groups
+    p = g["Properties"]
+    assert p["TransitEncryptionEnabled"] is True and p["AtRestEncryptionEnabled"] is True
+    assert "{{resolve:secretsmanager:" in json.dumps(p["AuthToken"])
+    subnet_group = t["Resources"][p["CacheSubnetGroupName"]["Ref"]]["Properties"]
+    assert all("isolated" in s["Ref"] for s in subnet_group["SubnetIds"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("env", ENVS)
+def test_network_matches_the_env(env):
+    t = stateful(env)
+    net = CONFIGS[env].network
+    assert len(resources({"t": t}, "AWS::EC2::NatGateway")) == net.nat_gateways
+    assert len(resources({"t": t}, "AWS::EC2::FlowLog")) == (1 if net.flow_logs else 0)
+    endpoints = [r["Properties"] for r in resources({"t": t}, "AWS::EC2::VPCEndpoint").values()]
+    kinds = Counter(e.get("VpcEndpointType", "Gateway") for e in endpoints)
+    assert kinds["Gateway"] == 1  # S3, free
+    assert kinds["Interface"] == (5 if net.interface_endpoints else 0)
+    subnets = resources({"t": t}, "AWS::EC2::Subnet")
+    for kind in ("public", "private", "isolated"):
+        assert sum(kind in lid for lid in subnets) == len(CONFIGS[env].availability_zones)
+
+
+# --------------------------------------------------------------------------- alarms and dashboard
+
+
+def expected_alarms(env: str) -> dict[str, str]:
+    names = {}
+    for q in CATALOG:
+        names[f"pcelery-{env}-{q.name}-dlq-not-empty"] = "alarm-dlq-not-empty"
+        names[f"pcelery-{env}-{q.name}-oldest-message-age"] = "alarm-queue-backlog-old"
+        names[f"pcelery-{env}-worker-{q.name}-running-low"] = "alarm-service-running-low"
+    names[f"pcelery-{env}-relay-running-low"] = "alarm-service-running-low"
+    for signal in ("outbox-lag", "db-cpu-high", "db-free-storage-low", "db-connections-high"):
+        names[f"pcelery-{env}-{signal}"] = ANCHOR_BY_SIGNAL[signal]
+    if CONFIGS[env].cache:
+        names[f"pcelery-{env}-redis-memory-high"] = "alarm-redis-memory-high"
+    return names
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("env", ENVS)
+def test_alarm_names_and_runbook_anchors_follow_the_contract(env):
+    found = alarms(env)
+    expected = expected_alarms(env)
+    assert set(found) == set(expected)
+    for name, anchor in expected.items():
+        assert found[name].split()[-1] == f"RUNBOOK.md#{anchor}", found[name]
+    t = stateless(env)
+    [topic_id] = resources({"t": t}, "AWS::SNS::Topic")
+    by_name = {r["Properties"]["AlarmName"]: r["Properties"]
+               for r in resources({"t": t}, "AWS::CloudWatch::Alarm").values() if "AlarmName" in r["Properties"]}
+    for name, props in by_name.items():
+        assert props["AlarmActions"] == [{"Ref": topic_id}], name
+    lag = by_name[f"pcelery-{env}-outbox-lag"]
+    assert lag["Namespace"] == "PersistentCelery" and lag["MetricName"] == "OutboxOldestPendingAgeSeconds"
+    assert lag["Dimensions"] == [{"Name": "Environment", "Value": env}]
+    assert lag["TreatMissingData"] == "breaching"  # a dead relay reports nothing
+    for q in CATALOG:
+        age = by_name[f"pcelery-{env}-{q.name}-oldest-message-age"]
+        assert age["Threshold"] == q.oldest_message_alarm_seconds()
+        dlq = by_name[f"pcelery-{env}-{q.name}-dlq-not-empty"]
+        assert (dlq["Threshold"], dlq["ComparisonOperator"]) == (1, "GreaterThanOrEqualToThreshold")
+        assert queue_name_of(dlq["Dimensions"][0]["Value"], stateful(env)) == sqs_queue_name(env, q.name, dlq=True)
+        running = by_name[f"pcelery-{env}-worker-{q.name}-running-low"]
+        # desired - running: a service scaled to zero (desired 0) never alarms.
+        [expr] = [m for m in running["Metrics"] if "Expression" in m]
+        assert expr["Expression"] == "desired - running"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("env", ENVS)
+def test_alarm_topic_is_encrypted_and_mail_only_where_configured(env):
+    t = stateless(env)
+    [topic] = resources({"t": t}, "AWS::SNS::Topic").values()
+    assert "KmsMasterKeyId" in topic["Properties"]
+    [key] = resources({"t": t}, "AWS::KMS::Key").values()
+    assert key["Properties"]["EnableKeyRotation"] is True
+    assert "cloudwatch.amazonaws.com" in json.dumps(key["Properties"]["KeyPolicy"])
+    subs = [r["Properties"] for r in resources({"t": t}, "AWS::SNS::Subscription").values()]
+    email = CONFIGS[env].alarm_email
+    assert subs == ([] if not email else [subs[0]])
+    if email:
+        assert subs[0]["Endpoint"] == email and subs[0]["Protocol"] == "email"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("env", ENVS)
+def test_dashboard_shows_depth_age_dlq_workers_and_throughput(env):
+    [board] = resources({"t": stateless(env)}, "AWS::CloudWatch::Dashboard").values()
+    body = json.dumps(board["Properties"]["DashboardBody"])
+    for metric in ("ApproximateNumberOfMessagesVisible", "ApproximateAgeOfOldestMessage", "RunningTaskCount",
+                   "NumberOfMessagesDeleted", "OutboxOldestPendingAgeSeconds"):
+        assert metric in body, metric
+    for q in CATALOG:
+        assert f"{q.name}: DLQ depth" in body and f"{q.name}: throughput" in body
+
+
+# --------------------------------------------------------------------------- catalog drives everything
+
+
+EXTRA = QueueContract(
+    name="reports", description="test-only third queue", visibility_timeout=200, max_receive_count=4,
+    retention=3 * 24 * 3600, soft_time_limit=100, hard_time_limit=150, max_countdown=30,
+    min_workers=0, max_workers=3, backlog_per_worker=7,
+)
+
+
+@pytest.mark.slow
+def test_adding_a_queue_adds_its_queue_dlq_permissions_and_alarms_and_nothing_else():
+    three = synth(("dev",), catalog=Catalog(queues=(*CATALOG.queues, EXTRA))).templates["dev"]
+    two = synth_templates("dev")
+    per_queue = {
+        "pcelery-dev-stateful": {"AWS::SQS::Queue": 2, "AWS::SQS::QueuePolicy": 2},
+        "pcelery-dev-stateless": {
+            "AWS::ECS::Service": 1, "AWS::ECS::TaskDefinition": 1, "AWS::Logs::LogGroup": 1,
+            "AWS::IAM::Role": 2, "AWS::IAM::Policy": 2,  # task and execution role of the new service
+            "AWS::ApplicationAutoScaling::ScalableTarget": 1,
+            "AWS::ApplicationAutoScaling::ScalingPolicy": 2,  # backlog tracking + wake from zero (dev)
+            "AWS::CloudWatch::Alarm": 4,  # dlq, age, running-low + the wake trigger
+        },
+    }
+    for stack, delta in per_queue.items():
+        before = Counter(r["Type"] for r in two[stack]["Resources"].values())
+        after = Counter(r["Type"] for r in three[stack]["Resources"].values())
+        assert after - before == Counter(delta) and not before - after, stack
+        # Nothing existing is renamed or replaced.
+        assert set(two[stack]["Resources"]) <= set(three[stack]["Resources"])
+        # What changes in place is only what lists every queue: publish grants and the dashboard.
+        changed = {two[stack]["Resources"][lid]["Type"] for lid in two[stack]["Resources"]
+                   if two[stack]["Resources"][lid] != three[stack]["Resources"][lid]}
+        assert changed <= {"AWS::IAM::Policy", "AWS::CloudWatch::Dashboard"}, (stack, changed)
+
+    assert set(summary(three)["pcelery-dev-stateless"]["alarms"]) - set(summary(two)["pcelery-dev-stateless"]["alarms"]) == {
+        "pcelery-dev-reports-dlq-not-empty", "pcelery-dev-reports-oldest-message-age",
+        "pcelery-dev-worker-reports-running-low"}
+    queues = {r["Properties"]["QueueName"]: r["Properties"]
+              for r in resources({"t": three["pcelery-dev-stateful"]}, "AWS::SQS::Queue").values()}
+    assert queues["pcelery-dev-reports"]["VisibilityTimeout"] == EXTRA.visibility_timeout
+    assert queues["pcelery-dev-reports"]["RedrivePolicy"]["maxReceiveCount"] == EXTRA.max_receive_count
+    assert "pcelery-dev-reports-dlq" in queues
+    relay = task_definition(three["pcelery-dev-stateless"], "pcelery-dev-relay")
+    published = {queue_name_of(r, three["pcelery-dev-stateful"])
+                 for st in statements_of_role(three["pcelery-dev-stateless"], relay["TaskRoleArn"])
+                 for r in as_list(st["Resource"])}
+    assert "pcelery-dev-reports" in published
+
+
+# --------------------------------------------------------------------------- drift and the real CLI
+
+
+@pytest.mark.slow
+def test_summary_matches_the_checked_in_file():
+    current = {env: summary(synth_templates(env)) for env in ENVS}
+    if os.environ.get("PCELERY_UPDATE_SUMMARY") == "1":
+        SUMMARY_FILE.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
+    expected = json.loads(SUMMARY_FILE.read_text())
+    assert current == expected, (
+        "the synthesized infrastructure changed: if intended, run "
+        "PCELERY_UPDATE_SUMMARY=1 .venv/bin/python -m pytest tests/test_infra.py -k summary and review the diff"
+    )
+
+
+@pytest.mark.slow
+def test_cdk_cli_synthesizes_every_environment_offline(tmp_path):
+    out = tmp_path / "cdk.out"
+    env = {**os.environ, "JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION": "20", "AWS_EC2_METADATA_DISABLED": "true",
+           "CDK_DISABLE_VERSION_CHECK": "1"}
+    proc = subprocess.run(
+        ["npx", "--no-install", "cdk", "synth", "--quiet", "--no-notices", "--output", str(out)],
+        check=False, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    produced = sorted(p.name for p in out.glob("*.template.json"))
+    assert produced == sorted(f"pcelery-{e}-{k}.template.json" for e in ENVS for k in ("stateful", "stateless"))
