@@ -33,6 +33,10 @@ CONFLICT DO NOTHING. Submitting the same id again with the same task and argumen
 that returns the id (the first submit's publication stands); the same id with a different task
 or different arguments raises SubmitError. Task ids are at most 36 characters.
 
+Queue: `queue=` if given, else the queue the task was declared for (`@persistent_task(queue=...)`
+in a task module this process imported, or `Outbox(..., task_queues={name: queue})`), else the
+catalog's default queue. A queue= that contradicts the declaration is refused.
+
 Task keyword arguments named `queue`, `countdown` or `task_id` collide with submit's own
 options; pass them through `submit_many(conn, [(name, args, kwargs)])`.
 
@@ -61,7 +65,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,7 +95,7 @@ def make_sqs_client(endpoint_url: str | None = None, region: str | None = None):
     import boto3
     from botocore.config import Config
 
-    config = Config(connect_timeout=2, read_timeout=10, retries={"max_attempts": 2, "mode": "standard"})
+    config = Config(connect_timeout=2, read_timeout=5, retries={"max_attempts": 2, "mode": "standard"})
     kwargs: dict[str, Any] = {"config": config,
                               "region_name": region or os.environ.get("AWS_REGION")
                               or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"}
@@ -224,10 +228,12 @@ class Outbox:
     """Submit tasks inside the caller's transaction; publish them after it commits."""
 
     def __init__(self, engine: sa.Engine, catalog: Catalog, env: str, sqs=None, *,
-                 endpoint_url: str | None = None, region: str | None = None):
+                 endpoint_url: str | None = None, region: str | None = None,
+                 task_queues: Mapping[str, str] | None = None):
         self.engine = engine
         self.catalog = catalog
         self.env = env
+        self.task_queues = task_queues
         self.publisher = Publisher(catalog, env, sqs, endpoint_url=endpoint_url, region=region)
         self._units: dict[int, _Unit] = {}
 
@@ -279,6 +285,16 @@ class Outbox:
         except Exception:  # the rows are committed and pending: the relay finishes the job
             log.warning("publishing %d committed task(s) failed; the relay will send them", len(rows), exc_info=True)
 
+    def declared_queue(self, task_name: str) -> str | None:
+        """The queue a task was declared for: from `task_queues`, else from the
+        `@persistent_task` declarations this process has imported (app.worker.TASKS, looked up
+        without importing the worker and its dependencies)."""
+        if self.task_queues is not None:
+            return self.task_queues.get(task_name)
+        worker = sys.modules.get("app.worker")
+        declared = getattr(worker, "TASKS", {}).get(task_name) if worker else None
+        return getattr(declared, "queue", None)
+
     # -- validation --
 
     def _check(self, task_name: Any, args: Any, kwargs: Any, queue: str | None, countdown: Any,
@@ -288,11 +304,18 @@ class Outbox:
                               "name, e.g. 'app.demo_tasks.add'")
         if len(task_name) > 200:
             raise SubmitError(f"task_name is {len(task_name)} characters; the limit is 200: shorten the task name")
-        queue = self.catalog.default_queue if queue is None else queue
+        declared = self.declared_queue(task_name)
+        wanted = queue if queue is not None else declared or self.catalog.default_queue
         try:
-            contract = self.catalog.get(queue)
+            contract = self.catalog.get(wanted)
         except CatalogError:
-            raise SubmitError(f"queue={queue!r} is not in the catalog: use one of {self.catalog.names()}") from None
+            raise SubmitError(f"queue={wanted!r} is not in the catalog: use one of {self.catalog.names()}") from None
+        if declared and wanted != declared:
+            # Its time limits come from the declared queue's contract, which the other queue's
+            # visibility timeout was not sized for.
+            raise SubmitError(f"queue={wanted!r} but {task_name!r} is declared for queue {declared!r}: "
+                              f"drop queue= or pass queue={declared!r}")
+        queue = wanted
         if isinstance(countdown, bool) or not isinstance(countdown, (int, float)) or math.isnan(countdown):
             raise SubmitError(f"countdown={countdown!r} is not a number of seconds: pass an int or float")
         if countdown < 0:
@@ -336,8 +359,9 @@ class Outbox:
 
     def submit_many(self, conn: sa.Connection, items: Iterable[tuple[str, list | tuple, dict]], *,
                     queue: str | None = None, countdown: float = 0) -> list[str]:
-        """Bulk submit [(task_name, args, kwargs), ...] to one queue: one multi-row INSERT now,
-        SendMessageBatch after commit. All or nothing: one invalid item rejects the call."""
+        """Bulk submit [(task_name, args, kwargs), ...]: one multi-row INSERT now, SendMessageBatch
+        after commit. queue= applies to every item (default: each task's declared queue). All or
+        nothing: one invalid item rejects the call."""
         unit = self._unit_for(conn)
         rows = []
         for n, item in enumerate(items):

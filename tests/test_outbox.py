@@ -265,6 +265,28 @@ def test_queue_and_countdown_reach_sqs(outbox, engine, sqs, queues):
     assert [(m.task_id, m.queue, m.headers["eta"]) for m in messages] == [(task_id, "long", None)]
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_task_goes_to_the_queue_it_was_declared_for(engine, sqs_endpoint, sqs, queues):
+    ob = Outbox(engine, DEMO_CATALOG, "local", endpoint_url=sqs_endpoint, task_queues={"reports.build": "long"})
+    with ob.transaction() as conn:
+        task_id = ob.submit(conn, "reports.build", 1)
+        other = ob.submit(conn, "demo.add", 1)  # undeclared: the catalog's default queue
+    assert [m.task_id for m in take_messages(sqs, queues["long"]["url"], 1)] == [task_id]
+    assert [m.task_id for m in take_messages(sqs, queues["default"]["url"], 1)] == [other]
+    with pytest.raises(SubmitError, match="queue='default' but 'reports.build' is declared for queue 'long': "
+                                          "drop queue= or pass queue='long'"), ob.transaction() as conn:
+        ob.submit(conn, "reports.build", queue="default")
+
+
+def test_declarations_imported_by_the_process_are_honoured(tmp_path):
+    import app.demo_tasks  # noqa: F401 - declares demo.long for the long queue via @persistent_task
+
+    eng = store.make_engine(f"sqlite:///{tmp_path / 'd.sqlite3'}")
+    ob = closed_port_outbox(eng)
+    assert (ob.declared_queue("demo.long"), ob.declared_queue("unknown.task")) == ("long", None)
+    eng.dispose()
+
+
 def test_idempotent_task_id(outbox, engine, sqs, queues):
     with outbox.transaction() as conn:
         assert outbox.submit(conn, "demo.add", 1, task_id="order-42") == "order-42"
