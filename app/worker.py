@@ -46,7 +46,8 @@ from typing import Any
 
 from billiard.einfo import ExceptionWithTraceback
 from celery import Celery, Task, signals
-from celery.exceptions import Reject, WorkerLostError
+from celery.exceptions import NotRegistered, Reject, WorkerLostError
+from celery.utils.objects import Bunch
 from celery.worker import state as worker_state
 from celery.worker.consumer import Consumer
 from celery.worker.request import Request
@@ -403,21 +404,39 @@ class PersistentRequest(Request):
 # --- Consumer: poison messages never get deleted ----------------------------------------------
 
 class PersistentConsumer(Consumer):
+    """Celery's consumer, except that no message it cannot run is ever deleted: it is rejected,
+    which on a queue with a redrive policy leaves it to SQS, and after maxReceiveCount receives
+    it sits in the DLQ for `ops peek`. (Celery acks undecodable messages, and its log lines say
+    "deleted"/"discarded" for messages kombu in fact leaves in a redrive queue.)"""
+
     def on_decode_error(self, message, exc):
-        """Celery acks (deletes) a message it cannot decode: the evidence would be lost. Reject it
-        instead; with the queue's redrive policy SQS moves it to the DLQ after maxReceiveCount."""
         logger.critical(
             "undecodable message left for the DLQ (content type %r, encoding %r): %s; body starts %r",
             message.content_type, message.content_encoding, exc, _body_head(message),
         )
         message.reject_log_error(logger, self.connection_errors)
 
+    def on_unknown_message(self, body, message):
+        logger.error("message that is not a Celery task left for the DLQ (content type %r): body starts %r",
+                     message.content_type, _body_head(message))
+        message.reject_log_error(logger, self.connection_errors)
+        signals.task_rejected.send(sender=self, message=message, exc=None)
+
     def on_unknown_task(self, body, message, exc):
         headers = message.headers if isinstance(message.headers, dict) else {}
-        if "id" not in headers or "task" not in headers:
-            # Celery's handler would raise KeyError on a headerless message after logging it.
+        name, task_id = headers.get("task"), headers.get("id")
+        if not name or not task_id:
             return self.on_unknown_message(body, message)
-        return super().on_unknown_task(body, message, exc)
+        queue = (message.delivery_info or {}).get("routing_key")
+        logger.error("task %r [%s] is not registered on this worker; its message is left for the DLQ: add its "
+                     "module to PCELERY_TASK_MODULES of the workers of queue %r, then redrive the DLQ",
+                     name, task_id, queue)
+        message.reject_log_error(logger, self.connection_errors)
+        request = Bunch(name=name, chord=None, root_id=headers.get("root_id"), errbacks=None,
+                        correlation_id=message.properties.get("correlation_id"),
+                        reply_to=message.properties.get("reply_to"))
+        self.app.backend.mark_as_failure(task_id, NotRegistered(name), request=request)  # an AsyncResult waiter learns why
+        signals.task_unknown.send(sender=self, message=message, exc=exc, name=name, id=task_id)
 
 
 def _body_head(message) -> bytes | str:

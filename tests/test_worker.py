@@ -15,6 +15,8 @@ nothing asserts on wall time.
 from __future__ import annotations
 
 import ast
+import base64
+import json
 import os
 import re
 import signal
@@ -52,6 +54,7 @@ def wait_for(predicate, *, timeout: float, what: str, logs: list[Path] = (), int
             return value
         if time.monotonic() > deadline:
             tails = "\n".join(f"--- {p.name} (tail) ---\n{_tail(p)}" for p in logs)
+            what = what() if callable(what) else what
             pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{tails}")
         time.sleep(interval)
 
@@ -205,7 +208,27 @@ def dead_letters(stack):
     stack.send_raw("default", "this is neither base64 nor JSON {{{")
     stack.send_raw("default", encode_body(unknown_id, "demo.no_such_task", queue="default"))
     stack.send_raw("default", encode_body(no_row_id, "demo.add", queue="default"))
-    return {"failing": failing, "no_row": no_row_id, "unknown": unknown_id}
+    # A Celery envelope whose inner body is not the JSON it claims to be, and one in pickle
+    # (not accepted: a message must not be able to run code).
+    bad_json_id, pickle_id = str(uuid.uuid4()), str(uuid.uuid4())
+    stack.send_raw("default", _tampered(bad_json_id, body=base64.b64encode(b"[[1, 2], {").decode()))
+    stack.send_raw("default", _tampered(pickle_id, **{"content-type": "application/x-python-serialize"}))
+    return {"failing": failing, "no_row": no_row_id, "unknown": unknown_id, "bad_json": bad_json_id,
+            "pickle": pickle_id}
+
+
+def _envelope_task_id(body: str) -> str | None:
+    """The id in a Celery envelope's headers, whatever its inner body holds."""
+    try:
+        return json.loads(base64.b64decode(body, validate=True))["headers"]["id"]
+    except Exception:  # noqa: BLE001 - not an envelope
+        return None
+
+
+def _tampered(task_id: str, **envelope_changes) -> str:
+    envelope = json.loads(base64.b64decode(encode_body(task_id, "demo.add", queue="default")))
+    envelope.update(envelope_changes)
+    return base64.b64encode(json.dumps(envelope).encode()).decode()
 
 
 # --- Failures and poison end in the DLQ -----------------------------------------------------------
@@ -224,15 +247,18 @@ def test_always_failing_task_runs_max_receive_count_times_then_sits_in_the_dlq(s
 def test_each_poison_kind_ends_in_the_dlq_while_the_worker_keeps_serving(stack, dead_letters):
     def dlq_state():
         bodies = stack.dlq_bodies("default")
-        ids = {m.task_id for m in map(decode_body, bodies) if m}
+        ids = {_envelope_task_id(b) for b in bodies}
         return {
             "undecodable": "this is neither base64 nor JSON {{{" in bodies,
             "unknown task": dead_letters["unknown"] in ids,
             "no row": dead_letters["no_row"] in ids,
+            "inner body not JSON": dead_letters["bad_json"] in ids,
+            "pickle": dead_letters["pickle"] in ids,
         }
 
-    wait_for(lambda: all(dlq_state().values()), timeout=120,
-             what="all three poison messages in the DLQ", logs=stack.logs())
+    state = {}
+    wait_for(lambda: all(state.update(dlq_state()) or state.values()), timeout=120,
+             what=lambda: f"every poison message in the DLQ (so far: {state})", logs=stack.logs())
     assert stack.row(dead_letters["no_row"]) is None  # nothing invented a row for it
     wait_for(lambda: stack.depth("default") == 0, timeout=60, what="default queue drained", logs=stack.logs())
 
@@ -259,13 +285,16 @@ def test_twenty_tasks_succeed_and_the_queue_drains(stack):
 
 def test_the_same_id_delivered_twice_has_its_effect_once(stack):
     key = f"dup-{uuid.uuid4().hex[:8]}"
-    task_id = stack.submit("demo.effect", key)
-    body = encode_body(task_id, "demo.effect", queue="default")
-    stack.send_raw("default", body)  # a second copy while the first may still be running
+    task_id = stack.submit("demo.slow", key, 2.0)
+    body = encode_body(task_id, "demo.slow", queue="default")
+    stack.wait_rows([task_id], "running")
+    stack.send_raw("default", body)  # a second copy while the first runs: the claim says "busy"
     stack.wait_rows([task_id], "succeeded")
+    wait_for(lambda: "left for redelivery" in stack.workers[0].log.read_text(), timeout=30,
+             what="the busy copy turned away", logs=stack.logs())
     wait_for(lambda: stack.depth("default") == 0, timeout=60,
-             what="both copies acked (the busy one comes back after the visibility timeout)", logs=stack.logs())
-    stack.send_raw("default", body)  # and once more after success
+             what="both copies acked (the busy one after the visibility timeout, as a duplicate)", logs=stack.logs())
+    stack.send_raw("default", body)  # and once more, long after success
     wait_for(lambda: stack.depth("default") == 0, timeout=60, what="late duplicate acked", logs=stack.logs())
     assert len(effects(stack, key)) == 1
     row = stack.row(task_id)
