@@ -267,7 +267,7 @@ class Outbox:
         unit = self._units.get(id(conn))
         if unit is None:
             raise SubmitError(
-                "conn is not an outbox transaction: open it with `with outbox.transaction() as conn:` "
+                "conn is not a transaction of this outbox: open it with `with outbox.transaction() as conn:` "
                 "so the tasks are published after COMMIT (a bare engine.begin() connection gives the "
                 "outbox no way to know when the commit happened)")
         return unit

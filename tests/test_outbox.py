@@ -200,7 +200,9 @@ def test_commit_publishes_exactly_once_and_marks_the_row_queued(outbox, engine, 
     with outbox.transaction() as conn:
         conn.execute(sa.text("SELECT 1"))  # the caller's own work shares the transaction
         task_id = outbox.submit(conn, "demo.add", 2, 3, scale=10)
-        assert store.get_task(engine, task_id) is None or engine.dialect.name == "sqlite"
+        assert store.get_task(engine, task_id) is None  # other connections cannot see it yet
+        early = sqs[0].receive_message(QueueUrl=queues["default"]["url"], WaitTimeSeconds=0)
+        assert early.get("Messages", []) == []  # and nothing is on SQS before COMMIT
     row = store.get_task(engine, task_id)
     assert row["state"] == "queued" and row["message_id"]
     assert row["payload"] == {"args": [2, 3], "kwargs": {"scale": 10}}
@@ -217,7 +219,7 @@ def test_rollback_publishes_nothing(outbox, engine, sqs, queues):
 
 
 def test_submit_on_a_plain_connection_is_refused(outbox, engine):
-    refused = pytest.raises(SubmitError, match=r"not an outbox transaction: open it with `with outbox.transaction\(\)")
+    refused = pytest.raises(SubmitError, match=r"not a transaction of this outbox: open it with `with outbox.transaction\(\)")
     with engine.begin() as conn, refused:
         outbox.submit(conn, "demo.add")
     assert store.count_by_state(engine)["pending"] == 0
