@@ -322,7 +322,7 @@ def load_catalog(spec: str | None = None) -> Catalog:
     import importlib
 
     module_name, _, attr = spec.partition(":")
-    if not attr:
+    if not attr or not module_name:
         raise CatalogError(f"catalog spec {spec!r} must look like 'module:ATTRIBUTE', e.g. 'catalog:DEMO_CATALOG'")
     try:
         found = getattr(importlib.import_module(module_name), attr)

@@ -53,7 +53,8 @@ class Settings:
             cat = load_catalog(e.get("PCELERY_CATALOG"))
         except CatalogError as exc:
             raise SettingsError(f"PCELERY_ENV/PCELERY_CATALOG: {exc}") from None
-        queues = tuple(q.strip() for q in e.get("PCELERY_WORKER_QUEUES", "").split(",") if q.strip())
+        # dict.fromkeys: a queue named twice is consumed once, in the order first given
+        queues = tuple(dict.fromkeys(q.strip() for q in e.get("PCELERY_WORKER_QUEUES", "").split(",") if q.strip()))
         unknown = [q for q in queues if q not in cat.names()]
         if unknown:
             raise SettingsError(
@@ -97,7 +98,7 @@ def _database_url(e) -> str:
             raise SettingsError(f"DB_HOST is set but {missing} are not: set them (ECS passes them as secrets)")
         return (
             f"postgresql+psycopg://{quote(e['DB_USER'], safe='')}:{quote(e['DB_PASSWORD'], safe='')}"
-            f"@{e['DB_HOST']}:{e.get('DB_PORT', '5432')}/{e.get('DB_NAME', 'pcelery')}?sslmode=require"
+            f"@{e['DB_HOST']}:{_port(e, 'DB_PORT', '5432')}/{e.get('DB_NAME', 'pcelery')}?sslmode=require"
         )
     return DEFAULT_SQLITE_URL
 
@@ -115,7 +116,14 @@ def _result_backend(e) -> str | None:
         if not token:
             raise SettingsError("REDIS_HOST is set but REDIS_AUTH_TOKEN is not: set it (ECS passes it as a secret)")
         return (
-            f"rediss://:{quote(token, safe='')}@{e['REDIS_HOST']}:{e.get('REDIS_PORT', '6379')}/0"
+            f"rediss://:{quote(token, safe='')}@{e['REDIS_HOST']}:{_port(e, 'REDIS_PORT', '6379')}/0"
             "?ssl_cert_reqs=required"
         )
     return None
+
+
+def _port(e, name: str, default: str) -> str:
+    value = e.get(name) or default
+    if not value.isdigit() or not 0 < int(value) < 65536:
+        raise SettingsError(f"{name}={value!r} is not a port number: set it to 1..65535 or unset it for {default}")
+    return value
