@@ -75,7 +75,7 @@ from app import store
 from app.messages import encode_body
 from catalog import Catalog, CatalogError, sqs_queue_name
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("app.outbox")  # same name when run as __main__ (the relay)
 
 SQS_BATCH = 10  # SendMessageBatch's limit
 DEFAULT_RELAY_MIN_AGE = 30.0
