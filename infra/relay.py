@@ -13,8 +13,9 @@ from aws_cdk import aws_ecs as ecs
 from aws_cdk import aws_logs as logs
 from constructs import Construct
 
+from .workers import MIGRATE_COMMAND, add_schema_migration
+
 RELAY_COMMAND = ["python", "-m", "app.outbox", "relay"]
-MIGRATE_COMMAND = ["python", "-m", "app.store", "migrate"]
 
 
 class Relay(Construct):
@@ -40,10 +41,12 @@ class Relay(Construct):
             retention=log_retention, removal_policy=log_removal_policy,
         )
         # The image's ENTRYPOINT is the worker, so these override the entry point, not the command.
-        self.task_definition = _task(
+        self.task_definition, relay = _task(
             self, "Task", family=f"pcelery-{env_name}-relay", image=image, entry_point=RELAY_COMMAND,
             environment=environment, secrets=secrets, log_group=self.log_group, stream_prefix="relay",
         )
+        add_schema_migration(self.task_definition, relay, image=image, environment=environment,
+                             secrets=secrets, log_group=self.log_group)
         self.service = ecs.FargateService(
             self, "Service",
             cluster=cluster,
@@ -59,8 +62,9 @@ class Relay(Construct):
             max_healthy_percent=200,
             circuit_breaker=ecs.DeploymentCircuitBreaker(rollback=True),
         )
-        # Run once per release, before the new workers: `aws ecs run-task` (infra/README.md).
-        self.migrate_task_definition = _task(
+        # For running a migration by hand (`aws ecs run-task`, infra/README.md); the services
+        # also migrate in an init container before they start.
+        self.migrate_task_definition, _ = _task(
             self, "MigrateTask", family=f"pcelery-{env_name}-migrate", image=image,
             entry_point=MIGRATE_COMMAND, environment=environment, secrets=secrets,
             log_group=self.log_group, stream_prefix="migrate",
@@ -75,8 +79,8 @@ def _task(scope, id, *, family, image, entry_point, environment, secrets, log_gr
             operating_system_family=ecs.OperatingSystemFamily.LINUX,
         ),
     )
-    task.add_container(
+    container = task.add_container(
         stream_prefix, image=image, entry_point=entry_point, environment=environment, secrets=secrets,
         logging=ecs.LogDrivers.aws_logs(stream_prefix=stream_prefix, log_group=log_group),
     )
-    return task
+    return task, container

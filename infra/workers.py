@@ -20,6 +20,7 @@ from constructs import Construct
 from catalog import Catalog, QueueContract
 
 ECS_MAX_STOP_TIMEOUT = 120
+MIGRATE_COMMAND = ["python", "-m", "app.store", "migrate"]
 # Time a warm shutdown needs beyond the task itself: finish the ack, close the pool, exit.
 SHUTDOWN_SLACK = 15
 
@@ -32,6 +33,27 @@ def stop_timeout(contract: QueueContract) -> int:
     lapses, which the heartbeat keeps short, and counts as one receive.
     """
     return min(ECS_MAX_STOP_TIMEOUT, contract.hard_time_limit + SHUTDOWN_SLACK)
+
+
+def add_schema_migration(task: ecs.TaskDefinition, main: ecs.ContainerDefinition, *, image: ecs.ContainerImage,
+                         environment: dict[str, str], secrets: dict[str, ecs.Secret],
+                         log_group: logs.ILogGroup) -> ecs.ContainerDefinition:
+    """Run `python -m app.store migrate` to completion before `main` starts in the same task.
+
+    The worker (and relay) refuse to start on a schema older than their code, so without this
+    the first deploy of an environment, and every release that adds a migration, would
+    crash-loop until someone ran the one-off task, and the circuit breaker would roll the
+    release back. Migrate is idempotent and takes an advisory lock, so tasks starting together
+    are safe; migrations must stay backward compatible with the code still running.
+    """
+    migrate = task.add_container(
+        "migrate", image=image, entry_point=MIGRATE_COMMAND, environment=environment, secrets=secrets,
+        essential=False, logging=ecs.LogDrivers.aws_logs(stream_prefix="migrate", log_group=log_group),
+    )
+    main.add_container_dependencies(
+        ecs.ContainerDependency(container=migrate, condition=ecs.ContainerDependencyCondition.SUCCESS)
+    )
+    return migrate
 
 
 def insights_metric(name: str, *, cluster_name: str, service_name: str, period: Duration) -> cloudwatch.Metric:
@@ -100,12 +122,13 @@ class Workers(Construct):
                 operating_system_family=ecs.OperatingSystemFamily.LINUX,
             ),
         )
-        task.add_container(
+        worker = task.add_container(
             "worker", image=image, environment=environment, secrets=secrets,
             logging=ecs.LogDrivers.aws_logs(stream_prefix="worker", log_group=log_group),
             stop_timeout=Duration.seconds(stop_timeout(contract)),
-            readonly_root_filesystem=False,
         )
+        add_schema_migration(task, worker, image=image, environment=environment, secrets=secrets,
+                             log_group=log_group)
         service = ecs.FargateService(
             scope, "Service",
             cluster=self.cluster,

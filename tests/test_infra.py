@@ -361,23 +361,31 @@ def test_containers_get_the_runtime_contract_and_secrets_only_as_secrets(env):
     tasks = [r["Properties"] for r in resources({"t": t}, "AWS::ECS::TaskDefinition").values()]
     assert len(tasks) == len(CATALOG) + 2
     for task in tasks:
-        [container] = task["ContainerDefinitions"]
-        env_vars = {e["Name"]: e["Value"] for e in container["Environment"]}
-        assert not secret_names & set(env_vars), f"{task['Family']} has a secret in plain env"
-        for name, value in env_vars.items():
-            assert not re.search(r"PASSWORD|TOKEN|SECRET|KEY", name), name
-            assert "secretsmanager" not in json.dumps(value), f"{task['Family']}: {name} resolves a secret"
-        assert {s["Name"] for s in container["Secrets"]} == secret_names
-        assert set(env_vars) - {"PCELERY_WORKER_QUEUES"} == plain_names
-        assert env_vars["PCELERY_ENV"] == env
-        assert container["LogConfiguration"]["LogDriver"] == "awslogs"
         family = task["Family"]
+        for container in task["ContainerDefinitions"]:
+            env_vars = {e["Name"]: e["Value"] for e in container["Environment"]}
+            assert not secret_names & set(env_vars), f"{family} has a secret in plain env"
+            for name, value in env_vars.items():
+                assert not re.search(r"PASSWORD|TOKEN|SECRET|KEY", name), name
+                assert "secretsmanager" not in json.dumps(value), f"{family}: {name} resolves a secret"
+            assert {s["Name"] for s in container["Secrets"]} == secret_names
+            assert set(env_vars) - {"PCELERY_WORKER_QUEUES"} == plain_names
+            assert env_vars["PCELERY_ENV"] == env
+            assert container["LogConfiguration"]["LogDriver"] == "awslogs"
+        main = [c for c in task["ContainerDefinitions"] if c.get("Essential", True)]
+        [container] = main
+        if family.endswith("-migrate"):
+            assert container["EntryPoint"] == MIGRATE_COMMAND
+            continue
+        # Services migrate in an init container first: the worker refuses an old schema.
+        [init] = [c for c in task["ContainerDefinitions"] if c.get("Essential") is False]
+        assert init["EntryPoint"] == MIGRATE_COMMAND
+        assert container["DependsOn"] == [{"ContainerName": init["Name"], "Condition": "SUCCESS"}]
         if family.endswith("-relay"):
             assert container["EntryPoint"] == RELAY_COMMAND
-        elif family.endswith("-migrate"):
-            assert container["EntryPoint"] == MIGRATE_COMMAND
         else:
             queue = family.rsplit("-worker-", 1)[1]
+            env_vars = {e["Name"]: e["Value"] for e in container["Environment"]}
             assert env_vars["PCELERY_WORKER_QUEUES"] == queue
             assert "EntryPoint" not in container  # the image's ENTRYPOINT, bin/worker
             assert container["StopTimeout"] == stop_timeout(CATALOG.get(queue)) <= ECS_MAX_STOP_TIMEOUT
