@@ -268,15 +268,13 @@ def mark_queued(engine: sa.Engine | sa.Connection, published: dict[str, str]) ->
     if not published:
         return 0
     now = utcnow()
-    moved = 0
-    with _begin(engine) as conn:
-        for task_id, message_id in published.items():
-            moved += conn.execute(
-                sa.update(tasks)
-                .where(tasks.c.id == task_id, tasks.c.state == "pending")
-                .values(state="queued", message_id=message_id, queued_at=now, updated_at=now)
-            ).rowcount
-    return moved
+    statement = (
+        sa.update(tasks)
+        .where(tasks.c.id == sa.bindparam("task_id_"), tasks.c.state == "pending")
+        .values(state="queued", message_id=sa.bindparam("message_id_"), queued_at=now, updated_at=now)
+    )
+    with _begin(engine) as conn:  # one executemany: both drivers sum its rowcount
+        return conn.execute(statement, [{"task_id_": t, "message_id_": m} for t, m in published.items()]).rowcount
 
 
 # --- The worker's side ----------------------------------------------------------------------

@@ -321,3 +321,11 @@ def test_racing_processes_claim_each_task_exactly_once(engine, db_url):
         assert sorted(outcomes[tid]) == ["busy", "busy", "run"], (tid, outcomes[tid])
     assert store.count_by_state(engine)["running"] == len(task_ids)
     assert {r["attempts"] for r in store.list_tasks(engine, state="running")} == {1}
+
+
+def test_sqlite_is_shared_safely_between_processes(tmp_path):
+    eng = store.make_engine(f"sqlite:///{tmp_path / 'nested' / 'dir' / 'db.sqlite3'}")  # directories made
+    with eng.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == store.SQLITE_BUSY_SECONDS * 1000
+    eng.dispose()
