@@ -479,9 +479,9 @@ def _env_float(name: str, default: float) -> float:
     try:
         value = float(raw)
     except ValueError:
-        raise SystemExit(f"error: {name}={raw!r} is not a number of seconds: fix or unset it") from None
+        raise ValueError(f"{name}={raw!r} is not a number of seconds: fix or unset it") from None
     if value < 0:
-        raise SystemExit(f"error: {name}={raw!r} is negative: use 0 or more seconds")
+        raise ValueError(f"{name}={raw!r} is negative: use 0 or more seconds")
     return value
 
 
@@ -495,8 +495,13 @@ def run_relay(argv: list[str] | None = None) -> int:
                         help=f"only rows pending at least this long (PCELERY_RELAY_MIN_AGE, default {DEFAULT_RELAY_MIN_AGE:g})")
     parser.add_argument("--batch", type=int, default=SQS_BATCH, help="rows per transaction (default 10)")
     args = parser.parse_args(argv)
-    min_age = args.min_age if args.min_age is not None else _env_float("PCELERY_RELAY_MIN_AGE", DEFAULT_RELAY_MIN_AGE)
-    interval = args.interval if args.interval is not None else _env_float("PCELERY_RELAY_INTERVAL", DEFAULT_RELAY_INTERVAL)
+    try:
+        min_age = args.min_age if args.min_age is not None else _env_float("PCELERY_RELAY_MIN_AGE", DEFAULT_RELAY_MIN_AGE)
+        interval = args.interval if args.interval is not None else _env_float("PCELERY_RELAY_INTERVAL",
+                                                                               DEFAULT_RELAY_INTERVAL)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if min_age < 0 or interval < 0 or args.batch < 1:
         parser.error("--min-age and --interval must not be negative, --batch must be at least 1")
 

@@ -471,5 +471,5 @@ def test_relay_loop_reports_each_pass_and_exits_0_on_sigterm(tmp_path, sqs_endpo
 def test_relay_rejects_a_malformed_min_age_setting(tmp_path, sqs_endpoint):
     done = run_relay(sqs_endpoint, f"sqlite:///{tmp_path / 'x.sqlite3'}", "--once",
                      extra_env={"PCELERY_RELAY_MIN_AGE": "half a minute"})
-    assert done.returncode != 0
-    assert "PCELERY_RELAY_MIN_AGE='half a minute' is not a number of seconds" in done.stderr
+    assert done.returncode == 2
+    assert "error: PCELERY_RELAY_MIN_AGE='half a minute' is not a number of seconds" in done.stderr
