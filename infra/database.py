@@ -84,6 +84,9 @@ class Database(Construct):
             )
             self.instance.node.add_dependency(group)
         self.secret = self.instance.secret
+        # Keep the credentials as long as the data: a retained snapshot without them needs a
+        # master-password reset before anything can connect.
+        self.instance.node.find_child("Secret").apply_removal_policy(removal_policy_for_logs(removal_policy))
         if rotation_days:
             # Single-user rotation: ECS injects the password when a task starts, so running
             # tasks keep the old one for new connections until they are replaced. infra/README.md

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from aws_cdk import Duration
+from aws_cdk import Duration, RemovalPolicy
 from aws_cdk import aws_cloudwatch as cloudwatch
 from aws_cdk import aws_cloudwatch_actions as cw_actions
 from aws_cdk import aws_iam as iam
@@ -64,6 +64,8 @@ class Monitoring(Construct):
         key = kms.Key(
             self, "TopicKey", enable_key_rotation=True,
             description=f"pcelery-{env_name} alarm topic",
+            # It encrypts notifications in transit through SNS only; nothing at rest needs it later.
+            removal_policy=RemovalPolicy.DESTROY,
         )
         key.grant(iam.ServicePrincipal("cloudwatch.amazonaws.com"), "kms:Decrypt", "kms:GenerateDataKey*")
         self.topic = sns.Topic(

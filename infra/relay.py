@@ -36,8 +36,9 @@ class Relay(Construct):
     ) -> None:
         super().__init__(scope, id)
         self.service_name = f"pcelery-{env_name}-relay"
+        # No fixed name: retained groups of a deleted stateless stack must not block recreating it.
         self.log_group = logs.LogGroup(
-            self, "Logs", log_group_name=f"/pcelery/{env_name}/relay",
+            self, "Logs",
             retention=log_retention, removal_policy=log_removal_policy,
         )
         # The image's ENTRYPOINT is the worker, so these override the entry point, not the command.

@@ -110,8 +110,9 @@ class Workers(Construct):
     def _worker(self, contract: QueueContract, *, env_name, subnets, queue, low, high, image, cpu,
                 memory_mib, environment, secrets, log_retention, log_removal_policy) -> None:
         scope = Construct(self, contract.name)
+        # No fixed name: retained groups of a deleted stateless stack must not block recreating it.
         log_group = logs.LogGroup(
-            scope, "Logs", log_group_name=f"/pcelery/{env_name}/worker-{contract.name}",
+            scope, "Logs",
             retention=log_retention, removal_policy=log_removal_policy,
         )
         task = ecs.FargateTaskDefinition(

@@ -472,6 +472,10 @@ def test_database_is_private_encrypted_tls_only_and_protected_per_env(env):
     assert bool(rotations) is (cfg.database.rotation_days > 0)
     assert db["DeletionPolicy"] == {"destroy": "Delete", "snapshot": "Snapshot", "retain": "Retain"}[
         cfg.protection.removal_policy]
+    # The master secret lives as long as the data it opens.
+    secret_id = p["MasterUserPassword"]["Fn::Join"][1][1]["Ref"]  # {{resolve:secretsmanager:<Ref>...}}
+    assert t["Resources"][secret_id]["DeletionPolicy"] == ("Delete" if cfg.protection.removal_policy == "destroy"
+                                                          else "Retain")
     if env == "prod":
         assert p["MultiAZ"] and p["DeletionProtection"] and rotations
 
