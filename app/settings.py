@@ -14,6 +14,8 @@ database password and the Redis AUTH token as ECS secrets.
 | REDIS_HOST REDIS_PORT REDIS_AUTH_TOKEN | the same, as ECS passes ElastiCache's (always TLS)     |
 | PCELERY_WORKER_QUEUES     | comma-separated catalog queues this worker consumes (default all)  |
 | PCELERY_TASK_MODULES      | comma-separated modules whose tasks the worker registers (default app.demo_tasks) |
+| PCELERY_RELAY_MIN_AGE     | relay: seconds a row stays pending before the relay publishes it (default 30) |
+| PCELERY_RELAY_INTERVAL    | relay: seconds between passes when idle (default 5)                 |
 | AWS_REGION, AWS_ENDPOINT_URL_SQS / AWS_ENDPOINT_URL | standard AWS settings; an endpoint means local SQS |
 """
 
