@@ -175,6 +175,11 @@ def _short(text, n=60):
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
+def _when(iso) -> str | None:
+    """'2026-11-24T01:38:21.123456Z' -> '2026-11-24 01:38:21' for tables."""
+    return None if not iso else str(iso).replace("T", " ")[:19]
+
+
 def _note(text: str) -> None:
     # One line, always: an AWS error message can carry a whole HTML page.
     text = " ".join(str(text).split())
@@ -333,11 +338,13 @@ def cmd_peek(ctx: Context) -> int:
         print(f"  task     {m['task'] or '(not a Celery message)'}  id {m['task_id'] or '-'}")
         if m["task_row"]:
             print(f"  row      {row['state']}  attempts {row['attempts']}  error {_short(row['last_error'], 100) or '-'}")
+            print(f"  payload  {_short(json.dumps(row['payload'], default=str), 100)}")
         elif m["task_id"] and engine is not None:
             print("  row      (no row with this id: a poison message, see RUNBOOK.md#poison-task)")
         if m["attributes"]:
             print(f"  attrs    {json.dumps(m['attributes'])}")
-        print(f"  body     {_short(m['body'], 100)}")
+        if not m["task"]:  # a Celery body is base64 of an envelope: the row's payload says more
+            print(f"  body     {_short(m['body'], 100)}")
     return EXIT_OK
 
 
@@ -404,8 +411,8 @@ def cmd_tasks(ctx: Context) -> int:
         _print_json(rows)
         return EXIT_OK
     _table(["ID", "TASK", "QUEUE", "STATE", "ATTEMPTS", "CREATED", "UPDATED", "ERROR"],
-           [[r["id"], r["task_name"], r["queue"], r["state"], r["attempts"], _short(r["created_at"], 19),
-             _short(r["updated_at"], 19), _short(r.get("error"), 50)] for r in rows])
+           [[r["id"], r["task_name"], r["queue"], r["state"], r["attempts"], _when(r["created_at"]),
+             _when(r["updated_at"]), _short(r.get("error"), 50)] for r in rows])
     return EXIT_OK
 
 

@@ -98,6 +98,12 @@ def up() -> dict:
         database_url = f"sqlite:///{STACK_DIR / 'tasks.sqlite3'}"
         engine = make_engine(database_url)
         migrate(engine)
+        try:  # the demo tasks keep their effects in tables of their own
+            from app import demo_tasks
+
+            demo_tasks.migrate(engine)
+        except ImportError:
+            pass
         engine.dispose()
         environ = app_local.local_environ(server.endpoint, database_url, catalog_spec=CATALOG_SPEC)
         for name in ("worker", "relay"):

@@ -93,7 +93,7 @@ def row_summary(row: dict | None) -> dict | None:
     if row is None:
         return None
     return {"state": row["state"], "attempts": row["attempts"], "last_error": row.get("error"),
-            "updated_at": _iso(row.get("updated_at"))}
+            "payload": row.get("payload"), "updated_at": _iso(row.get("updated_at"))}
 
 
 def _iso(value):

@@ -1,0 +1,177 @@
+"""RUNBOOK.md is held true by tests:
+
+- every alarm the CDK app defines, in every environment, links an anchor that RUNBOOK.md has,
+  and every alarm anchor in RUNBOOK.md belongs to some alarm;
+- every `python -m ops` line of its code blocks runs, in document order, against a local stack
+  (moto server, migrated SQLite store, seeded DLQ messages and rows) and exits 0. Lines marked
+  `# needs AWS` or `# not in CI` are parsed by the real CLI (OPS_PARSE_ONLY=1) instead.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+from app import store
+from app.local import create_queues, local_environ, sqs_client
+from app.messages import encode_body
+from catalog import DEMO_CATALOG
+
+REPO = Path(__file__).resolve().parent.parent
+RUNBOOK = (REPO / "RUNBOOK.md").read_text()
+ANCHOR_RE = re.compile(r'^<a id="([a-z0-9-]+)"></a>$', re.M)
+PARSE_ONLY_MARKERS = ("# needs AWS", "# not in CI")
+
+
+def runbook_anchors() -> list[str]:
+    return ANCHOR_RE.findall(RUNBOOK)
+
+
+def ops_lines() -> list[str]:
+    """Lines of fenced code blocks that run the ops CLI, in document order."""
+    lines, in_block = [], False
+    for raw in RUNBOOK.splitlines():
+        line = raw.strip()
+        if line.startswith("```"):
+            in_block = not in_block
+            continue
+        if in_block and "python -m ops" in line:
+            lines.append(line)
+    return lines
+
+
+# ---------------------------------------------------------------------- alarms <-> anchors
+
+
+def test_every_alarm_links_an_anchor_of_the_runbook_and_every_alarm_anchor_has_an_alarm():
+    from cdk_support import ENVS, alarms
+
+    anchors = set(runbook_anchors())
+    linked = set()
+    for env in ENVS:
+        found = alarms(env)
+        assert found, f"no alarms synthesized for {env}"
+        for name, description in found.items():
+            last = description.split()[-1]
+            assert last.startswith("RUNBOOK.md#"), f"{name}: description must end with RUNBOOK.md#<anchor>"
+            anchor = last.split("#", 1)[1]
+            assert anchor in anchors, f"{name} links RUNBOOK.md#{anchor}, which RUNBOOK.md lacks"
+            linked.add(anchor)
+    alarm_anchors = {a for a in anchors if a.startswith("alarm-")}
+    assert alarm_anchors == linked, f"alarm sections without an alarm: {sorted(alarm_anchors - linked)}"
+
+
+def test_each_anchor_is_unique_and_sits_right_before_its_heading():
+    anchors = runbook_anchors()
+    assert len(anchors) == len(set(anchors))
+    lines = RUNBOOK.splitlines()
+    for i, line in enumerate(lines):
+        if ANCHOR_RE.match(line):
+            assert lines[i + 1].startswith("#"), f"anchor {line} is not followed by a heading"
+
+
+def test_every_runbook_link_in_ops_and_the_runbook_resolves():
+    anchors = set(runbook_anchors())
+    sources = [RUNBOOK] + [p.read_text() for p in (REPO / "ops").glob("*.py")]
+    links = {m for text in sources for m in re.findall(r"RUNBOOK\.md#([a-z0-9]+(?:-[a-z0-9]+)*)(?![a-z0-9-])", text)}
+    links |= set(re.findall(r"\]\(#([a-z0-9-]+)\)", RUNBOOK))
+    assert links and links <= anchors, f"dangling: {sorted(links - anchors)}"
+
+
+def test_exit_code_table_matches_the_cli():
+    from ops import EXIT_CODES
+
+    table = dict(re.findall(r"^\| (\d+) \| ([^|]+) \|", RUNBOOK, re.M))
+    assert sorted(map(int, table)) == sorted(EXIT_CODES)
+
+
+# ------------------------------------------------------------------ the commands, executed
+
+
+@pytest.fixture
+def runbook_stack(sqs_endpoint, tmp_path):
+    urllib.request.urlopen(urllib.request.Request(f"{sqs_endpoint}/moto-api/reset", method="POST"),
+                           timeout=10).read()
+    sqs = sqs_client(sqs_endpoint)
+    queues = create_queues(sqs, DEMO_CATALOG, "local")
+    db_url = f"sqlite:///{tmp_path / 'tasks.sqlite3'}"
+    engine = store.make_engine(db_url)
+    store.migrate(engine)
+
+    def dead(task_name, error):
+        tid = str(uuid.uuid4())
+        with engine.begin() as conn:
+            store.insert_task(conn, task_id=tid, task_name=task_name, queue="default", args=["x"], kwargs={})
+        store.claim(engine, tid, worker="w", lease_seconds=30)
+        store.finish_failure(engine, tid, worker="w", error=error, final=True)
+        sqs.send_message(QueueUrl=queues["default"]["dlq_url"], MessageBody=encode_body(tid, task_name, queue="default"))
+        return tid
+
+    flaky = [dead("demo.flaky", "RuntimeError: flaky") for _ in range(2)]
+    failing = [dead("demo.always_fail", "RuntimeError: payment API down") for _ in range(2)]
+    sqs.send_message(QueueUrl=queues["default"]["dlq_url"], MessageBody="not a celery message")
+    stuck = str(uuid.uuid4())
+    with engine.begin() as conn:
+        store.insert_task(conn, task_id=stuck, task_name="demo.slow", queue="long", args=[], kwargs={})
+    store.claim(engine, stuck, worker="gone", lease_seconds=0)
+    engine.dispose()
+
+    local_dir = tmp_path / "local"
+    venv_bin = str(Path(sys.executable).parent)
+    env = {**os.environ, **local_environ(sqs_endpoint, db_url), "PCELERY_LOCAL_DIR": str(local_dir),
+           "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}", "TASK": "demo.flaky", "TASK_ID": failing[0],
+           "AWS_EC2_METADATA_DISABLED": "true"}
+    yield env, {"flaky": flaky, "failing": failing, "stuck": stuck}
+    # `local up` from the runbook starts detached processes: never leave them behind.
+    subprocess.run([sys.executable, "-m", "ops", "local", "down"], env=env, cwd=REPO, capture_output=True,
+                   timeout=60)
+
+
+def _run_with_terminal(line: str, env: dict) -> subprocess.CompletedProcess:
+    """Run a runbook line in bash with a terminal on stdin where "yes" is already typed, the way
+    an operator answers the confirmation prompt."""
+    master, slave = os.openpty()
+    try:
+        os.write(master, b"yes\n")
+        return subprocess.run(["bash", "-c", line], stdin=slave, env=env, cwd=REPO, capture_output=True,
+                              text=True, timeout=120)
+    finally:
+        os.close(slave)
+        os.close(master)
+
+
+def test_every_ops_line_of_the_runbook_runs_against_the_local_stack(runbook_stack):
+    env, seeded = runbook_stack
+    lines = ops_lines()
+    assert len(lines) >= 30, "the runbook lost its commands"
+    executed = parsed = 0
+    for line in lines:
+        if any(marker in line for marker in PARSE_ONLY_MARKERS):
+            proc = subprocess.run(["bash", "-c", line], env={**env, "OPS_PARSE_ONLY": "1"}, cwd=REPO,
+                                  capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+            parsed += 1
+        else:
+            proc = _run_with_terminal(line, env)
+            executed += 1
+        assert proc.returncode == 0, f"RUNBOOK line failed ({proc.returncode}): {line}\n{proc.stderr}"
+        assert "Traceback" not in proc.stderr, f"{line}\n{proc.stderr}"
+    assert executed >= 25 and parsed >= 4
+
+    # The procedures did what they say: the DLQ was redriven and the replayed task re-published.
+    engine = store.make_engine(env["DATABASE_URL"])
+    try:
+        assert store.get_task(engine, seeded["failing"][0])["state"] == "queued"  # replayed and published
+        assert {store.get_task(engine, t)["state"] for t in seeded["flaky"]} == {"queued"}  # redriven
+    finally:
+        engine.dispose()
+    sqs = sqs_client(env["AWS_ENDPOINT_URL_SQS"])
+    dlq = sqs.get_queue_url(QueueName="pcelery-local-default-dlq")["QueueUrl"]
+    attrs = sqs.get_queue_attributes(QueueUrl=dlq, AttributeNames=["ApproximateNumberOfMessages"])["Attributes"]
+    assert attrs["ApproximateNumberOfMessages"] == "0"
