@@ -110,6 +110,7 @@ class Workers(Construct):
     def _worker(self, contract: QueueContract, *, env_name, subnets, queue, low, high, image, cpu,
                 memory_mib, environment, secrets, log_retention, log_removal_policy) -> None:
         scope = Construct(self, contract.name)
+        scaled = high > low or low == 0
         # No fixed name: retained groups of a deleted stateless stack must not block recreating it.
         log_group = logs.LogGroup(
             scope, "Logs",
@@ -135,7 +136,10 @@ class Workers(Construct):
             cluster=self.cluster,
             task_definition=task,
             service_name=self.service_names[contract.name],
-            desired_count=low,
+            # Left out of the template when auto scaling owns the count: a deploy would otherwise
+            # reset it to the template's number in the middle of a busy hour. (A new service then
+            # starts with one task and scales from there.)
+            desired_count=None if scaled else low,
             vpc_subnets=subnets,
             security_groups=[self.security_group],
             assign_public_ip=False,
@@ -145,7 +149,7 @@ class Workers(Construct):
         )
         self.services[contract.name] = service
         self.task_roles[contract.name] = task.task_role
-        if high > low or low == 0:
+        if scaled:
             self._scaling(scope, contract, service=service, queue=queue, low=low, high=high)
 
     def _scaling(self, scope: Construct, contract: QueueContract, *, service: ecs.FargateService,

@@ -417,7 +417,8 @@ def test_worker_services_roll_back_and_scale_on_backlog_per_task(env):
         assert service["DeploymentConfiguration"]["DeploymentCircuitBreaker"] == {"Enable": True, "Rollback": True}
         assert service["NetworkConfiguration"]["AwsvpcConfiguration"]["AssignPublicIp"] == "DISABLED"
         low, high = cfg.worker_bounds(q)
-        assert service["DesiredCount"] == low
+        # Auto scaling owns the count; a deploy must not reset it.
+        assert "DesiredCount" not in service
         [(target_id, target)] = [(i, r) for i, r in targets
                                  if json.dumps({"Fn::GetAtt": [service_ids[name], "Name"]})
                                  in json.dumps(r["Properties"]["ResourceId"])]
