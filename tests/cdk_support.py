@@ -37,6 +37,7 @@ class Synth:
     templates: dict[str, dict[str, dict]]
     termination_protection: dict[str, bool]  # stack name -> flag
     metadata: dict[str, dict]  # stack name -> the assembly's metadata.json of that stack
+    lookups: list  # context the app asked AWS for (the manifest's "missing"); must stay empty
 
     def stack_names(self) -> list[str]:
         return [name for stacks in self.templates.values() for name in stacks]
@@ -71,7 +72,8 @@ def synth(envs=ENVS, *, catalog=None, context: dict | None = None, nag: bool = T
             protection[name] = bool(artifact.get("properties", {}).get("terminationProtection", False))
             metadata_file = outdir / f"{name}.metadata.json"
             metadata[name] = json.loads(metadata_file.read_text()) if metadata_file.exists() else {}
-    return Synth(outdir=outdir, templates=templates, termination_protection=protection, metadata=metadata)
+    return Synth(outdir=outdir, templates=templates, termination_protection=protection, metadata=metadata,
+                 lookups=manifest.get("missing", []))
 
 
 @functools.cache

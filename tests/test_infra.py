@@ -199,6 +199,8 @@ def test_app_py_fails_synth_naming_the_bad_key(tmp_path):
 def test_every_environment_synthesizes_its_two_stacks():
     s = synth_all()
     assert sorted(s.stack_names()) == sorted(f"pcelery-{e}-{k}" for e in ENVS for k in ("stateful", "stateless"))
+    # Offline: nothing was looked up (an AZ or VPC lookup would need credentials at synth time).
+    assert s.lookups == []
     # Termination protection guards the data in prod; everything else can be torn down.
     assert {n for n, on in s.termination_protection.items() if on} == {"pcelery-prod-stateful"}
 
