@@ -147,7 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="show what would be purged; purge nothing")
 
     p = add("local", "the local stack (moto SQS, SQLite, worker, relay) to practise this runbook on")
-    p.add_argument("action", choices=("up", "down", "status", "demo"))
+    p.add_argument("action", choices=("up", "down", "status", "seed", "demo"),
+                   help="up: start it and print export lines (eval \"$(python -m ops local up)\"); down: stop what "
+                        "up started; status: exit 0 when up, 4 when not; seed: submit demo tasks, some failing, to "
+                        "the running stack; demo: run the self-contained product demo (python -m app.demo)")
     return parser
 
 
@@ -392,7 +395,9 @@ def cmd_redrive(ctx: Context) -> int:
             print(f"moved {result.moved}, failed {result.failed}, skipped {result.skipped}: {result.source} -> "
                   f"{result.destination} (mode {result.mode})")
             if summary["tasks_requeued"] is not None:
-                print(f"task rows dead -> queued: {summary['tasks_requeued']}")
+                n, of = summary["tasks_requeued"], len(result.moved_task_ids)
+                print(f"task rows dead -> queued: {n} of {of}"
+                      + (" (the others were already claimed by a worker)" if n < of else ""))
         if result.failure_reason:
             print(f"reason: {result.failure_reason}")
     if result.interrupted:

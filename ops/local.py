@@ -161,6 +161,35 @@ def down() -> dict:
     return {"stopped": stopped}
 
 
+# What `seed` submits to the running stack: work that succeeds, work that fails until the DLQ,
+# and work that fails once and then succeeds, so every runbook procedure has something to act on.
+SEED = (("demo.add", 5), ("demo.always_fail", 3), ("demo.flaky", 2))
+
+
+def seed() -> dict:
+    """Submit demo tasks to the running stack through the outbox, as application code does."""
+    from app.outbox import Outbox
+    from app.settings import Settings
+
+    stack = read_stack()
+    if not stack or not status()["up"]:
+        raise OpsError("the local stack is not up: run `eval \"$(python -m ops local up)\"` first", EXIT_UNREACHABLE)
+    box = Outbox.from_settings(Settings.from_env({**os.environ, **stack["environ"]}))
+    ids: list[str] = []
+    with box.transaction() as conn:
+        for task_name, count in SEED:
+            for i in range(count):
+                if task_name == "demo.add":
+                    args = (i, 1)
+                elif task_name == "demo.always_fail":
+                    args = (f"payment API down (seed {i})",)
+                else:
+                    args = (f"seed-{time.time_ns()}-{i}",)
+                ids.append(box.submit(conn, task_name, *args))
+    box.engine.dispose()
+    return {"task_ids": ids, "by_task": dict(SEED)}
+
+
 def run(action: str, *, output: str = "table") -> int:
     if action == "up":
         data = up()
@@ -185,11 +214,19 @@ def run(action: str, *, output: str = "table") -> int:
         else:
             print("down" if not data["processes"] else "partly down: `python -m ops local down` then `up`")
         return EXIT_OK if data["up"] else EXIT_UNREACHABLE
+    if action == "seed":
+        data = seed()
+        if output == "json":
+            print(json.dumps(data, indent=2))
+        else:
+            print(f"submitted {len(data['task_ids'])} task(s): {', '.join(f'{n} {k}' for k, n in data['by_task'].items())}; "
+                  "the failing ones reach the DLQ in about a minute (`python -m ops depth`)")
+        return EXIT_OK
     if action == "demo":
-        stack = read_stack()
-        if not stack:
-            raise OpsError("the local stack is not up: run `eval \"$(python -m ops local up)\"` first",
-                           EXIT_UNREACHABLE)
-        env = {**os.environ, **stack["environ"]}
+        # The product demo is self-contained (its own moto server and store): the stack's exports
+        # must not leak into it, or it would mix its rows into the stack's database.
+        stack = read_stack() or {}
+        drop = set(stack.get("environ", {})) | {"AWS_ENDPOINT_URL_SQS", "AWS_ENDPOINT_URL", "DATABASE_URL"}
+        env = {k: v for k, v in os.environ.items() if k not in drop}
         return subprocess.call([sys.executable, "-m", "app.demo"], env=env, cwd=REPO_ROOT)
-    raise OpsError(f"unknown action {action!r}: use up, down, status or demo")
+    raise OpsError(f"unknown action {action!r}: use up, down, status, seed or demo")

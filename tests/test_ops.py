@@ -720,3 +720,49 @@ def test_replay_resets_rows_and_publishes_them_through_the_outbox(stack):
     assert proc.returncode == 3 and "no-such-id" in _error_line(proc)
     proc = stack.ops("replay", "--yes")
     assert proc.returncode == 2
+
+
+# ------------------------------------------------------------------------- local stack
+
+
+def test_local_up_is_idempotent_seeds_work_and_down_stops_everything_it_started(tmp_path):
+    env = {**os.environ, "PCELERY_LOCAL_DIR": str(tmp_path / "local")}
+    for key in ("AWS_ENDPOINT_URL_SQS", "AWS_ENDPOINT_URL", "DATABASE_URL"):
+        env.pop(key, None)
+
+    def ops(*args):
+        return subprocess.run([sys.executable, "-m", "ops", "local", *args], env=env, cwd=REPO, capture_output=True,
+                              text=True, timeout=120)
+
+    assert ops("status").returncode == 4
+    stack = {"pids": {}}
+    try:
+        up = ops("up")
+        assert up.returncode == 0, up.stderr
+        exports = dict(line[len("export "):].split("=", 1) for line in up.stdout.splitlines())
+        assert exports["PCELERY_ENV"] == "local" and exports["PCELERY_CATALOG"] == "catalog:DEMO_CATALOG"
+        assert exports["AWS_ENDPOINT_URL_SQS"].startswith("http://127.0.0.1:")
+        assert exports["DATABASE_URL"].startswith("sqlite:///") and str(tmp_path) in exports["DATABASE_URL"]
+        stack = json.loads((tmp_path / "local" / "stack.json").read_text())
+        assert set(stack["pids"]) == {"moto", "worker", "relay"}
+
+        again = ops("up")  # idempotent: same stack, same exports
+        assert again.returncode == 0 and again.stdout == up.stdout and "already up" in again.stderr
+        assert ops("status").returncode == 0
+
+        seeded = json.loads(ops("seed", "-o", "json").stdout)
+        assert len(seeded["task_ids"]) == 10
+        # The stack's own worker runs them: the adds succeed.
+        engine = store.make_engine(exports["DATABASE_URL"])
+        deadline = time.monotonic() + 90
+        while store.count_by_state(engine)["succeeded"] < 5 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert store.count_by_state(engine)["succeeded"] >= 5
+        engine.dispose()
+    finally:
+        down = ops("down")
+    assert down.returncode == 0 and "stopped: worker, relay, moto" in down.stderr
+    for pid in stack["pids"].values():
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+    assert ops("status").returncode == 4
+    assert "nothing to stop" in ops("down").stderr
