@@ -154,7 +154,7 @@ class StatefulStack(_EnvStack):
             acknowledge(db, "AwsSolutions-RDS10",
                         f"{config.name} is torn down and rebuilt freely; prod has deletion protection (cdk.json).")
         if not config.database.rotation_days:
-            acknowledge(self.database, "AwsSolutions-SMG4",
+            acknowledge(self.database.instance.node.find_child("Secret"), "AwsSolutions-SMG4",
                         f"{config.name} keeps its generated master password; prod rotates it (cdk.json rotation_days).")
         acknowledge(self.network.vpc, "CloudFormation-Validate::W3010",
                     "Zones are named in cdk.json on purpose: synth must work offline, without an AZ lookup.")
