@@ -304,8 +304,8 @@ def load_configs(context_lookup) -> list[EnvConfig]:
     block = context_lookup(CONTEXT_KEY)
     if not isinstance(block, dict):
         raise ConfigError(
-            f"context {CONTEXT_KEY} is missing: run from the repo root so cdk.json is read, "
-            "or pass the context to cdk.App(context=...)"
+            f"context {CONTEXT_KEY} is missing: run the app through the CDK CLI from the repo root "
+            "(`npx cdk synth`), which passes cdk.json's context; in code, pass it to cdk.App(context=...)"
         )
     configs, errors = [], []
     for name in selected_envs(context_lookup(SELECT_KEY)):
