@@ -270,7 +270,7 @@ def cmd_depth(ctx: Context) -> int:
         if engine is not None:
             try:
                 counts = counts_by_queue(engine)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - counts are extra; depth must still answer
                 _note(f"task counts unavailable ({exc})")
         return depth(ctx.aws, refs, env=ctx.env, catalog=ctx.catalog, task_counts=counts)
 
@@ -325,7 +325,7 @@ def cmd_peek(ctx: Context) -> int:
             rows = task_rows(engine, [m["task_id"] for m in messages])
             for m in messages:
                 m["task_row"] = row_summary(rows.get(m["task_id"]))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - rows are extra; peek must still answer
             _note(f"task rows unavailable ({exc})")
     if args.output == "json":
         _print_json(messages)
@@ -383,7 +383,7 @@ def cmd_redrive(ctx: Context) -> int:
 
             try:
                 summary["tasks_requeued"] = len(mark_redriven(engine, result.moved_task_ids))
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - the messages moved; the rows are cosmetic
                 _note(f"task rows not updated ({exc}): they show dead until a worker claims them")
     if args.output == "json":
         _print_json(summary)
@@ -543,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             err = aws_error(exc, args.command)
-        except Exception:
+        except Exception:  # noqa: BLE001 - anything not AWS-shaped is a bug in ops
             _note(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug and report it)")
             return EXIT_INTERNAL
         _note(f"error: {err.message}")

@@ -89,7 +89,7 @@ def up() -> dict:
         _say("a previous local stack is partly down: stopping what is left of it first")
         down()
     STACK_DIR.mkdir(parents=True, exist_ok=True)
-    logs = {name: open(STACK_DIR / f"{name}.log", "ab") for name in ("moto", "worker", "relay")}
+    logs = {name: open(STACK_DIR / f"{name}.log", "ab") for name in ("moto", "worker", "relay")}  # noqa: SIM115 - closed below
     pids: dict[str, int] = {}
     try:
         server = app_local.start_moto_server(log=logs["moto"])

@@ -42,11 +42,11 @@ def open_store(database_url: str):
 
     try:
         engine = store.make_engine(database_url)
-    except Exception as exc:  # a malformed URL is a setting problem, said in one line
+    except Exception as exc:  # noqa: BLE001 - a malformed URL is a setting problem, said in one line
         return None, f"claim-check database URL is not usable ({_reason(exc)}): check DATABASE_URL"
     try:
         version = store.schema_version(engine)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure here means "no store": say why in one line
         engine.dispose()
         return None, (f"claim-check database {_where(engine)} is unreachable ({_reason(exc)}): check DATABASE_URL "
                       "(or DB_HOST...), the network path to RDS, and RUNBOOK.md#database-failover")
@@ -171,7 +171,7 @@ def replay(engine: sa.Engine, rows: list[dict], publish) -> dict:
     if reset:
         try:
             published = publish(reset) or {}
-        except Exception as exc:  # the rows are pending: the relay publishes them, nothing is lost
+        except Exception as exc:  # noqa: BLE001 - the rows are pending: the relay publishes them
             error = f"publish failed ({exc}); the rows stay pending and the outbox relay will send them"
             log.warning("%s", error)
     return {

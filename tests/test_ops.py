@@ -20,9 +20,14 @@ from pathlib import Path
 import pytest
 
 from app import store
-from app.local import LOCAL_CREDENTIALS, create_queues, free_port, local_environ, sqs_client
+from app.local import (
+    create_queues,
+    free_port,
+    local_environ,
+    sqs_client,
+)
 from app.messages import encode_body
-from catalog import DEMO_CATALOG, sqs_queue_name
+from catalog import DEMO_CATALOG
 
 REPO = Path(__file__).resolve().parent.parent
 LOCALSTACK_PY = REPO / ".venv-localstack" / "bin" / "python"
@@ -42,7 +47,7 @@ class Stack:
     sent: dict = field(default_factory=dict)
 
     def ops(self, *args, env=None, timeout=60, stdin=subprocess.DEVNULL) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "ops", *args], env={**self.env, **(env or {})},
+        return subprocess.run([sys.executable, "-m", "ops", *args], check=False, env={**self.env, **(env or {})},
                               cwd=REPO, capture_output=True, text=True, timeout=timeout, stdin=stdin)
 
     def ops_json(self, *args, **kw):
@@ -354,10 +359,10 @@ def test_unknown_queue_unreachable_endpoint_and_missing_credentials(stack, tmp_p
     bare = {k: v for k, v in stack.env.items()
             if not k.startswith("AWS_") or k in ("AWS_REGION", "AWS_EC2_METADATA_DISABLED")}
     bare.update(AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"))
-    proc = subprocess.run([sys.executable, "-m", "ops", "depth", "--env", "prod"], env=bare, cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "ops", "depth", "--env", "prod"], check=False, env=bare, cwd=REPO,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 5 and "no AWS credentials" in _error_line(proc)
-    proc = subprocess.run([sys.executable, "-m", "ops", "depth", "--env", "prod"], cwd=REPO, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "ops", "depth", "--env", "prod"], check=False, cwd=REPO, capture_output=True,
                           text=True, timeout=60, env={k: v for k, v in bare.items() if k != "AWS_REGION"})
     assert proc.returncode == 5 and "no AWS region" in _error_line(proc)
 
@@ -428,7 +433,7 @@ def test_purge_asks_and_empties_and_guards_prod(stack):
 def test_help_documents_every_exit_code_and_parse_only_mode_touches_nothing(stack):
     from ops import EXIT_CODES
 
-    out = subprocess.run([sys.executable, "-m", "ops", "--help"], capture_output=True, text=True, cwd=REPO).stdout
+    out = subprocess.run([sys.executable, "-m", "ops", "--help"], check=False, capture_output=True, text=True, cwd=REPO).stdout
     for code in EXIT_CODES:
         assert f"  {code:>3}  " in out
     for cmd in ("depth", "peek", "redrive", "tasks", "replay", "purge", "local"):
@@ -597,7 +602,7 @@ def localstack_endpoint(tmp_path_factory):
            "GATEWAY_LISTEN": f"127.0.0.1:{port}", "LOCALSTACK_HOST": f"127.0.0.1:{port}", "SERVICES": "sqs",
            "SQS_ENDPOINT_STRATEGY": "path", "SKIP_SSL_CERT_DOWNLOAD": "1", "LOCALSTACK_TELEMETRY_DISABLED": "1",
            "DNS_ADDRESS": "0"}
-    log = open(root / "localstack.log", "wb")
+    log = open(root / "localstack.log", "wb")  # noqa: SIM115 - closed in the finally below
     proc = subprocess.Popen([str(LOCALSTACK_PY), "-m", "localstack.runtime.main"], env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True, cwd=root)
     endpoint = f"http://127.0.0.1:{port}"
@@ -731,7 +736,7 @@ def test_local_up_is_idempotent_seeds_work_and_down_stops_everything_it_started(
         env.pop(key, None)
 
     def ops(*args):
-        return subprocess.run([sys.executable, "-m", "ops", "local", *args], env=env, cwd=REPO, capture_output=True,
+        return subprocess.run([sys.executable, "-m", "ops", "local", *args], check=False, env=env, cwd=REPO, capture_output=True,
                               text=True, timeout=120)
 
     assert ops("status").returncode == 4
@@ -766,3 +771,57 @@ def test_local_up_is_idempotent_seeds_work_and_down_stops_everything_it_started(
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
     assert ops("status").returncode == 4
     assert "nothing to stop" in ops("down").stderr
+
+
+def test_oldest_age_comes_from_cloudwatch_on_aws_and_is_null_locally():
+    import datetime as dt
+
+    from ops.queues import Aws, oldest_age
+
+    now = dt.datetime.now(dt.UTC)
+
+    class CloudWatch:
+        def __init__(self, points=None, fail=False):
+            self.points, self.fail, self.asked = points or [], fail, []
+
+        def get_metric_statistics(self, **kw):
+            self.asked.append(kw)
+            if self.fail:
+                raise RuntimeError("AccessDenied")
+            return {"Datapoints": self.points}
+
+    def aws(cw, endpoint=None):
+        session = type("Session", (), {"client": lambda self, *a, **k: cw})()
+        return Aws(session=session, sqs=None, endpoint=endpoint, region="eu-west-1")
+
+    cw = CloudWatch([{"Timestamp": now - dt.timedelta(minutes=2), "Maximum": 700.0},
+                     {"Timestamp": now - dt.timedelta(minutes=1), "Maximum": 420.0}])
+    assert oldest_age(aws(cw), "pcelery-prod-default") == 420.0  # the newest minute, not the largest
+    assert cw.asked[0]["MetricName"] == "ApproximateAgeOfOldestMessage"
+    assert cw.asked[0]["Dimensions"] == [{"Name": "QueueName", "Value": "pcelery-prod-default"}]
+    assert oldest_age(aws(CloudWatch([])), "q") is None  # no datapoints yet
+    assert oldest_age(aws(CloudWatch(fail=True)), "q") is None  # no permission: depth still answers
+    local = CloudWatch([{"Timestamp": now, "Maximum": 1.0}])
+    assert oldest_age(aws(local, endpoint="http://127.0.0.1:5000"), "q") is None and local.asked == []
+
+
+def test_the_store_side_works_on_postgres_too(stack, pg_url):
+    """The same commands with the claim-check store on the real Postgres (as in AWS)."""
+    engine = store.make_engine(pg_url)
+    store.migrate(engine)
+    sqlite_engine, stack.engine = stack.engine, engine
+    try:
+        tid = stack.dead_task("demo.always_fail", error="RuntimeError: on postgres")
+        env = {"DATABASE_URL": pg_url}
+        [row] = [r for r in stack.ops_json("tasks", "--state", "dead", env=env) if r["id"] == tid]
+        assert row["error"] == "RuntimeError: on postgres" and row["queue"] == "default"
+        [depth] = stack.ops_json("depth", "default", env=env)
+        assert depth["tasks"]["dead"] >= 1 and depth["dlq"]["visible"] == 1
+        [peeked] = stack.ops_json("peek", "default-dlq", env=env)
+        assert peeked["task_row"]["state"] == "dead"
+        summary = stack.ops_json("redrive", "default-dlq", "--yes", env=env)
+        assert summary["moved"] == 1 and summary["tasks_requeued"] == 1
+        assert store.get_task(engine, tid)["state"] == "queued"
+    finally:
+        stack.engine = sqlite_engine
+        engine.dispose()

@@ -26,7 +26,7 @@ from catalog import DEMO_CATALOG
 
 REPO = Path(__file__).resolve().parent.parent
 RUNBOOK = (REPO / "RUNBOOK.md").read_text()
-ANCHOR_RE = re.compile(r'^<a id="([a-z0-9-]+)"></a>$', re.M)
+ANCHOR_RE = re.compile(r'^<a id="([a-z0-9-]+)"></a>$', re.MULTILINE)
 PARSE_ONLY_MARKERS = ("# needs AWS", "# not in CI")
 
 
@@ -88,7 +88,7 @@ def test_every_runbook_link_in_ops_and_the_runbook_resolves():
 def test_exit_code_table_matches_the_cli():
     from ops import EXIT_CODES
 
-    table = dict(re.findall(r"^\| (\d+) \| ([^|]+) \|", RUNBOOK, re.M))
+    table = dict(re.findall(r"^\| (\d+) \| ([^|]+) \|", RUNBOOK, re.MULTILINE))
     assert sorted(map(int, table)) == sorted(EXIT_CODES)
 
 
@@ -130,7 +130,7 @@ def runbook_stack(sqs_endpoint, tmp_path):
            "AWS_EC2_METADATA_DISABLED": "true"}
     yield env, {"flaky": flaky, "failing": failing, "stuck": stuck}
     # `local up` from the runbook starts detached processes: never leave them behind.
-    subprocess.run([sys.executable, "-m", "ops", "local", "down"], env=env, cwd=REPO, capture_output=True,
+    subprocess.run([sys.executable, "-m", "ops", "local", "down"], check=False, env=env, cwd=REPO, capture_output=True,
                    timeout=60)
 
 
@@ -140,7 +140,7 @@ def _run_with_terminal(line: str, env: dict) -> subprocess.CompletedProcess:
     master, slave = os.openpty()
     try:
         os.write(master, b"yes\n")
-        return subprocess.run(["bash", "-c", line], stdin=slave, env=env, cwd=REPO, capture_output=True,
+        return subprocess.run(["bash", "-c", line], check=False, stdin=slave, env=env, cwd=REPO, capture_output=True,
                               text=True, timeout=120)
     finally:
         os.close(slave)
@@ -154,7 +154,7 @@ def test_every_ops_line_of_the_runbook_runs_against_the_local_stack(runbook_stac
     executed = parsed = 0
     for line in lines:
         if any(marker in line for marker in PARSE_ONLY_MARKERS):
-            proc = subprocess.run(["bash", "-c", line], env={**env, "OPS_PARSE_ONLY": "1"}, cwd=REPO,
+            proc = subprocess.run(["bash", "-c", line], check=False, env={**env, "OPS_PARSE_ONLY": "1"}, cwd=REPO,
                                   capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
             parsed += 1
         else:
