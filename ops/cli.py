@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import textwrap
 import time
 
 from . import (
@@ -94,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name, help_text, description=None):
-        return sub.add_parser(name, parents=[common], help=help_text, description=description or help_text,
+        return sub.add_parser(name, parents=[common], help=help_text,
+                              description=textwrap.fill(description or help_text, 90),
                               epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
 
     p = add("depth", "visible, in-flight and delayed counts of queues and their DLQs (and task rows per state)")
@@ -102,13 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--watch", type=_positive_float, metavar="SECONDS", help="refresh every SECONDS until Ctrl-C")
 
     p = add("peek", "show messages of a DLQ without consuming them (each is made visible again at once)")
-    p.add_argument("queue", metavar="DLQ")
+    p.add_argument("queue", metavar="DLQ", help="e.g. default-dlq (catalog name + -dlq), an SQS name or a URL")
     p.add_argument("--limit", type=_positive_int, default=10, help="at most this many messages (default 10)")
     p.add_argument("--force", action="store_true",
                    help="peek a work queue too (each peek counts as a receive toward maxReceiveCount)")
 
-    p = add("redrive", "move messages from a DLQ back to its source queue (or --to)")
-    p.add_argument("queue", metavar="DLQ")
+    p = add("redrive", "move messages from a DLQ back to its source queue (or --to)",
+            "Move messages from a DLQ back to its source queue (or --to). After a client-side move the "
+            "moved tasks' rows go from dead to queued when the database is reachable; a native move "
+            "does not say which messages it moved, so those rows stay dead until a worker claims them.")
+    p.add_argument("queue", metavar="DLQ", help="e.g. default-dlq (catalog name + -dlq), an SQS name or a URL")
     p.add_argument("--to", metavar="QUEUE", help="destination (default: the one queue whose redrive policy names the DLQ)")
     p.add_argument("--mode", choices=("auto", "native", "client"), default="auto",
                    help="native: SQS move task; client: receive/send/delete here; auto (default): native where "
@@ -140,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
 
     p = add("purge", "delete every message of a queue (asks first; in prod the queue name must be typed back)")
-    p.add_argument("queue", metavar="QUEUE")
+    p.add_argument("queue", metavar="QUEUE", help="a catalog name (default, default-dlq), an SQS name or a URL")
     p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation (not enough in prod)")
     p.add_argument("--confirm-name", metavar="NAME", help="prod: the SQS queue name, instead of typing it back")
     p.add_argument("--force", action="store_true", help="allow purging a catalog work queue in prod")

@@ -465,7 +465,7 @@ def _native_unsupported(exc) -> bool:
         # serve (FIFO): in both cases the client-side move still works.
         return status in (500, 501) or code in ("NotImplemented", "InternalFailure", "UnknownOperationException",
                                                 "InvalidAction", "UnsupportedOperation")
-    return isinstance(exc, bx.OperationNotPageableError)
+    return False
 
 
 def redrive_native(sqs, plan: RedrivePlan, *, rate: float | None = None, poll_seconds: float = 2.0,
@@ -482,8 +482,9 @@ def redrive_native(sqs, plan: RedrivePlan, *, rate: float | None = None, poll_se
         handle = sqs.start_message_move_task(**kwargs)["TaskHandle"]
     except (bx.BotoCoreError, bx.ClientError) as exc:
         if _native_unsupported(exc):
-            status = getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
-            raise NativeUnsupported(f"StartMessageMoveTask answered HTTP {status}") from None
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            code = exc.response.get("Error", {}).get("Code", "")
+            raise NativeUnsupported(f"StartMessageMoveTask answered HTTP {status} {code}".rstrip()) from None
         raise aws_error(exc, f"start a move task on {plan.source.name!r} (is one already running? "
                              "`aws sqs list-message-move-tasks`)") from None
     log.info("native move task started: %s -> %s", plan.source.name, plan.destination.name)
