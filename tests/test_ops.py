@@ -825,3 +825,40 @@ def test_the_store_side_works_on_postgres_too(stack, pg_url):
     finally:
         stack.engine = sqlite_engine
         engine.dispose()
+
+
+def _ops_on_terminal(stack, args, answer: str) -> subprocess.CompletedProcess:
+    """Run ops with a terminal on stdin where `answer` is already typed."""
+    master, slave = os.openpty()
+    try:
+        os.write(master, answer.encode() + b"\n")
+        return subprocess.run([sys.executable, "-m", "ops", *args], check=False, stdin=slave, env=stack.env,
+                              cwd=REPO, capture_output=True, text=True, timeout=60)
+    finally:
+        os.close(slave)
+        os.close(master)
+
+
+def test_confirmation_on_a_terminal(stack):
+    dlq = stack.url("default", dlq=True)
+    for i in range(3):
+        stack.send(dlq, f"m{i}")
+
+    no = _ops_on_terminal(stack, ["redrive", "default-dlq"], "n")
+    assert no.returncode == 7 and "Type 'yes' to continue" in no.stderr and "nothing was changed" in no.stderr
+    assert stack.counts(dlq) == (3, 0, 0)
+    yes = _ops_on_terminal(stack, ["redrive", "default-dlq"], "yes")
+    assert yes.returncode == 0 and "moved 3" in yes.stdout
+    assert stack.counts(dlq) == (0, 0, 0) and stack.counts(stack.url("default"))[0] == 3
+
+    # In prod, purge wants the queue's name typed back; "yes" is not enough.
+    prod = create_queues(stack.sqs, DEMO_CATALOG, "prod")
+    stack.send(prod["default"]["dlq_url"], "dead")
+    wrong = _ops_on_terminal(stack, ["purge", "default-dlq", "--env", "prod"], "yes")
+    assert wrong.returncode == 7 and stack.counts(prod["default"]["dlq_url"]) == (1, 0, 0)
+    typed = _ops_on_terminal(stack, ["purge", "default-dlq", "--env", "prod"], "pcelery-prod-default-dlq")
+    assert typed.returncode == 0 and stack.counts(prod["default"]["dlq_url"]) == (0, 0, 0)
+
+    # A URL that names no queue is "not found", like a name.
+    gone = stack.ops("peek", stack.url("default", dlq=True).replace("default-dlq", "gone-dlq"))
+    assert gone.returncode == 3 and "not found" in _error_line(gone)
