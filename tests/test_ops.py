@@ -862,3 +862,37 @@ def test_confirmation_on_a_terminal(stack):
     # A URL that names no queue is "not found", like a name.
     gone = stack.ops("peek", stack.url("default", dlq=True).replace("default-dlq", "gone-dlq"))
     assert gone.returncode == 3 and "not found" in _error_line(gone)
+
+
+def test_client_redrive_paces_itself_to_the_rate_and_stops_at_the_limit():
+    from moto import mock_aws
+
+    from ops.queues import plan_redrive, redrive_client, resolve
+
+    with mock_aws():
+        sqs = sqs_client(None)
+        q = create_queues(sqs, DEMO_CATALOG, "local")
+        for i in range(12):
+            sqs.send_message(QueueUrl=q["default"]["dlq_url"], MessageBody=f"b{i}")
+        dlq = resolve(sqs, "default-dlq", env="local", catalog=DEMO_CATALOG)
+        plan = plan_redrive(sqs, dlq, env="local", catalog=DEMO_CATALOG, mode="client")
+        batches, waits = [], []
+        real_send = sqs.send_message_batch
+
+        def spy_send(**kw):
+            batches.append(len(kw["Entries"]))
+            return real_send(**kw)
+
+        sqs.send_message_batch = spy_send
+        result = redrive_client(sqs, plan, rate=4, sleep=waits.append)
+        assert result.moved == 12 and max(batches) <= 4
+        # The clock is not advanced by the fake sleep, so each wait is the time owed so far:
+        # the last one covers all 12 messages at 4 a second.
+        assert waits and abs(max(waits) - 12 / 4) < 0.5
+
+        for i in range(5):
+            sqs.send_message(QueueUrl=q["default"]["dlq_url"], MessageBody=f"c{i}")
+        limited = redrive_client(sqs, plan, limit=2)
+        assert limited.moved == 2
+        attrs = sqs.get_queue_attributes(QueueUrl=q["default"]["dlq_url"], AttributeNames=["All"])["Attributes"]
+        assert (attrs["ApproximateNumberOfMessages"], attrs["ApproximateNumberOfMessagesNotVisible"]) == ("3", "0")
