@@ -28,16 +28,6 @@ effects = sa.Table(
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
 )
 
-# Attempts of the flaky task, committed on their own so a failed attempt still counts.
-attempts = sa.Table(
-    "pcelery_demo_attempts",
-    metadata,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("key", sa.String(200), nullable=False, index=True),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-)
-
-
 def migrate(engine: sa.Engine) -> None:
     """Create the demo tables (idempotent); the demo and the tests call it once before the workers start."""
     metadata.create_all(engine, checkfirst=True)
@@ -62,7 +52,7 @@ def _record_effect(conn: sa.Connection, key: str) -> None:
         attempt=run.attempt if run else None,
         receive_count=run.receive_count if run else None,
         worker=run.worker if run else None,
-        created_at=dt.datetime.now(dt.timezone.utc),
+        created_at=dt.datetime.now(dt.UTC),
     ))
 
 
@@ -81,15 +71,11 @@ def effect(key, *, db):
 @persistent_task(name="demo.flaky", transactional=True)
 def flaky(key, failures=1, *, db):
     """Fails on its first `failures` attempts, then records its effect and succeeds."""
-    from app.worker import engine
-
-    with engine().begin() as own:  # outside the task's transaction: a failed attempt still counts
-        own.execute(attempts.insert().values(key=key, created_at=dt.datetime.now(dt.timezone.utc)))
-        seen = own.execute(sa.select(sa.func.count()).select_from(attempts).where(attempts.c.key == key)).scalar_one()
-    if seen <= failures:
-        raise RuntimeError(f"flaky {key}: failing on purpose (attempt {seen} of {failures} planned failures)")
+    attempt = current_run().attempt
+    if attempt <= failures:
+        raise RuntimeError(f"flaky {key}: failing on purpose (attempt {attempt} of {failures} planned failures)")
     _record_effect(db, key)
-    return seen
+    return attempt
 
 
 @persistent_task(name="demo.always_fail")

@@ -79,8 +79,11 @@ TASKS: dict[str, TaskDeclaration] = {}
 def persistent_task(*, name: str, queue: str | None = None, transactional: bool = False):
     """Declare an application task. `name` is its stable wire name; `queue` a catalog queue
     (default: the catalog's default), whose contract gives the soft and hard time limits.
+
     transactional=True passes a `db` keyword (a SQLAlchemy Connection) whose writes commit
-    together with the task's success, so its effect happens exactly once."""
+    together with the task's success, so its effect happens exactly once. The task executes on
+    `db` and never commits, rolls back or begins a transaction block on it itself (that would
+    commit its writes apart from the success). On failure, its writes are rolled back."""
     contract = settings.catalog.get(queue or settings.catalog.default_queue)  # CatalogError names the queues
 
     def decorate(fn):
@@ -165,7 +168,7 @@ class Delivery:
     receive_count: int  # SQS ApproximateReceiveCount of this receive (0 if unknown)
 
     @classmethod
-    def from_request(cls, request, default_queue: str) -> "Delivery":
+    def from_request(cls, request, default_queue: str) -> Delivery:
         properties = getattr(request, "properties", None) or {}
         info = properties.get("delivery_info") or {}
         message = info.get("sqs_message") or {}
@@ -326,10 +329,18 @@ class PersistentTask(Task):
 
     def _run_claimed(self, db, task_id: str, worker: str, claim: store.Claim):
         if self.transactional:
-            with db.begin() as conn:
-                result = self.run(*claim.args, db=conn, **claim.kwargs)
-                if not store.finish_success(conn, task_id, worker=worker, result=result):
-                    raise _LostOwnership()
+            # The transaction begins at the task's first statement (SQLAlchemy's autobegin), not
+            # before it runs: on SQLite a transaction holds the database's write lock, which a
+            # task that first computes for a while must not keep from every other claim.
+            with db.connect() as conn:
+                try:
+                    result = self.run(*claim.args, db=conn, **claim.kwargs)
+                    if not store.finish_success(conn, task_id, worker=worker, result=result):
+                        raise _LostOwnership()
+                    conn.commit()
+                except BaseException:
+                    conn.rollback()
+                    raise
             return result
         result = self.run(*claim.args, **claim.kwargs)
         with db.begin() as conn:

@@ -9,8 +9,17 @@ from dataclasses import replace
 import pytest
 
 import catalog
-from catalog import (CATALOG, DEMO_CATALOG, Catalog, CatalogError, QueueContract, check_env, load_catalog,
-                     queue_prefix, sqs_queue_name)
+from catalog import (
+    CATALOG,
+    DEMO_CATALOG,
+    Catalog,
+    CatalogError,
+    QueueContract,
+    check_env,
+    load_catalog,
+    queue_prefix,
+    sqs_queue_name,
+)
 
 GOOD = QueueContract(
     name="reports", description="test", visibility_timeout=120, max_receive_count=5, retention=3600,

@@ -50,8 +50,8 @@ def test_a_queue_named_twice_is_consumed_once():
     ({"PCELERY_ENV": "qa"}, "PCELERY_ENV/PCELERY_CATALOG: unknown environment 'qa': use one of local, dev, staging, prod"),
     ({"PCELERY_CATALOG": "catalog"}, "must look like 'module:ATTRIBUTE'"),
     ({"PCELERY_CATALOG": "nowhere:CATALOG"}, "cannot be loaded"),
-    ({"PCELERY_WORKER_QUEUES": "default,bulk"}, "PCELERY_WORKER_QUEUES names ['bulk'], which the catalog does not have: "
-                                                "use some of ['default', 'long']"),
+    ({"PCELERY_WORKER_QUEUES": "default,bulk"},
+     ("PCELERY_WORKER_QUEUES names ['bulk'], which the catalog does not have: use some of ['default', 'long']")),
     ({"PCELERY_TASK_MODULES": "app/demo_tasks.py"}, "PCELERY_TASK_MODULES='app/demo_tasks.py' must be a comma-separated"),
     ({"PCELERY_TASK_MODULES": " , "}, "PCELERY_TASK_MODULES"),
     ({"DB_HOST": "db.internal", "DB_USER": "app"}, "DB_HOST is set but ['DB_PASSWORD'] are not"),

@@ -27,15 +27,21 @@ import uuid
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
+from conftest import PG_ADMIN_URL, REDIS_URL
 
 from app import store
-from app.local import (create_queues, local_environ, sqs_client, start_moto_server, start_relay, start_worker,
-                       stop_process_group)
+from app.local import (
+    create_queues,
+    local_environ,
+    sqs_client,
+    start_moto_server,
+    start_relay,
+    start_worker,
+    stop_process_group,
+)
 from app.messages import decode_body, encode_body
 from app.outbox import Outbox
 from catalog import DEMO_CATALOG, sqs_queue_name
-from conftest import PG_ADMIN_URL, REDIS_URL
 
 pytestmark = pytest.mark.slow
 
@@ -67,9 +73,9 @@ def _tail(path: Path, lines: int = 60) -> str:
 
 
 class Worker:
-    def __init__(self, stack: "Stack", log: Path, **kwargs):
+    def __init__(self, stack: Stack, log: Path, **kwargs):
         self.log = log
-        self._log_file = open(log, "ab")
+        self._log_file = open(log, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = start_worker(stack.environ, log=self._log_file, **kwargs)
 
     def alive(self) -> bool:
@@ -380,7 +386,7 @@ def test_a_task_submitted_while_sqs_is_down_is_published_by_the_relay_and_runs(d
     server = start_moto_server()
     port = int(server.endpoint.rsplit(":", 1)[1])
     s = Stack(server.endpoint, database_url, "prod", tmp_path)
-    relay_log = open(tmp_path / "relay.log", "ab")
+    relay_log = open(tmp_path / "relay.log", "ab")  # noqa: SIM115 - closed in finally
     relay = start_relay(s.environ, log=relay_log, interval=0.5, min_age=1.0)
     try:
         server.stop()
@@ -424,7 +430,7 @@ def test_a_queue_without_a_redrive_policy_is_refused_at_worker_start(moto, datab
 def test_invalid_settings_stop_the_worker_before_celery_starts(tmp_path):
     env = {**os.environ, "PCELERY_WORKER_QUEUES": "default,nope", "PCELERY_CATALOG": "catalog:DEMO_CATALOG"}
     done = subprocess.run([sys.executable, str(REPO / "bin" / "worker")], env=env, capture_output=True,
-                          text=True, timeout=60)
+                          text=True, timeout=60, check=False)
     assert done.returncode == 2
     assert "PCELERY_WORKER_QUEUES names ['nope']" in done.stderr
     assert "Traceback" not in done.stderr
@@ -445,10 +451,10 @@ def test_the_dockerfile_copies_every_repo_module_the_processes_import():
                            capture_output=True, text=True, timeout=120, check=True).stdout.split()
     top_level = {Path(f).relative_to(REPO).parts[0] for f in files if "site-packages" not in f}  # not the venv
     dockerfile = (REPO / "Dockerfile").read_text()
-    copied = {src.rstrip("/") for src, _ in re.findall(r"^COPY\s+(?!--from)(\S+)\s+(\S+)", dockerfile, re.M)}
+    copied = {src.rstrip("/") for src, _ in re.findall(r"^COPY\s+(?!--from)(\S+)\s+(\S+)", dockerfile, re.MULTILINE)}
     assert top_level - copied == set(), f"Dockerfile does not COPY {sorted(top_level - copied)}"
     assert "bin" in copied and "requirements.txt" in copied
-    assert re.search(r'^ENTRYPOINT \["/app/bin/worker"\]', dockerfile, re.M)
+    assert re.search(r'^ENTRYPOINT \["/app/bin/worker"\]', dockerfile, re.MULTILINE)
     assert os.access(REPO / "bin" / "worker", os.X_OK)
     # The image's interpreter must be able to run bin/worker's syntax.
     ast.parse((REPO / "bin" / "worker").read_text(), feature_version=(3, 11))
