@@ -342,7 +342,7 @@ def cmd_peek(ctx: Context) -> int:
     for m in messages:
         row = m["task_row"] or {}
         print()
-        print(f"message {m['message_id']}  received {m['receive_count']}x  sent {m['sent_at']}")
+        print(f"message {m['message_id']}  received {m['receive_count']}x (this peek included)  sent {m['sent_at']}")
         print(f"  task     {m['task'] or '(not a Celery message)'}  id {m['task_id'] or '-'}")
         if m["task_row"]:
             print(f"  row      {row['state']}  attempts {row['attempts']}  error {_short(row['last_error'], 100) or '-'}")
