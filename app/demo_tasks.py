@@ -84,9 +84,19 @@ def always_fail(reason="always fails"):
 
 
 @persistent_task(name="demo.slow", transactional=True)
-def slow(key, seconds=3.0, *, db):
-    """Sleeps, then records its effect: long enough to kill its worker mid-task."""
-    time.sleep(seconds)
+def slow(key, seconds=3.0, ignore_soft_limit=False, *, db):
+    """Sleeps, then records its effect: long enough to kill its worker mid-task. Longer than the
+    queue's soft time limit it fails with SoftTimeLimitExceeded; with ignore_soft_limit=True it
+    keeps going until the hard limit kills its process."""
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            time.sleep(left)
+        except SoftTimeLimitExceeded:
+            if not ignore_soft_limit:
+                raise
     _record_effect(db, key)
     return key
 

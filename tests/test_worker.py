@@ -219,8 +219,11 @@ def dead_letters(stack):
     bad_json_id, pickle_id = str(uuid.uuid4()), str(uuid.uuid4())
     stack.send_raw("default", _tampered(bad_json_id, body=base64.b64encode(b"[[1, 2], {").decode()))
     stack.send_raw("default", _tampered(pickle_id, **{"content-type": "application/x-python-serialize"}))
+    # Tasks that outlive the default queue's soft limit, and its hard limit.
+    soft = stack.submit("demo.slow", f"soft-{uuid.uuid4().hex[:8]}", 30.0)
+    hard = stack.submit("demo.slow", f"hard-{uuid.uuid4().hex[:8]}", 30.0, True)
     return {"failing": failing, "no_row": no_row_id, "unknown": unknown_id, "bad_json": bad_json_id,
-            "pickle": pickle_id}
+            "pickle": pickle_id, "soft": soft, "hard": hard}
 
 
 def _envelope_task_id(body: str) -> str | None:
@@ -272,6 +275,21 @@ def test_each_poison_kind_ends_in_the_dlq_while_the_worker_keeps_serving(stack, 
     good = [stack.submit("demo.add", i, 100) for i in range(3)]
     rows = stack.wait_rows(good, "succeeded")
     assert [r["result"] for r in rows] == [100, 101, 102]
+
+
+def test_time_limits_are_recorded_as_failures_and_end_in_the_dlq(stack, dead_letters):
+    soft, hard = dead_letters["soft"], dead_letters["hard"]
+    wait_for(lambda: {soft, hard} <= {_envelope_task_id(b) for b in stack.dlq_bodies("default")}, timeout=150,
+             what="both time-limited tasks in the DLQ", logs=stack.logs())
+    soft_row, hard_row = stack.row(soft), stack.row(hard)
+    # The task saw its soft limit and failed; the wrapper recorded it like any other error.
+    assert soft_row["state"] == "dead" and soft_row["attempts"] == DEFAULT.max_receive_count
+    assert soft_row["error"].startswith("SoftTimeLimitExceeded")
+    # The pool killed the process at the hard limit; the main process recorded the verdict.
+    assert hard_row["state"] == "dead" and hard_row["attempts"] == DEFAULT.max_receive_count
+    assert hard_row["error"].startswith(f"TimeLimitExceeded: hard time limit ({DEFAULT.hard_time_limit}")
+    for row in (soft_row, hard_row):
+        assert effects(stack, row["payload"]["args"][0]) == []
 
 
 # --- The happy path, duplicates and heartbeats -------------------------------------------------
