@@ -9,6 +9,7 @@ process here with a message naming it.
 from __future__ import annotations
 
 import os
+import sys
 
 from app.settings import Settings
 from catalog import LONG_POLL_SECONDS, queue_prefix, sqs_queue_name
@@ -30,10 +31,10 @@ def _queue_urls() -> dict[str, str]:
         try:
             urls[name] = client.get_queue_url(QueueName=name)["QueueUrl"]
         except client.exceptions.QueueDoesNotExist:
-            raise SystemExit(
-                f"worker: SQS queue {name!r} (catalog queue {contract.name!r}, env {_settings.env!r}) does not "
-                "exist: deploy the environment's stack (or run `python -m ops local up` locally) first"
-            ) from None
+            print(f"worker: refusing to start: SQS queue {name!r} (catalog queue {contract.name!r}, env "
+                  f"{_settings.env!r}) does not exist: deploy the environment's stack (locally: "
+                  "app.local.create_queues, or `python -m ops local up`), then start again", file=sys.stderr)
+            raise SystemExit(3) from None
     return urls
 
 

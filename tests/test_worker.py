@@ -429,20 +429,31 @@ def test_a_task_submitted_while_sqs_is_down_is_published_by_the_relay_and_runs(d
 
 # --- Refusing to start ---------------------------------------------------------------------------
 
-def test_a_queue_without_a_redrive_policy_is_refused_at_worker_start(moto, database_url, tmp_path):
-    sqs = sqs_client(moto.endpoint)
+def test_a_missing_queue_a_queue_without_redrive_policy_and_an_old_schema_are_refused_at_start(moto, tmp_path):
     env = "prod"  # the endpoint-down test uses "prod" on a server of its own
-    for contract in DEMO_CATALOG:
-        sqs.create_queue(QueueName=sqs_queue_name(env, contract.name))  # no RedrivePolicy
-    s = Stack(moto.endpoint, database_url, env, tmp_path, create=False)
-    w = s.worker("no-redrive", queues=["default"])
-    code = w.proc.wait(90)
-    output = w.log.read_text()
-    s.close()
-    assert code != 0
-    assert "refusing to start" in output
-    assert f"'{sqs_queue_name(env, 'default')}' has no RedrivePolicy" in output
-    assert "Traceback" not in output
+    empty_store = f"sqlite:///{tmp_path / 'never-migrated.sqlite3'}"
+    s = Stack(moto.endpoint, empty_store, env, tmp_path, create=False)
+
+    def refusal(name: str) -> str:
+        w = s.worker(name, queues=["default"])
+        code = w.proc.wait(90)
+        output = w.log.read_text()
+        assert code == 3, output
+        assert "refusing to start" in output and "Traceback" not in output
+        return output
+
+    try:
+        assert f"SQS queue '{sqs_queue_name(env, 'default')}' (catalog queue 'default', env 'prod') does not exist" \
+            in refusal("missing-queue")
+        sqs = sqs_client(moto.endpoint)
+        for contract in DEMO_CATALOG:
+            sqs.create_queue(QueueName=sqs_queue_name(env, contract.name))  # no RedrivePolicy
+        output = refusal("no-redrive")
+        assert f"'{sqs_queue_name(env, 'default')}' has no RedrivePolicy" in output
+        assert "run `python -m app.store migrate`" in output
+        assert sqs_queue_name(env, "long") not in output  # not consumed by this worker: not its concern
+    finally:
+        s.close()
 
 
 def test_invalid_settings_stop_the_worker_before_celery_starts(tmp_path):
