@@ -309,7 +309,7 @@ def test_twenty_tasks_succeed_and_the_queue_drains(stack):
 
 def test_the_same_id_delivered_twice_has_its_effect_once(stack):
     key = f"dup-{uuid.uuid4().hex[:8]}"
-    task_id = stack.submit("demo.slow", key, 2.0)
+    task_id = stack.submit("demo.slow", key, 3.0)
     body = encode_body(task_id, "demo.slow", queue="default")
     stack.wait_rows([task_id], "running")
     stack.send_raw("default", body)  # a second copy while the first runs: the claim says "busy"
