@@ -206,38 +206,50 @@ def _contract_of(queue_url: str | None, request, default_queue: str) -> QueueCon
 class Heartbeat:
     """Keeps a running task's message invisible and its row's lease alive, every
     heartbeat_interval, until stopped. Failures are logged and retried at the next beat: a
-    missed beat or two is what the catalog's visibility timeout is sized to survive."""
+    missed beat or two is what the catalog's visibility timeout is sized to survive.
+
+    The SQS beat and the lease beat run on threads of their own, so a slow database (or, on
+    SQLite, the task's own open write transaction holding the lock) never delays the visibility
+    extension, which is what keeps SQS from delivering the message a second time."""
 
     def __init__(self, *, task_id: str, worker: str, delivery: Delivery):
         self.task_id, self.worker, self.delivery = task_id, worker, delivery
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{task_id}", daemon=True)
+        self._threads = [
+            threading.Thread(target=self._every_interval, args=(self._extend_visibility,), daemon=True,
+                             name=f"heartbeat-sqs-{task_id}"),
+            threading.Thread(target=self._every_interval, args=(self._extend_lease,), daemon=True,
+                             name=f"heartbeat-lease-{task_id}"),
+        ]
 
     def __enter__(self):
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
         return self
 
     def __exit__(self, *exc):
         self._stop.set()
-        self._thread.join(timeout=5)
+        for thread in self._threads:
+            thread.join(timeout=5)
 
-    def _run(self):
-        contract = self.delivery.contract
-        while not self._stop.wait(contract.heartbeat_interval):
+    def _every_interval(self, beat):
+        while not self._stop.wait(self.delivery.contract.heartbeat_interval):
             try:
-                sqs().change_message_visibility(
-                    QueueUrl=self.delivery.queue_url,
-                    ReceiptHandle=self.delivery.receipt_handle,
-                    VisibilityTimeout=contract.visibility_timeout,
-                )
-            except Exception as exc:  # noqa: BLE001 - next beat retries; the margin covers a miss
-                logger.warning("heartbeat of task %s: ChangeMessageVisibility failed: %s", self.task_id, exc)
-            try:
-                if not store.extend_lease(engine(), self.task_id, worker=self.worker,
-                                          lease_seconds=lease_seconds(contract)):
-                    logger.warning("heartbeat of task %s: this worker no longer owns the row", self.task_id)
-            except Exception as exc:  # noqa: BLE001
-                logger.warning("heartbeat of task %s: extending the lease failed: %s", self.task_id, exc)
+                beat()
+            except Exception as exc:  # noqa: BLE001 - the next beat retries; the margin covers a miss
+                logger.warning("heartbeat of task %s: %s failed: %s", self.task_id, beat.__name__, exc)
+
+    def _extend_visibility(self):
+        sqs().change_message_visibility(
+            QueueUrl=self.delivery.queue_url,
+            ReceiptHandle=self.delivery.receipt_handle,
+            VisibilityTimeout=self.delivery.contract.visibility_timeout,
+        )
+
+    def _extend_lease(self):
+        if not store.extend_lease(engine(), self.task_id, worker=self.worker,
+                                  lease_seconds=lease_seconds(self.delivery.contract)):
+            logger.warning("heartbeat of task %s: this worker no longer owns the row", self.task_id)
 
 
 @dataclass(frozen=True)

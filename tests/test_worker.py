@@ -329,6 +329,11 @@ def test_a_task_longer_than_the_visibility_timeout_runs_once_thanks_to_the_heart
     seconds = 2.5 * LONG.visibility_timeout  # without heartbeats SQS would redeliver it twice meanwhile
     key = f"long-{uuid.uuid4().hex[:8]}"
     task_id = stack.submit("demo.long", key, seconds, queue="long")
+    first_lease = stack.wait_rows([task_id], "running")[0]["lease_until"]
+    # The lease beat: the row's lease moves forward while the task runs, so no other worker
+    # could claim it even if a copy of the message were delivered.
+    wait_for(lambda: (stack.row(task_id)["lease_until"] or first_lease) > first_lease, timeout=30,
+             what="the row's lease extended by the heartbeat", logs=stack.logs())
     row = stack.wait_rows([task_id], "succeeded", timeout=120)[0]
     assert row["attempts"] == 1
     [effect] = effects(stack, key)
