@@ -1,6 +1,6 @@
-"""The outbox relay service and the one-off schema-migration task definition.
+"""The outbox relay service and the one-off task definitions: schema migration and the ops CLI.
 
-Both run the worker image with a different command. The relay publishes `pending` rows that
+All run the worker image with a different entry point. The relay publishes `pending` rows that
 their submitter failed to publish; one task is enough (it batches, and several would be safe
 thanks to SKIP LOCKED), so it does not scale.
 """
@@ -16,6 +16,10 @@ from constructs import Construct
 from .workers import MIGRATE_COMMAND, add_schema_migration
 
 RELAY_COMMAND = ["python", "-m", "app.outbox", "relay"]
+# The ops task's entry point: `aws ecs run-task --overrides` then passes only the ops arguments
+# (["tasks", "--state", "dead"]) as the container's command.
+OPS_ENTRY_POINT = ["python", "-m", "ops"]
+OPS_CONTAINER = "ops"
 
 
 class Relay(Construct):
@@ -69,6 +73,44 @@ class Relay(Construct):
             self, "MigrateTask", family=f"pcelery-{env_name}-migrate", image=image,
             entry_point=MIGRATE_COMMAND, environment=environment, secrets=secrets,
             log_group=self.log_group, stream_prefix="migrate",
+        )
+
+
+class OpsTask(Construct):
+    """`python -m ops` as a one-off Fargate task inside the VPC, for the commands that need RDS.
+
+    On-call has no host in the VPC; `aws ecs run-task` with a command override is the way in.
+    No ECS Exec: every run is one RunTask call whose arguments CloudTrail records, its output goes
+    to its own log group, and nobody gets a shell in a container holding the DB credentials
+    (infra/README.md). Its own security group, so the database's ingress rules and flow logs tell
+    an operator's connection from a worker's.
+    """
+
+    def __init__(
+        self,
+        scope: Construct,
+        id: str,
+        *,
+        env_name: str,
+        vpc: ec2.IVpc,
+        image: ecs.ContainerImage,
+        environment: dict[str, str],
+        secrets: dict[str, ecs.Secret],
+        log_retention: logs.RetentionDays,
+        log_removal_policy: RemovalPolicy,
+    ) -> None:
+        super().__init__(scope, id)
+        self.log_group = logs.LogGroup(
+            self, "Logs",
+            retention=log_retention, removal_policy=log_removal_policy,
+        )
+        self.security_group = ec2.SecurityGroup(
+            self, "SecurityGroup", vpc=vpc, allow_all_outbound=True,
+            description=f"pcelery-{env_name} ops one-off tasks: outbound only (SQS, CloudWatch, RDS)",
+        )
+        self.task_definition, self.container = _task(
+            self, "Task", family=f"pcelery-{env_name}-ops", image=image, entry_point=OPS_ENTRY_POINT,
+            environment=environment, secrets=secrets, log_group=self.log_group, stream_prefix=OPS_CONTAINER,
         )
 
 

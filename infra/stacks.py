@@ -7,6 +7,7 @@ All grants and connections between the two are made here, in the stateless stack
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import aws_cdk as cdk
@@ -26,7 +27,7 @@ from .database import DATABASE_NAME, DATABASE_PORT, Database, removal_policy_for
 from .monitoring import DatabaseTargets, Monitoring
 from .network import Network
 from .queues import Queues
-from .relay import Relay
+from .relay import OpsTask, Relay
 from .workers import Workers
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -46,6 +47,18 @@ CONSUME_ACTIONS = [
 ]
 # Publishing a task (the submit API after commit, or the relay for what it missed).
 PUBLISH_ACTIONS = ["sqs:SendMessage", "sqs:GetQueueUrl"]
+# The ops CLI (ops/queues.py, app/outbox.py for replay) on every work queue and DLQ of its
+# environment: depth, peek (receive, then make visible again), redrive in both modes (the
+# native move task needs receive/delete/attributes on the DLQ and send on the destination),
+# replay (publish) and purge.
+OPS_QUEUE_ACTIONS = [
+    "sqs:GetQueueUrl", "sqs:GetQueueAttributes", "sqs:ReceiveMessage", "sqs:SendMessage",
+    "sqs:DeleteMessage", "sqs:ChangeMessageVisibility", "sqs:ListDeadLetterSourceQueues",
+    "sqs:StartMessageMoveTask", "sqs:ListMessageMoveTasks", "sqs:CancelMessageMoveTask", "sqs:PurgeQueue",
+]
+# `ops depth` reads each queue's ApproximateAgeOfOldestMessage (ops.queues.oldest_age). CloudWatch
+# has no resource-level permissions for reading metrics, so this one is on "*".
+OPS_METRIC_ACTIONS = ["cloudwatch:GetMetricStatistics"]
 
 _RETENTION_NAMES = {
     1: "ONE_DAY", 3: "THREE_DAYS", 5: "FIVE_DAYS", 7: "ONE_WEEK", 14: "TWO_WEEKS", 30: "ONE_MONTH",
@@ -201,6 +214,8 @@ class StatelessStack(_EnvStack):
             "DB_USER": ecs.Secret.from_secrets_manager(database.secret, "username"),
             "DB_PASSWORD": ecs.Secret.from_secrets_manager(database.secret, "password"),
         }
+        # The ops task talks to SQS and Postgres only: no Redis host, no Redis token.
+        ops_environment, ops_secrets = dict(environment), dict(secrets)
         if cache:
             environment.update(REDIS_HOST=cache.host, REDIS_PORT=str(REDIS_PORT))
             secrets["REDIS_AUTH_TOKEN"] = ecs.Secret.from_secrets_manager(cache.auth_token)
@@ -233,6 +248,16 @@ class StatelessStack(_EnvStack):
             log_retention=retention,
             log_removal_policy=log_removal,
         )
+        self.ops = OpsTask(
+            self, "Ops",
+            env_name=config.name,
+            vpc=network.vpc,
+            image=image,
+            environment=ops_environment,
+            secrets=ops_secrets,
+            log_retention=retention,
+            log_removal_policy=log_removal,
+        )
 
         # --- wiring: who may talk to what ---
         all_work_arns = [queues.work[q.name].queue_arn for q in catalog]
@@ -247,12 +272,20 @@ class StatelessStack(_EnvStack):
         self.relay.task_definition.task_role.add_to_principal_policy(iam.PolicyStatement(
             sid="PublishTasks", actions=PUBLISH_ACTIONS, resources=all_work_arns))
         # The migration task talks to Postgres only: its role gets no SQS permission at all.
+        ops_role = self.ops.task_definition.task_role
+        ops_role.add_to_principal_policy(iam.PolicyStatement(
+            sid="OperateQueues", actions=OPS_QUEUE_ACTIONS,
+            resources=[*all_work_arns, *(queues.dead[q.name].queue_arn for q in catalog)]))
+        ops_role.add_to_principal_policy(iam.PolicyStatement(
+            sid="ReadQueueAge", actions=OPS_METRIC_ACTIONS, resources=["*"]))
 
         # Ingress rules made here, in the stateless stack: the L2 `allow_from` would put them in
         # the stateful stack next to the target group and make the two stacks reference each other.
         tasks = self.workers.security_group
         self._allow(tasks, database.instance.connections, DATABASE_PORT, "DatabaseFromTasks",
                     "workers, relay and migrations")
+        self._allow(self.ops.security_group, database.instance.connections, DATABASE_PORT, "DatabaseFromOps",
+                    "the ops one-off task")
         if cache:
             self._allow(tasks, cache.connections, REDIS_PORT, "CacheFromTasks", "workers and relay")
 
@@ -281,6 +314,14 @@ class StatelessStack(_EnvStack):
         cdk.CfnOutput(self, "TaskSubnets", value=",".join(
             network.vpc.select_subnets(subnet_type=network.task_subnets.subnet_type).subnet_ids))
         cdk.CfnOutput(self, "AlarmTopic", value=self.monitoring.topic.topic_arn)
+        # What `aws ecs run-task` of the ops task needs (RUNBOOK.md#ops-in-the-vpc), and where its
+        # output and every service's logs go (the log groups have generated names).
+        cdk.CfnOutput(self, "OpsTaskDefinition", value=self.ops.task_definition.family)
+        cdk.CfnOutput(self, "OpsSecurityGroup", value=self.ops.security_group.security_group_id)
+        cdk.CfnOutput(self, "OpsLogGroup", value=self.ops.log_group.log_group_name)
+        cdk.CfnOutput(self, "RelayLogGroup", value=self.relay.log_group.log_group_name)
+        for q in catalog:
+            cdk.CfnOutput(self, f"WorkerLogGroup{_output_id(q.name)}", value=self.workers.log_groups[q.name].log_group_name)
         self._acknowledge()
 
     def _allow(self, source: ec2.ISecurityGroup, target: ec2.Connections, port: int, id: str,
@@ -294,13 +335,24 @@ class StatelessStack(_EnvStack):
 
     def _acknowledge(self) -> None:
         for task in [*(s.task_definition for s in self.workers.services.values()),
-                     self.relay.task_definition, self.relay.migrate_task_definition]:
+                     self.relay.task_definition, self.relay.migrate_task_definition,
+                     self.ops.task_definition]:
             acknowledge(task.execution_role, "AwsSolutions-IAM5[Resource::*]",
                         "ecr:GetAuthorizationToken has no resource-level permissions; the image pull and "
                         "log actions CDK adds are scoped to the repository and log group.")
             acknowledge(task, "AwsSolutions-ECS2",
                         "Only non-secret settings (env name, queue, DB host/port/name, Redis host) are "
                         "environment variables; credentials are ECS secrets from Secrets Manager.")
+
+        acknowledge(self.ops.task_definition.task_role, "AwsSolutions-IAM5[Resource::*]",
+                    "cloudwatch:GetMetricStatistics (ops depth reads each queue's oldest-message age) has no "
+                    "resource-level permissions; every SQS action of the ops role is scoped to this "
+                    "environment's queues and DLQs.")
+
+
+def _output_id(name: str) -> str:
+    """A catalog queue name as part of a CloudFormation output id (letters and digits only)."""
+    return "".join(part.capitalize() for part in re.split(r"[^A-Za-z0-9]+", name))
 
 
 def build_app(app: cdk.App, configs: list[EnvConfig], *, catalog: Catalog = CATALOG,

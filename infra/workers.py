@@ -98,6 +98,7 @@ class Workers(Construct):
         )
         self.services: dict[str, ecs.FargateService] = {}
         self.task_roles: dict[str, iam.IRole] = {}
+        self.log_groups: dict[str, logs.ILogGroup] = {}
         for contract in catalog:
             low, high = bounds[contract.name]
             self._worker(
@@ -116,6 +117,7 @@ class Workers(Construct):
             scope, "Logs",
             retention=log_retention, removal_policy=log_removal_policy,
         )
+        self.log_groups[contract.name] = log_group
         task = ecs.FargateTaskDefinition(
             scope, "Task", cpu=cpu, memory_limit_mib=memory_mib,
             family=f"pcelery-{env_name}-worker-{contract.name}",

@@ -37,8 +37,8 @@ from infra.config import (
     parse_env,
     selected_envs,
 )
-from infra.relay import MIGRATE_COMMAND, RELAY_COMMAND
-from infra.stacks import CONSUME_ACTIONS, PUBLISH_ACTIONS
+from infra.relay import MIGRATE_COMMAND, OPS_CONTAINER, OPS_ENTRY_POINT, RELAY_COMMAND
+from infra.stacks import CONSUME_ACTIONS, OPS_METRIC_ACTIONS, OPS_QUEUE_ACTIONS, PUBLISH_ACTIONS
 from infra.workers import ECS_MAX_STOP_TIMEOUT, stop_timeout
 
 SUMMARY_FILE = Path(__file__).with_name("infra_summary.json")
@@ -362,17 +362,21 @@ def test_containers_get_the_runtime_contract_and_secrets_only_as_secrets(env):
     plain_names = {"PCELERY_ENV", "AWS_REGION", "DB_HOST", "DB_PORT", "DB_NAME"} | (
         {"REDIS_HOST", "REDIS_PORT"} if cfg.cache else set())
     tasks = [r["Properties"] for r in resources({"t": t}, "AWS::ECS::TaskDefinition").values()]
-    assert len(tasks) == len(CATALOG) + 2
+    assert len(tasks) == len(CATALOG) + 3
     for task in tasks:
         family = task["Family"]
+        # The ops CLI never touches Redis, so it gets neither its host nor its token.
+        ops = family.endswith("-ops")
         for container in task["ContainerDefinitions"]:
             env_vars = {e["Name"]: e["Value"] for e in container["Environment"]}
             assert not secret_names & set(env_vars), f"{family} has a secret in plain env"
             for name, value in env_vars.items():
                 assert not re.search(r"PASSWORD|TOKEN|SECRET|KEY", name), name
                 assert "secretsmanager" not in json.dumps(value), f"{family}: {name} resolves a secret"
-            assert {s["Name"] for s in container["Secrets"]} == secret_names
-            assert set(env_vars) - {"PCELERY_WORKER_QUEUES"} == plain_names
+            assert {s["Name"] for s in container["Secrets"]} == (
+                {"DB_USER", "DB_PASSWORD"} if ops else secret_names), family
+            assert set(env_vars) - {"PCELERY_WORKER_QUEUES"} == (
+                plain_names - {"REDIS_HOST", "REDIS_PORT"} if ops else plain_names), family
             assert env_vars["PCELERY_ENV"] == env
             assert container["LogConfiguration"]["LogDriver"] == "awslogs"
         main = [c for c in task["ContainerDefinitions"] if c.get("Essential", True)]
@@ -380,6 +384,8 @@ def test_containers_get_the_runtime_contract_and_secrets_only_as_secrets(env):
         if family.endswith("-migrate"):
             assert container["EntryPoint"] == MIGRATE_COMMAND
             continue
+        if ops:
+            continue  # its own test below
         # Services migrate in an init container first: the worker refuses an old schema.
         [init] = [c for c in task["ContainerDefinitions"] if c.get("Essential") is False]
         assert init["EntryPoint"] == MIGRATE_COMMAND
@@ -392,6 +398,114 @@ def test_containers_get_the_runtime_contract_and_secrets_only_as_secrets(env):
             assert env_vars["PCELERY_WORKER_QUEUES"] == queue
             assert "EntryPoint" not in container  # the image's ENTRYPOINT, bin/worker
             assert container["StopTimeout"] == stop_timeout(CATALOG.get(queue)) <= ECS_MAX_STOP_TIMEOUT
+
+
+# --------------------------------------------------------------------------- the ops one-off task
+
+
+def _sqs_and_metric_calls_of_the_ops_cli() -> set[str]:
+    """IAM actions behind every SQS and CloudWatch call in ops/ and the outbox publisher replay
+    uses, read from the source: a new call without a grant fails here, not in prod at 3 a.m."""
+    import boto3
+
+    sqs_ops = boto3.client("sqs", region_name="eu-west-1").meta.method_to_api_mapping
+    cw_ops = boto3.client("cloudwatch", region_name="eu-west-1").meta.method_to_api_mapping
+    actions = set()
+    for path in [*(REPO_ROOT / "ops").glob("*.py"), REPO_ROOT / "app" / "outbox.py"]:
+        text = path.read_text()
+        for method in re.findall(r"\bsqs\.([a-z_]+)\b", text):
+            if method in sqs_ops:
+                # A batch call is authorized as its single-message action.
+                actions.add("sqs:" + sqs_ops[method].removesuffix("Batch"))
+        for method in re.findall(r"cloudwatch\(\)\.([a-z_]+)\(", text):
+            actions.add("cloudwatch:" + cw_ops[method])
+    return actions
+
+
+def test_the_ops_cli_source_calls_what_the_reader_expects():
+    # Guards the guard: if the regexes stopped matching, the grant test below would pass on nothing.
+    calls = _sqs_and_metric_calls_of_the_ops_cli()
+    assert {"sqs:StartMessageMoveTask", "sqs:ListDeadLetterSourceQueues", "sqs:PurgeQueue", "sqs:SendMessage",
+            "sqs:ChangeMessageVisibility", "cloudwatch:GetMetricStatistics"} <= calls
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("env", ENVS)
+def test_ops_task_runs_the_cli_in_the_vpc_with_the_relays_database_settings(env):
+    t, producer = stateless(env), stateful(env)
+    task = task_definition(t, f"pcelery-{env}-ops")
+    [container] = task["ContainerDefinitions"]
+    # run-task --overrides '{"containerOverrides":[{"name":"ops","command":[...]}]}' (RUNBOOK.md)
+    assert container["Name"] == OPS_CONTAINER
+    assert container["EntryPoint"] == OPS_ENTRY_POINT and "Command" not in container
+    assert task["RequiresCompatibilities"] == ["FARGATE"] and task["NetworkMode"] == "awsvpc"
+    relay_task = task_definition(t, f"pcelery-{env}-relay")
+    [relay] = [c for c in relay_task["ContainerDefinitions"] if c["Name"] == "relay"]
+    assert container["Image"] == relay["Image"]
+    env_vars = {e["Name"]: e["Value"] for e in container["Environment"]}
+    relay_env = {e["Name"]: e["Value"] for e in relay["Environment"]}
+    for name in ("PCELERY_ENV", "AWS_REGION", "DB_HOST", "DB_PORT", "DB_NAME"):
+        assert env_vars[name] == relay_env[name], name
+    relay_secrets = {s["Name"]: s["ValueFrom"] for s in relay["Secrets"]}
+    assert {s["Name"]: s["ValueFrom"] for s in container["Secrets"]} == {
+        k: relay_secrets[k] for k in ("DB_USER", "DB_PASSWORD")}
+    assert "password" not in json.dumps(container["Environment"]).lower()
+
+    # Its own log group: an operator's output is not buried in a service's logs.
+    group = container["LogConfiguration"]["Options"]["awslogs-group"]
+    other_groups = [c["LogConfiguration"]["Options"]["awslogs-group"]
+                    for r in resources({"t": t}, "AWS::ECS::TaskDefinition").values()
+                    if r["Properties"]["Family"] != f"pcelery-{env}-ops"
+                    for c in r["Properties"]["ContainerDefinitions"]]
+    assert group not in other_groups
+    assert t["Outputs"]["OpsLogGroup"]["Value"] == group
+
+    # Its own security group, allowed into the database on 5432 like the services' group.
+    ops_group = t["Outputs"]["OpsSecurityGroup"]["Value"]
+    assert ops_group != t["Outputs"]["TaskSecurityGroup"]["Value"]
+    [db] = resources({"t": producer}, "AWS::RDS::DBInstance").values()
+    ingress = [r["Properties"] for r in resources({"t": t}, "AWS::EC2::SecurityGroupIngress").values()
+               if r["Properties"]["SourceSecurityGroupId"] == ops_group]
+    assert [(i["FromPort"], i["ToPort"], i["IpProtocol"]) for i in ingress] == [(5432, 5432, "tcp")]
+    db_group = resolve(ingress[0]["GroupId"], producer)
+    assert db_group["Fn::GetAtt"][0] in json.dumps(db["Properties"]["VPCSecurityGroups"])
+    assert t["Outputs"]["OpsTaskDefinition"]["Value"] == f"pcelery-{env}-ops"
+    assert {"ClusterName", "TaskSubnets"} <= set(t["Outputs"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("env", ENVS)
+def test_ops_role_has_exactly_what_the_cli_needs_on_this_environments_queues(env):
+    t, producer = stateless(env), stateful(env)
+    task = task_definition(t, f"pcelery-{env}-ops")
+    grants: dict[str, set[str]] = {}
+    for st in statements_of_role(t, task["TaskRoleArn"]):
+        assert st["Effect"] == "Allow" and "Condition" not in st
+        for resource in as_list(st["Resource"]):
+            name = "*" if resource == "*" else queue_name_of(resource, producer)
+            grants.setdefault(name, set()).update(as_list(st["Action"]))
+    work = {sqs_queue_name(env, q.name) for q in CATALOG}
+    dead = {sqs_queue_name(env, q.name, dlq=True) for q in CATALOG}
+    # Every queue and DLQ of this environment, nothing else; "*" only for reading metrics.
+    assert set(grants) == work | dead | {"*"}
+    assert grants.pop("*") == set(OPS_METRIC_ACTIONS) == {"cloudwatch:GetMetricStatistics"}
+    for name, actions in grants.items():
+        assert actions == set(OPS_QUEUE_ACTIONS), name
+        assert not any("*" in a for a in actions)
+    # A native redrive is authorized on the DLQ (move task, receive, delete, attributes) and on
+    # the destination (send); a client redrive is the same set by hand. Spelled out, not
+    # derived from OPS_QUEUE_ACTIONS, so shrinking that list cannot silently break a redrive.
+    for q in CATALOG:
+        assert {"sqs:StartMessageMoveTask", "sqs:ListMessageMoveTasks", "sqs:CancelMessageMoveTask",
+                "sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes",
+                "sqs:ListDeadLetterSourceQueues", "sqs:ChangeMessageVisibility",
+                } <= grants[sqs_queue_name(env, q.name, dlq=True)]
+        assert "sqs:SendMessage" in grants[sqs_queue_name(env, q.name)]
+    granted = set(OPS_QUEUE_ACTIONS) | set(OPS_METRIC_ACTIONS)
+    assert _sqs_and_metric_calls_of_the_ops_cli() <= granted
+    # And nothing granted that the CLI never calls (GetQueueUrl via resolve(), ListMessageMoveTasks
+    # via _native_status are in the source too).
+    assert granted == _sqs_and_metric_calls_of_the_ops_cli()
 
 
 def test_stop_timeout_covers_a_warm_shutdown_where_ecs_allows():
