@@ -86,6 +86,10 @@ tasks = sa.Table(
     sa.Column("result", sa.Text),  # JSON
     sa.Column("error", sa.Text),  # last error: "ExcType: message"
     sa.Column("message_id", sa.String(100)),  # last SQS MessageId it was published as
+    # The SQS MessageId of the delivery that made the latest claim: a second message for a
+    # running task (a duplicate publish, a redrive) can then be told apart from SQS handing the
+    # running message itself out again (v2).
+    sa.Column("claimed_message_id", sa.String(100)),
     sa.Column("created_at", UTCDateTime, nullable=False),
     sa.Column("updated_at", UTCDateTime, nullable=False),  # for `pending` rows: pending since
     sa.Column("queued_at", UTCDateTime),
@@ -112,6 +116,9 @@ class Claim:
     - "duplicate": the row is `succeeded`; ack the message, do not run
     - "busy": another worker holds a live lease; do not run a second copy
     - "missing": no row with that id (poison message)
+
+    message_id: for "run", the SQS MessageId this claim was made for; for "busy", the one the
+    holder's claim was made for (None when its claimant did not say).
     """
 
     outcome: str
@@ -121,6 +128,7 @@ class Claim:
     kwargs: dict | None = None
     attempts: int = 0
     lease_until: dt.datetime | None = None
+    message_id: str | None = None
 
 
 def utcnow() -> dt.datetime:
@@ -187,19 +195,48 @@ def _begin(target: sa.Engine | sa.Connection, *, read_only: bool = False) -> Ite
 # --- Schema ---------------------------------------------------------------------------------
 
 def _create_tasks_v1(conn: sa.Connection) -> None:
-    # Later steps must spell out their own DDL (op-style ALTERs), not reuse `tasks`, which
-    # always describes the newest schema.
-    tasks.create(conn, checkfirst=True)
+    # The table as version 1 shipped it, spelled out rather than taken from `tasks` (which always
+    # describes the newest schema): a fresh database then climbs the same steps as an old one.
+    v1 = sa.Table(
+        tasks.name, sa.MetaData(),
+        sa.Column("id", sa.String(36), primary_key=True),
+        sa.Column("task_name", sa.String(200), nullable=False),
+        sa.Column("queue", sa.String(80), nullable=False),
+        sa.Column("payload", sa.Text, nullable=False),
+        sa.Column("state", sa.String(16), nullable=False),
+        sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+        sa.Column("delay_seconds", sa.Integer, nullable=False, server_default="0"),
+        sa.Column("lease_until", UTCDateTime),
+        sa.Column("worker", sa.String(200)),
+        sa.Column("result", sa.Text),
+        sa.Column("error", sa.Text),
+        sa.Column("message_id", sa.String(100)),
+        sa.Column("created_at", UTCDateTime, nullable=False),
+        sa.Column("updated_at", UTCDateTime, nullable=False),
+        sa.Column("queued_at", UTCDateTime),
+        sa.Column("started_at", UTCDateTime),
+        sa.Column("finished_at", UTCDateTime),
+        sa.Index("ix_pcelery_tasks_state_created", "state", "created_at"),
+        sa.Index("ix_pcelery_tasks_name_state", "task_name", "state"),
+    )
+    v1.create(conn, checkfirst=True)
+
+
+def _add_claimed_message_id(conn: sa.Connection) -> None:
+    # A nullable column without a default: instant on Postgres (no table rewrite) and on SQLite.
+    conn.execute(sa.text(f"ALTER TABLE {tasks.name} ADD COLUMN claimed_message_id VARCHAR(100)"))
 
 
 MIGRATIONS: list[tuple[int, str, Any]] = [
     (1, "create table pcelery_tasks with its state indexes", _create_tasks_v1),
+    (2, "add pcelery_tasks.claimed_message_id (the SQS message a claim was made for)", _add_claimed_message_id),
 ]
 _PG_MIGRATION_LOCK = 0x70636C72  # "pclr": serializes concurrent `migrate` runs (two tasks starting)
 
 
-def migrate(engine: sa.Engine) -> list[str]:
+def migrate(engine: sa.Engine, *, up_to: int | None = None) -> list[str]:
     """Create or upgrade the schema; idempotent. Returns the steps applied (empty when current).
+    up_to: stop after that version (tests build an old database with it).
     CLI: `python -m app.store migrate` (uses Settings.from_env().database_url)."""
     applied = []
     with engine.begin() as conn:  # DDL is transactional on both databases: all steps or none
@@ -208,7 +245,7 @@ def migrate(engine: sa.Engine) -> list[str]:
         schema_versions.create(conn, checkfirst=True)
         current = conn.execute(sa.select(sa.func.max(schema_versions.c.version))).scalar() or 0
         for version, description, step in MIGRATIONS:
-            if version <= current:
+            if version <= current or (up_to is not None and version > up_to):
                 continue
             step(conn)
             conn.execute(schema_versions.insert().values(version=version, description=description,
@@ -279,10 +316,12 @@ def mark_queued(engine: sa.Engine | sa.Connection, published: dict[str, str]) ->
 
 # --- The worker's side ----------------------------------------------------------------------
 
-def claim(engine: sa.Engine, task_id: str, *, worker: str, lease_seconds: int) -> Claim:
+def claim(engine: sa.Engine, task_id: str, *, worker: str, lease_seconds: int,
+          message_id: str | None = None) -> Claim:
     """One short transaction: decide run/duplicate/busy/missing and, for run, set running,
-    attempts+1, lease_until=now+lease_seconds, worker, started_at. A `running` row whose lease
-    has expired (its worker died) may be claimed again."""
+    attempts+1, lease_until=now+lease_seconds, worker, started_at and claimed_message_id (the
+    SQS MessageId of the delivery, when known). A `running` row whose lease has expired (its
+    worker died) may be claimed again."""
     now = utcnow()
     c = tasks.c
     claimable = sa.or_(
@@ -294,21 +333,25 @@ def claim(engine: sa.Engine, task_id: str, *, worker: str, lease_seconds: int) -
             sa.update(tasks)
             .where(c.id == task_id, claimable)
             .values(state="running", attempts=c.attempts + 1, lease_until=now + dt.timedelta(seconds=lease_seconds),
-                    worker=worker[:200], started_at=now, finished_at=None, updated_at=now)
+                    worker=worker[:200], claimed_message_id=message_id, started_at=now, finished_at=None,
+                    updated_at=now)
             .returning(c.task_name, c.payload, c.attempts, c.lease_until)
         ).first()
         if won is None:
             current = conn.execute(
-                sa.select(c.state, c.task_name, c.attempts, c.lease_until).where(c.id == task_id)
+                sa.select(c.state, c.task_name, c.attempts, c.lease_until, c.claimed_message_id)
+                .where(c.id == task_id)
             ).first()
     if won is not None:
         payload = json.loads(won.payload)
         return Claim("run", task_id, won.task_name, list(payload.get("args", [])),
-                     dict(payload.get("kwargs", {})), won.attempts, won.lease_until)
+                     dict(payload.get("kwargs", {})), won.attempts, won.lease_until, message_id)
     if current is None:
         return Claim("missing", task_id)
-    outcome = "duplicate" if current.state == "succeeded" else "busy"
-    return Claim(outcome, task_id, current.task_name, attempts=current.attempts, lease_until=current.lease_until)
+    if current.state == "succeeded":
+        return Claim("duplicate", task_id, current.task_name, attempts=current.attempts)
+    return Claim("busy", task_id, current.task_name, attempts=current.attempts, lease_until=current.lease_until,
+                 message_id=current.claimed_message_id)
 
 
 def _owned(task_id: str, worker: str):
@@ -467,6 +510,39 @@ def count_by_state(engine: sa.Engine) -> dict[str, int]:
         for state, n in conn.execute(sa.select(tasks.c.state, sa.func.count()).group_by(tasks.c.state)):
             counts[state] = int(n)
     return counts
+
+
+def count_by_queue_and_state(engine: sa.Engine) -> dict[str, dict[str, int]]:
+    """{catalog queue: {state: count}}, every state in STATES present for each queue that has rows
+    (a queue without rows is absent)."""
+    counts: dict[str, dict[str, int]] = {}
+    c = tasks.c
+    with _begin(engine, read_only=True) as conn:
+        for queue, state, n in conn.execute(sa.select(c.queue, c.state, sa.func.count()).group_by(c.queue, c.state)):
+            counts.setdefault(queue, dict.fromkeys(STATES, 0))[state] = int(n)
+    return counts
+
+
+def mark_redriven(engine: sa.Engine, task_ids: list[str]) -> list[str]:
+    """After a client redrive put these tasks' messages back on their queue: dead -> queued, so
+    the rows show them waiting again. Only rows still `dead` move; a row a worker already claimed
+    from the redriven message is left alone (the conditional update loses that race harmlessly).
+    Returns the ids moved, in the order given."""
+    if not task_ids:
+        return []
+    now = utcnow()
+    c = tasks.c
+    moved: list[str] = []
+    with engine.begin() as conn:
+        for start in range(0, len(task_ids), _INSERT_CHUNK):
+            chunk = list(task_ids[start:start + _INSERT_CHUNK])
+            moved += conn.execute(
+                sa.update(tasks).where(c.id.in_(chunk), c.state == "dead")
+                .values(state="queued", queued_at=now, updated_at=now)
+                .returning(c.id)
+            ).scalars().all()
+    order = {tid: i for i, tid in enumerate(task_ids)}
+    return sorted(moved, key=order.__getitem__)
 
 
 def reset_for_replay(engine: sa.Engine, task_ids: list[str]) -> list[str]:

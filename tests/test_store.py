@@ -42,18 +42,56 @@ def state_of(engine, task_id):
 
 # --- migrations -----------------------------------------------------------------------------
 
-def test_migrate_is_idempotent_and_versioned(db_url):
-    eng = store.make_engine(db_url)
-    with eng.begin() as conn:  # from an empty database, also on the session's Postgres
+def _drop_schema(eng):
+    with eng.begin() as conn:
         conn.execute(sa.text("DROP TABLE IF EXISTS pcelery_tasks"))
         conn.execute(sa.text("DROP TABLE IF EXISTS pcelery_schema_version"))
+
+
+def test_migrate_is_idempotent_and_versioned(db_url):
+    eng = store.make_engine(db_url)
+    _drop_schema(eng)  # from an empty database, also on the session's Postgres
     assert store.schema_version(eng) == 0
     first = store.migrate(eng)
-    assert first == ["1: create table pcelery_tasks with its state indexes"]
+    assert first == ["1: create table pcelery_tasks with its state indexes",
+                     "2: add pcelery_tasks.claimed_message_id (the SQS message a claim was made for)"]
     assert store.migrate(eng) == []
-    assert store.schema_version(eng) == store.LATEST_SCHEMA_VERSION == 1
+    assert store.schema_version(eng) == store.LATEST_SCHEMA_VERSION == 2
     names = set(sa.inspect(eng).get_table_names())
     assert {"pcelery_tasks", "pcelery_schema_version"} <= names
+    # The steps build exactly the table the code describes (a drift would break the next ALTER).
+    built = {c["name"] for c in sa.inspect(eng).get_columns("pcelery_tasks")}
+    assert built == {c.name for c in store.tasks.columns}
+    eng.dispose()
+
+
+def test_a_version_1_database_with_rows_upgrades_in_place(db_url):
+    """The upgrade path a deployed database takes: v1 rows survive, the new column starts empty,
+    and the code that needs it works right after."""
+    eng = store.make_engine(db_url)
+    _drop_schema(eng)
+    assert store.migrate(eng, up_to=1) == ["1: create table pcelery_tasks with its state indexes"]
+    assert store.schema_version(eng) == 1  # the worker and ops refuse this (tested with them)
+    assert "claimed_message_id" not in {c["name"] for c in sa.inspect(eng).get_columns("pcelery_tasks")}
+    running, queued = str(uuid.uuid4()), str(uuid.uuid4())
+    with eng.begin() as conn:  # rows as v1 code wrote them: statements that name only v1 columns
+        for task_id in (running, queued):
+            conn.execute(store.tasks.insert().values(store.task_row(
+                task_id=task_id, task_name="demo.add", queue="default", args=[1, 2], kwargs={})))
+        conn.execute(sa.update(store.tasks).where(store.tasks.c.id == queued).values(state="queued"))
+        conn.execute(sa.update(store.tasks).where(store.tasks.c.id == running).values(
+            state="running", attempts=1, worker="old-worker", lease_until=store.utcnow() + dt.timedelta(minutes=5)))
+
+    assert store.migrate(eng) == ["2: add pcelery_tasks.claimed_message_id (the SQS message a claim was made for)"]
+    assert store.schema_version(eng) == store.LATEST_SCHEMA_VERSION
+    row = store.get_task(eng, running)
+    assert (row["state"], row["worker"], row["claimed_message_id"]) == ("running", "old-worker", None)
+    # A task claimed by v1 code: busy, and nobody knows which message it runs for.
+    busy = store.claim(eng, running, worker="new", lease_seconds=60, message_id="m-2")
+    assert (busy.outcome, busy.message_id) == ("busy", None)
+    won = store.claim(eng, queued, worker="new", lease_seconds=60, message_id="m-1")
+    assert (won.outcome, won.args, won.message_id) == ("run", [1, 2], "m-1")
+    assert store.get_task(eng, queued)["claimed_message_id"] == "m-1"
     eng.dispose()
 
 
@@ -71,7 +109,7 @@ def test_migrate_cli_applies_then_reports_current(tmp_path):
     assert "applied 1: create table pcelery_tasks" in first.stderr
     second = _run_store_cli({"DATABASE_URL": url})
     assert second.returncode == 0, second.stderr
-    assert "schema is current (version 1)" in second.stderr
+    assert f"schema is current (version {store.LATEST_SCHEMA_VERSION})" in second.stderr
     assert "applied" not in second.stderr
 
 
@@ -162,9 +200,10 @@ def test_failure_redelivery_then_dead_then_redrive(engine):
 
 def test_other_workers_are_refused_while_the_lease_is_live(engine):
     task_id = new_task(engine)
-    store.claim(engine, task_id, worker="w1", lease_seconds=60)
-    busy = store.claim(engine, task_id, worker="w2", lease_seconds=60)
+    assert store.claim(engine, task_id, worker="w1", lease_seconds=60, message_id="sqs-1").message_id == "sqs-1"
+    busy = store.claim(engine, task_id, worker="w2", lease_seconds=60, message_id="sqs-2")
     assert busy.outcome == "busy" and busy.lease_until is not None
+    assert busy.message_id == "sqs-1"  # the holder's message, so the worker can tell a second copy apart
     assert not store.extend_lease(engine, task_id, worker="w2", lease_seconds=60)
     with engine.begin() as conn:
         assert not store.finish_success(conn, task_id, worker="w2", result=1)
@@ -172,6 +211,7 @@ def test_other_workers_are_refused_while_the_lease_is_live(engine):
     assert not store.release(engine, task_id, worker="w2")
     row = store.get_task(engine, task_id)
     assert (row["state"], row["worker"], row["attempts"], row["error"]) == ("running", "w1", 1, None)
+    assert row["claimed_message_id"] == "sqs-1"  # a refused claim records nothing
 
 
 def test_release_gives_the_row_back_to_queued(engine):
@@ -263,6 +303,41 @@ def test_counts_lists_and_pending_summary(engine):
         conn.execute(sa.update(store.tasks).where(store.tasks.c.id == a)
                      .values(updated_at=store.utcnow() - dt.timedelta(minutes=10)))
     assert store.pending_summary(engine)["oldest_age_seconds"] >= 600
+
+
+def test_count_by_queue_and_state_counts_each_queue_apart(engine):
+    assert store.count_by_queue_and_state(engine) == {}
+    default_ids = [new_task(engine) for _ in range(3)]
+    long_id = new_task(engine, queue="long")
+    store.mark_queued(engine, {default_ids[0]: "m0", long_id: "m1"})
+    store.claim(engine, default_ids[1], worker="w", lease_seconds=60)
+    store.finish_failure(engine, default_ids[1], worker="w", error="E: x", final=True)
+    zero = dict.fromkeys(store.STATES, 0)
+    assert store.count_by_queue_and_state(engine) == {
+        "default": {**zero, "queued": 1, "dead": 1, "pending": 1},
+        "long": {**zero, "queued": 1},
+    }
+
+
+def test_mark_redriven_moves_only_rows_still_dead(engine):
+    dead, claimed, succeeded = new_task(engine), new_task(engine), new_task(engine)
+    for task_id in (dead, claimed, succeeded):
+        store.claim(engine, task_id, worker="w1", lease_seconds=60)
+        store.finish_failure(engine, task_id, worker="w1", error="E: boom", final=True)
+    # The redriven message of `claimed` reached a worker before ops updated the row; `succeeded`
+    # ran to the end from its redriven copy already.
+    store.claim(engine, claimed, worker="w2", lease_seconds=60)
+    store.claim(engine, succeeded, worker="w2", lease_seconds=60)
+    with engine.begin() as conn:
+        store.finish_success(conn, succeeded, worker="w2", result=1)
+
+    assert store.mark_redriven(engine, [succeeded, "no-such-task", dead, claimed]) == [dead]
+    row = store.get_task(engine, dead)
+    assert (row["state"], row["error"], row["attempts"]) == ("queued", "E: boom", 1)
+    assert row["queued_at"] is not None
+    assert (state_of(engine, claimed), state_of(engine, succeeded)) == ("running", "succeeded")
+    assert store.mark_redriven(engine, [dead]) == []  # queued now: nothing to move
+    assert store.mark_redriven(engine, []) == []
 
 
 def test_claim_unpublished_honours_age_and_exclusions(engine):
