@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -90,6 +91,125 @@ def test_exit_code_table_matches_the_cli():
 
     table = dict(re.findall(r"^\| (\d+) \| ([^|]+) \|", RUNBOOK, re.MULTILINE))
     assert sorted(map(int, table)) == sorted(EXIT_CODES)
+
+
+# ------------------------------------------------------------------ ops inside the VPC (run-task)
+
+# Stands in for the AWS CLI, which needs an account: records each call and answers like it would.
+FAKE_AWS = """#!{python}
+import json, os, re, sys
+args = sys.argv[1:]
+with open(os.environ["FAKE_AWS_LOG"], "a") as log:
+    log.write(json.dumps(args) + "\\n")
+query = args[args.index("--query") + 1] if "--query" in args else ""
+if args[:2] == ["cloudformation", "describe-stacks"]:
+    key = re.search(r"OutputKey=='(\\w+)'", query).group(1)
+    print({{"TaskSubnets": "subnet-a,subnet-b"}}.get(key, "fake-" + key))
+elif args[:2] == ["ecs", "run-task"]:
+    print("arn:aws:ecs:eu-west-1:123456789012:task/pcelery-prod/0123abcd")
+elif args[:2] == ["logs", "tail"]:
+    print("ops output")
+elif args[:2] == ["ecs", "describe-tasks"]:
+    print(os.environ.get("FAKE_EXIT_CODE", "3") if "exitCode" in query else "CannotPullContainerError: ...")
+"""
+
+
+def _section(anchor: str) -> str:
+    start = RUNBOOK.index(f'<a id="{anchor}"></a>')
+    return RUNBOOK[start:RUNBOOK.index("<a id=", start + 1)]
+
+
+def _code_blocks(text: str) -> list[str]:
+    return re.findall(r"^```\n(.*?)^```", text, re.MULTILINE | re.DOTALL)
+
+
+@pytest.fixture
+def fake_aws(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "aws").write_text(FAKE_AWS.format(python=sys.executable))
+    (bin_dir / "aws").chmod(0o755)
+    log = tmp_path / "aws.log"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_AWS_LOG": str(log), "USER": "oncall"}
+    [out_line] = [line for line in RUNBOOK.splitlines() if line.startswith("out() {")]
+
+    def run(script: str, **extra_env) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
+        log.write_text("")
+        proc = subprocess.run(["bash", "-c", f"set -u\nPCELERY_ENV=prod\n{out_line}\n{script}"], check=False,
+                              env={**env, **extra_env}, cwd=REPO, capture_output=True, text=True, timeout=60)
+        return proc, [json.loads(x) for x in log.read_text().splitlines()]
+    return run
+
+
+def _run_task_call(calls: list[list[str]]) -> tuple[list[str], list[str]]:
+    """(the run-task call, the ops arguments it passes as the container command)."""
+    [call] = [c for c in calls if c[:2] == ["ecs", "run-task"]]
+    override = json.loads(call[call.index("--overrides") + 1])
+    [container] = override["containerOverrides"]
+    from infra.relay import OPS_CONTAINER
+
+    assert container["name"] == OPS_CONTAINER
+    return call, container["command"]
+
+
+def _cli_accepts(command: list[str]) -> None:
+    from infra.relay import OPS_ENTRY_POINT
+
+    assert OPS_ENTRY_POINT[:2] == ["python", "-m"]
+    proc = subprocess.run([sys.executable, *OPS_ENTRY_POINT[1:], *command], check=False, cwd=REPO,
+                          env={**os.environ, "OPS_PARSE_ONLY": "1", "PCELERY_ENV": "prod"},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, f"{command}: {proc.stderr}"
+
+
+def test_ops_task_recipe_names_what_the_cdk_app_synthesizes():
+    from cdk_support import resources, synth_templates
+
+    stateless = synth_templates("prod")["pcelery-prod-stateless"]
+    used = set(re.findall(r"\$\(out (\w+)\)", RUNBOOK))
+    assert {"TaskSubnets", "OpsSecurityGroup", "OpsLogGroup", "RelayLogGroup"} <= used
+    assert used <= set(stateless["Outputs"]), f"outputs the stack lacks: {sorted(used - set(stateless['Outputs']))}"
+    families = {r["Properties"]["Family"] for r in resources({"t": stateless}, "AWS::ECS::TaskDefinition").values()}
+    clusters = {r["Properties"]["ClusterName"] for r in resources({"t": stateless}, "AWS::ECS::Cluster").values()}
+    for call in re.findall(r"^aws ecs run-task .*$", RUNBOOK, re.MULTILINE):
+        assert re.search(r"--cluster (\S+)", call).group(1) in clusters | {'"pcelery-$PCELERY_ENV"'}
+        family = re.search(r"--task-definition (\S+)", call).group(1).replace('"pcelery-$PCELERY_ENV-', "pcelery-prod-")
+        assert family.strip('"') in families, call
+
+
+def test_ops_task_recipe_runs_the_cli_in_the_vpc(fake_aws):
+    """The literal run-task recipe and the ops_task function, run by bash against a stand-in
+    AWS CLI: the right subnets, security group and container, and an override the CLI accepts."""
+    first, function = _code_blocks(_section("ops-in-the-vpc"))[0], _code_blocks(_section("ops-in-the-vpc"))[2]
+    proc, calls = fake_aws(first)
+    assert proc.returncode == 0, proc.stderr
+    call, command = _run_task_call(calls)
+    assert call[call.index("--task-definition") + 1] == "pcelery-prod-ops"
+    assert call[call.index("--network-configuration") + 1] == (
+        "awsvpcConfiguration={subnets=[subnet-a,subnet-b],securityGroups=[fake-OpsSecurityGroup],assignPublicIp=DISABLED}")
+    assert command == ["tasks", "--state", "dead"]
+    _cli_accepts(command)
+
+    # Arguments with spaces survive, ops's exit code comes back, its log stream is the task's.
+    proc, calls = fake_aws(function + '\nops_task replay --state dead --task "demo slow" --dry-run; echo "exit $?"')
+    assert proc.stdout.splitlines()[-2:] == ["ops output", "exit 3"], proc.stdout + proc.stderr
+    call, command = _run_task_call(calls)
+    assert call[call.index("--task-definition") + 1] == "pcelery-prod-ops"
+    assert "securityGroups=[fake-OpsSecurityGroup]" in call[call.index("--network-configuration") + 1]
+    assert command == ["replay", "--state", "dead", "--task", "demo slow", "--dry-run"]
+    _cli_accepts(command)
+    [tail] = [c for c in calls if c[:2] == ["logs", "tail"]]
+    # awslogs names a stream <stream prefix>/<container>/<task id>.
+    from cdk_support import resources, synth_templates
+
+    [ops] = [c for r in resources(synth_templates("prod"), "AWS::ECS::TaskDefinition").values()
+             if r["Properties"]["Family"] == "pcelery-prod-ops" for c in r["Properties"]["ContainerDefinitions"]]
+    stream = f"{ops['LogConfiguration']['Options']['awslogs-stream-prefix']}/{ops['Name']}/0123abcd"
+    assert tail[2] == "fake-OpsLogGroup" and tail[tail.index("--log-stream-names") + 1] == stream
+
+    # A task that never ran ops (no exit code) says why and is not mistaken for success.
+    proc, _ = fake_aws(function + "\nops_task depth; echo \"exit $?\"", FAKE_EXIT_CODE="None")
+    assert proc.stdout.splitlines()[-2:] == ["CannotPullContainerError: ...", "exit 4"], proc.stdout + proc.stderr
 
 
 # ------------------------------------------------------------------ the commands, executed
