@@ -262,8 +262,9 @@ class Context:
 
 
 def cmd_depth(ctx: Context) -> int:
+    from app.store import count_by_queue_and_state
+
     from .queues import catalog_refs, depth
-    from .tasks import counts_by_queue
 
     args = ctx.args
     refs = ([ctx.resolve(q) for q in args.queues] if args.queues
@@ -274,7 +275,7 @@ def cmd_depth(ctx: Context) -> int:
         counts = None
         if engine is not None:
             try:
-                counts = counts_by_queue(engine)
+                counts = count_by_queue_and_state(engine)
             except Exception as exc:  # noqa: BLE001 - counts are extra; depth must still answer
                 _note(f"task counts unavailable ({exc})")
         return depth(ctx.aws, refs, env=ctx.env, catalog=ctx.catalog, task_counts=counts)
@@ -384,7 +385,7 @@ def cmd_redrive(ctx: Context) -> int:
     if result.moved_task_ids:
         engine = ctx.store()
         if engine is not None:
-            from .tasks import mark_redriven
+            from app.store import mark_redriven
 
             try:
                 summary["tasks_requeued"] = len(mark_redriven(engine, result.moved_task_ids))

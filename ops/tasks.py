@@ -1,6 +1,5 @@
-"""The claim-check store side of ops: task rows, per-queue counts, replay, and the row update
-that follows a client redrive. Reads and writes go through app.store; only the per-queue count
-and the dead->queued step after a redrive are queries of their own (on the store's table)."""
+"""The claim-check store side of ops: opening the store, task rows as JSON-ready data, replay.
+Every read and write of the tasks table goes through app.store, which owns it."""
 
 from __future__ import annotations
 
@@ -54,6 +53,10 @@ def open_store(database_url: str):
         engine.dispose()
         return None, (f"claim-check database {_where(engine)} has no schema: run `python -m app.store migrate` "
                       "(RUNBOOK.md#run-migrations)")
+    if version < store.LATEST_SCHEMA_VERSION:  # reading rows would fail on the columns it lacks
+        engine.dispose()
+        return None, (f"claim-check database {_where(engine)} has schema version {version}, this code needs "
+                      f"{store.LATEST_SCHEMA_VERSION}: run `python -m app.store migrate` (RUNBOOK.md#run-migrations)")
     return engine, None
 
 
@@ -62,19 +65,6 @@ def require_store(database_url: str) -> sa.Engine:
     if engine is None:
         raise OpsError(note, EXIT_DB)
     return engine
-
-
-def counts_by_queue(engine: sa.Engine) -> dict[str, dict[str, int]]:
-    """{catalog queue: {state: count}}, every state present for every queue that has rows."""
-    from app.store import STATES, tasks
-
-    out: dict[str, dict[str, int]] = {}
-    with engine.connect() as conn:
-        rows = conn.execute(sa.select(tasks.c.queue, tasks.c.state, sa.func.count())
-                            .group_by(tasks.c.queue, tasks.c.state))
-        for queue, state, n in rows:
-            out.setdefault(queue, dict.fromkeys(STATES, 0))[state] = int(n)
-    return out
 
 
 def task_rows(engine: sa.Engine, task_ids: list[str]) -> dict[str, dict]:
@@ -117,26 +107,6 @@ def list_tasks(engine: sa.Engine, *, state: str | None = None, task_name: str | 
     rows = store_list(engine, state=state, task_name=task_name, older_than_seconds=older_than_seconds,
                       stuck=stuck, limit=limit)
     return [public_row(r) for r in rows]
-
-
-def mark_redriven(engine: sa.Engine, task_ids: list[str]) -> list[str]:
-    """After a client redrive put these tasks' messages back on their queue: dead -> queued, so
-    `tasks` shows them waiting again. Only `dead` rows move; a row a worker already claimed from
-    the redriven message is left alone (the conditional update loses that race harmlessly)."""
-    from app.store import tasks, utcnow
-
-    if not task_ids:
-        return []
-    now = utcnow()
-    moved: list[str] = []
-    with engine.begin() as conn:
-        for start in range(0, len(task_ids), 500):
-            chunk = task_ids[start:start + 500]
-            moved += conn.execute(
-                sa.update(tasks).where(tasks.c.id.in_(chunk), tasks.c.state == "dead")
-                .values(state="queued", queued_at=now, updated_at=now).returning(tasks.c.id)
-            ).scalars().all()
-    return moved
 
 
 def select_for_replay(engine: sa.Engine, *, task_ids: list[str] | None = None, state: str | None = None,
