@@ -106,7 +106,9 @@ def encode_body(task_id: str, task_name: str, *, queue: str | None = None,
 class DecodedMessage:
     task: str
     task_id: str
-    args: list | None  # None when the inner body is not JSON (e.g. a pickled message)
+    # None when the inner body cannot be read as Celery's [args, kwargs, embed]: another content
+    # type (a pickled message), or a JSON content type over a body that is not that JSON.
+    args: list | None
     kwargs: dict | None
     headers: dict = field(default_factory=dict)
     queue: str | None = None  # Celery queue name from delivery_info.routing_key
@@ -126,7 +128,11 @@ def _maybe_b64(text: str) -> str:
 
 def decode_body(body: str | bytes) -> DecodedMessage | None:
     """The Celery task in an SQS body, or None when it is not a Celery protocol-2 message
-    (ops then shows the raw body). Never raises."""
+    (ops then shows the raw body). Never raises.
+
+    The task name and id come from the envelope's headers, so a message whose inner body is
+    damaged (not base64, not JSON, not [args, kwargs, ...]) still decodes, with args and kwargs
+    None: that is exactly the poison message ops must be able to name."""
     try:
         if isinstance(body, bytes):
             body = body.decode("utf-8")
@@ -139,15 +145,7 @@ def decode_body(body: str | bytes) -> DecodedMessage | None:
         properties = envelope.get("properties") if isinstance(envelope.get("properties"), dict) else {}
         delivery_info = properties.get("delivery_info") if isinstance(properties.get("delivery_info"), dict) else {}
         content_type = envelope.get("content-type")
-        args = kwargs = None
-        inner = envelope.get("body")
-        if isinstance(inner, str) and content_type == CONTENT_TYPE:
-            if properties.get("body_encoding") == "base64":
-                inner = base64.b64decode(inner).decode(envelope.get("content-encoding") or "utf-8")
-            parsed = json.loads(inner)
-            if isinstance(parsed, list) and len(parsed) >= 2 and isinstance(parsed[0], list) \
-                    and isinstance(parsed[1], dict):
-                args, kwargs = parsed[0], parsed[1]
+        args, kwargs = _task_arguments(envelope, properties) if content_type == CONTENT_TYPE else (None, None)
         return DecodedMessage(
             task=str(headers["task"]),
             task_id=str(headers["id"]),
@@ -159,3 +157,20 @@ def decode_body(body: str | bytes) -> DecodedMessage | None:
         )
     except Exception:  # noqa: BLE001 - garbage in a DLQ must never take ops or a worker down
         return None
+
+
+def _task_arguments(envelope: dict, properties: dict) -> tuple[list | None, dict | None]:
+    """(args, kwargs) from a JSON envelope's inner body, or (None, None) when it is not what it
+    claims to be."""
+    inner = envelope.get("body")
+    if not isinstance(inner, str):
+        return None, None
+    try:
+        if properties.get("body_encoding") == "base64":
+            inner = base64.b64decode(inner).decode(envelope.get("content-encoding") or "utf-8")
+        parsed = json.loads(inner)
+    except (binascii.Error, ValueError, LookupError):  # LookupError: an unknown content-encoding
+        return None, None
+    if isinstance(parsed, list) and len(parsed) >= 2 and isinstance(parsed[0], list) and isinstance(parsed[1], dict):
+        return parsed[0], parsed[1]
+    return None, None

@@ -6,6 +6,7 @@ tests (in-process moto, or a fake SQS client standing in for the collaborator).
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -186,15 +187,23 @@ def test_depth_watch_refreshes_until_interrupted(stack):
 def test_peek_shows_messages_with_their_rows_and_consumes_nothing(stack):
     tid = stack.dead_task("app.demo_tasks.always_fails", error="RuntimeError: payment API down")
     stack.send(stack.url("default", dlq=True), "not a celery message", source="hand")
+    # A Celery envelope whose inner body is not the JSON its content type says: the headers still
+    # name the task, which is what the on-call engineer needs.
+    damaged_id = str(uuid.uuid4())
+    envelope = json.loads(base64.b64decode(encode_body(damaged_id, "app.demo_tasks.add", queue="default")))
+    envelope["body"] = base64.b64encode(b"[[1, 2], {").decode()
+    stack.send(stack.url("default", dlq=True), base64.b64encode(json.dumps(envelope).encode()).decode())
     before = (stack.counts(stack.url("default", dlq=True)), stack.counts(stack.url("default")))
 
     messages = stack.ops_json("peek", "default-dlq", "--limit", "10")
 
     after = (stack.counts(stack.url("default", dlq=True)), stack.counts(stack.url("default")))
-    assert before == after == ((2, 0, 0), (0, 0, 0))  # nothing consumed, nothing left in flight
-    assert len(messages) == 2
-    celery = next(m for m in messages if m["task_id"])
+    assert before == after == ((3, 0, 0), (0, 0, 0))  # nothing consumed, nothing left in flight
+    assert len(messages) == 3
+    celery = next(m for m in messages if m["task_id"] == tid)
     raw = next(m for m in messages if not m["task_id"])
+    damaged = next(m for m in messages if m["task_id"] == damaged_id)
+    assert damaged["task"] == "app.demo_tasks.add" and damaged["task_row"] is None
     assert set(celery) == {"message_id", "task", "task_id", "receive_count", "sent_at", "attributes", "body",
                            "task_row"}
     assert celery["task"] == "app.demo_tasks.always_fails" and celery["task_id"] == tid
@@ -210,7 +219,9 @@ def test_peek_shows_messages_with_their_rows_and_consumes_nothing(stack):
     assert one["receive_count"] == 2
     table = stack.ops("peek", "default-dlq")
     assert "app.demo_tasks.always_fails" in table.stdout and "payment API down" in table.stdout
-    assert stack.counts(stack.url("default", dlq=True)) == (2, 0, 0)
+    assert f"task     app.demo_tasks.add  id {damaged_id}" in table.stdout
+    assert "no row with this id: a poison message" in table.stdout
+    assert stack.counts(stack.url("default", dlq=True)) == (3, 0, 0)
 
 
 def test_peek_refuses_a_work_queue_because_receives_count_toward_the_dlq(stack):
@@ -395,6 +406,15 @@ def test_tasks_lists_rows_by_state_age_and_stuck(stack):
     assert proc.returncode == 2 and "unknown state" in _error_line(proc)
     proc = stack.ops("tasks", env={"DATABASE_URL": f"postgresql://postgres@127.0.0.1:{free_port()}/nope"})
     assert proc.returncode == 9 and "unreachable" in _error_line(proc)
+    # A store behind the code (its rows lack columns ops reads): told to migrate, not a traceback.
+    old_store = f"sqlite:///{stack.db_url.removeprefix('sqlite:///')}.v1"
+    old_engine = store.make_engine(old_store)
+    store.migrate(old_engine, up_to=1)
+    old_engine.dispose()
+    proc = stack.ops("tasks", env={"DATABASE_URL": old_store})
+    assert proc.returncode == 9
+    assert "has schema version 1, this code needs" in _error_line(proc)
+    assert "run `python -m app.store migrate`" in _error_line(proc)
 
 
 # ------------------------------------------------------------------------------- purge

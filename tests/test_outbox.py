@@ -187,6 +187,20 @@ def test_decode_body_returns_none_for_anything_but_a_celery_message(garbage):
     assert decode_body(garbage) is None
 
 
+@pytest.mark.parametrize("inner", [
+    base64.b64encode(b"[[1, 2], {").decode(),  # cut-off JSON
+    base64.b64encode(b'{"args": [1]}').decode(),  # JSON, but not [args, kwargs, embed]
+    base64.b64encode(b"\xff\xfe not utf-8").decode(),
+    "%%% not base64 %%%",
+])
+def test_decode_body_names_the_task_of_a_json_message_whose_inner_body_is_damaged(inner):
+    envelope = json.loads(base64.b64decode(encode_body("d-1", "demo.add", queue="long")))
+    envelope["body"] = inner
+    decoded = decode_body(base64.b64encode(json.dumps(envelope).encode()).decode())
+    assert (decoded.task, decoded.task_id, decoded.queue) == ("demo.add", "d-1", "long")
+    assert (decoded.args, decoded.kwargs, decoded.content_type) == (None, None, "application/json")
+
+
 def test_decode_body_keeps_headers_of_a_non_json_celery_message():
     envelope = {"body": "gAN9cQAu", "content-type": "application/x-python-serialize", "headers":
                 {"task": "legacy.task", "id": "p-1"}, "properties": {"body_encoding": "base64"}}
