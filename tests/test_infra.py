@@ -761,6 +761,11 @@ def test_adding_a_queue_adds_its_queue_dlq_permissions_and_alarms_and_nothing_el
                  for st in statements_of_role(three["pcelery-dev-stateless"], relay["TaskRoleArn"])
                  for r in as_list(st["Resource"])}
     assert "pcelery-dev-reports" in published
+    ops = task_definition(three["pcelery-dev-stateless"], "pcelery-dev-ops")
+    operated = {queue_name_of(r, three["pcelery-dev-stateful"])
+                for st in statements_of_role(three["pcelery-dev-stateless"], ops["TaskRoleArn"])
+                for r in as_list(st["Resource"]) if r != "*"}
+    assert {"pcelery-dev-reports", "pcelery-dev-reports-dlq"} <= operated
 
 
 # --------------------------------------------------------------------------- drift and the real CLI
