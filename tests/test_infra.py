@@ -38,7 +38,12 @@ from infra.config import (
     selected_envs,
 )
 from infra.relay import MIGRATE_COMMAND, OPS_CONTAINER, OPS_ENTRY_POINT, RELAY_COMMAND
-from infra.stacks import CONSUME_ACTIONS, OPS_METRIC_ACTIONS, OPS_QUEUE_ACTIONS, PUBLISH_ACTIONS
+from infra.stacks import (
+    CONSUME_ACTIONS,
+    OPS_METRIC_ACTIONS,
+    OPS_QUEUE_ACTIONS,
+    PUBLISH_ACTIONS,
+)
 from infra.workers import ECS_MAX_STOP_TIMEOUT, stop_timeout
 
 SUMMARY_FILE = Path(__file__).with_name("infra_summary.json")
