@@ -6,10 +6,18 @@ A delivery carries only the task id (the payload is the row in the claim-check s
 1. Claim the row (store.claim, worker identity "host:pid", lease a little shorter than the
    queue's visibility timeout, see `lease_seconds`):
    - duplicate (the row already succeeded): return the stored result; the message is acked.
-   - busy (another worker holds a live lease): do not run. Raise `LeftForRedelivery`, which
-     rejects without requeue, so the message stays in SQS and comes back after the visibility
-     timeout, when the claim sees the verdict. Cost: each such return is one more receive
-     towards maxReceiveCount.
+   - busy (another worker holds a live lease): do not run. What happens to this delivery depends
+     on whether it is the message the holder claimed for (the claim records SQS MessageIds):
+     - another message (published twice by the submitter and the relay, or redriven): redundant. The
+       holder's own message is still in flight and its lifecycle (success, failure and
+       redelivery, a crash and redelivery) owns the task, so this copy is acked (deleted) at
+       once with `RedundantCopy`. Leaving it would cost a receive every visibility timeout and
+       could dead-letter a copy of a long task that in fact succeeds.
+     - the same message (SQS handed the running message out again: its visibility was not
+       extended in time), or either id unknown: raise `LeftForRedelivery`, which rejects without
+       requeue, so the message stays in SQS and comes back after the visibility timeout, when
+       the claim sees the verdict. Cost: each such return is one more receive towards
+       maxReceiveCount.
    - missing (no row: a forged or stale id): `PoisonMessage`; the message is never acked, so
      SQS moves it to the DLQ after maxReceiveCount receives.
    - run: load args/kwargs from the row and run the task.
@@ -46,7 +54,7 @@ from typing import Any
 
 from billiard.einfo import ExceptionWithTraceback
 from celery import Celery, Task, signals
-from celery.exceptions import NotRegistered, Reject, WorkerLostError
+from celery.exceptions import Ignore, NotRegistered, Reject, WorkerLostError
 from celery.utils.objects import Bunch
 from celery.worker import state as worker_state
 from celery.worker.consumer import Consumer
@@ -119,6 +127,11 @@ class LeftForRedelivery(Reject):
         super().__init__(reason, requeue)
 
 
+class RedundantCopy(Ignore):
+    """Do not run, and ack (delete) this message: another message for the same task is running
+    and owns it. Not a task failure: nothing is recorded in the store or the result backend."""
+
+
 class PoisonMessage(Exception):
     """A delivery that can never run (no row for its id, or a row of another task). It fails on
     every receive and so ends in the DLQ, where ops can look at it."""
@@ -166,6 +179,7 @@ class Delivery:
     queue_url: str | None
     receipt_handle: str | None
     receive_count: int  # SQS ApproximateReceiveCount of this receive (0 if unknown)
+    message_id: str | None = None  # SQS MessageId: the same for every receive of one message
 
     @classmethod
     def from_request(cls, request, default_queue: str) -> Delivery:
@@ -179,12 +193,19 @@ class Delivery:
             queue_url=queue_url,
             receipt_handle=properties.get("delivery_tag") or message.get("ReceiptHandle"),
             receive_count=int(attributes.get("ApproximateReceiveCount") or 0),
+            message_id=message.get("MessageId"),
         )
 
     def is_last_receive(self, attempts: int) -> bool:
         """True when SQS dead-letters the message instead of delivering it again. Without the
         receive count (never seen with kombu, which always asks for it) the row's attempts stand in."""
         return (self.receive_count or attempts) >= self.contract.max_receive_count
+
+    def is_redundant_copy(self, busy: store.Claim) -> bool:
+        """True when the task is busy running for another SQS message than this one. Unknown ids
+        (a claim made by older code, a transport that did not say) count as the same message:
+        leaving a message for redelivery is the safe default, deleting it is not."""
+        return bool(busy.message_id and self.message_id and busy.message_id != self.message_id)
 
 
 def _contract_of(queue_url: str | None, request, default_queue: str) -> QueueContract:
@@ -287,12 +308,18 @@ class PersistentTask(Task):
         delivery = Delivery.from_request(request, self.queue)
         worker = worker_identity()
         db = engine()
-        claim = store.claim(db, task_id, worker=worker, lease_seconds=lease_seconds(delivery.contract))
+        claim = store.claim(db, task_id, worker=worker, lease_seconds=lease_seconds(delivery.contract),
+                            message_id=delivery.message_id)
 
         if claim.outcome == "duplicate":
             logger.info("task %s[%s] already succeeded: duplicate delivery acked, not run", self.name, task_id)
             row = store.get_task(db, task_id)
             return row["result"] if row else None
+        if claim.outcome == "busy" and delivery.is_redundant_copy(claim):
+            raise RedundantCopy(
+                f"task {task_id} is running on another worker for SQS message {claim.message_id} (lease until "
+                f"{claim.lease_until}); this copy (message {delivery.message_id}) is redundant: deleted"
+            )
         if claim.outcome == "busy":
             raise LeftForRedelivery(
                 f"task {task_id} is running on another worker (lease until {claim.lease_until}); "
@@ -382,6 +409,11 @@ class PersistentRequest(Request):
             worker_state.task_ready(self)
             logger.info("task %s[%s] left for redelivery: %s", self.name, self.id, exc.reason)
             self.reject(requeue=False)
+            return
+        if isinstance(exc, RedundantCopy):
+            worker_state.task_ready(self)
+            logger.info("task %s[%s] redundant copy acked: %s", self.name, self.id, exc)
+            self.acknowledge()
             return
         if isinstance(exc, (WorkerLostError, SystemExit, KeyboardInterrupt)):
             self._release_lease()

@@ -307,17 +307,21 @@ def test_twenty_tasks_succeed_and_the_queue_drains(stack):
     assert not any(r.exists(f"celery-task-meta-{i}") for i in ids)
 
 
+def _redundant_copy_acked(stack: Stack, task_id: str) -> bool:
+    return any("redundant copy acked" in line and task_id in line
+               for line in stack.workers[0].log.read_text(errors="replace").splitlines())
+
+
 def test_the_same_id_delivered_twice_has_its_effect_once(stack):
     key = f"dup-{uuid.uuid4().hex[:8]}"
     task_id = stack.submit("demo.slow", key, 3.0)
     body = encode_body(task_id, "demo.slow", queue="default")
     stack.wait_rows([task_id], "running")
-    stack.send_raw("default", body)  # a second copy while the first runs: the claim says "busy"
+    stack.send_raw("default", body)  # a second message while the first runs: the claim says "busy"
+    wait_for(lambda: _redundant_copy_acked(stack, task_id), timeout=30,
+             what="the busy copy, another SQS message, deleted at once", logs=stack.logs())
     stack.wait_rows([task_id], "succeeded")
-    wait_for(lambda: "left for redelivery" in stack.workers[0].log.read_text(), timeout=30,
-             what="the busy copy turned away", logs=stack.logs())
-    wait_for(lambda: stack.depth("default") == 0, timeout=60,
-             what="both copies acked (the busy one after the visibility timeout, as a duplicate)", logs=stack.logs())
+    wait_for(lambda: stack.depth("default") == 0, timeout=60, what="both messages gone", logs=stack.logs())
     stack.send_raw("default", body)  # and once more, long after success
     wait_for(lambda: stack.depth("default") == 0, timeout=60, what="late duplicate acked", logs=stack.logs())
     assert len(effects(stack, key)) == 1
@@ -325,11 +329,18 @@ def test_the_same_id_delivered_twice_has_its_effect_once(stack):
     assert row["state"] == "succeeded" and row["attempts"] == 1 and row["result"] == key
 
 
-def test_a_task_longer_than_the_visibility_timeout_runs_once_thanks_to_the_heartbeat(stack):
+def test_a_long_task_runs_once_thanks_to_the_heartbeat_and_a_second_copy_is_deleted_not_dead_lettered(stack):
     seconds = 2.5 * LONG.visibility_timeout  # without heartbeats SQS would redeliver it twice meanwhile
     key = f"long-{uuid.uuid4().hex[:8]}"
     task_id = stack.submit("demo.long", key, seconds, queue="long")
     first_lease = stack.wait_rows([task_id], "running")[0]["lease_until"]
+    # A second message for the running task (a duplicate publish, say). It is deleted at once:
+    # turned away and left in SQS instead, it would come back every visibility timeout (6 s),
+    # and after maxReceiveCount (2) receives land in the DLQ long before the task ends.
+    stack.send_raw("long", encode_body(task_id, "demo.long", queue="long"))
+    wait_for(lambda: _redundant_copy_acked(stack, task_id), timeout=30,
+             what="the second copy deleted while the task runs", logs=stack.logs())
+    assert stack.row(task_id)["state"] == "running"
     # The lease beat: the row's lease moves forward while the task runs, so no other worker
     # could claim it even if a copy of the message were delivered.
     wait_for(lambda: (stack.row(task_id)["lease_until"] or first_lease) > first_lease, timeout=30,
@@ -342,6 +353,24 @@ def test_a_task_longer_than_the_visibility_timeout_runs_once_thanks_to_the_heart
     # expired the second delivery would have claimed and run the task a second time.
     assert effect["receive_count"] == 1
     wait_for(lambda: stack.depth("long") == 0, timeout=30, what="long queue empty", logs=stack.logs())
+    assert stack.depth("long", dlq=True) == 0
+
+
+def test_only_another_message_for_a_running_task_is_a_redundant_copy():
+    """The busy verdict's rule on its own: the cases an integration test cannot stage (SQS handing
+    the running message itself out again needs a failed visibility heartbeat)."""
+    from app.worker import Delivery
+
+    def delivery(message_id):
+        return Delivery(contract=LONG, queue_url="q", receipt_handle="r", receive_count=2, message_id=message_id)
+
+    def busy(message_id):
+        return store.Claim("busy", "t-1", "demo.long", attempts=1, message_id=message_id)
+
+    assert delivery("m-2").is_redundant_copy(busy("m-1"))
+    assert not delivery("m-1").is_redundant_copy(busy("m-1"))  # the running message itself: left for SQS
+    assert not delivery("m-2").is_redundant_copy(busy(None))  # claimed by code older than schema v2
+    assert not delivery(None).is_redundant_copy(busy("m-1"))  # a transport that gave no MessageId
 
 
 # --- Killed workers ------------------------------------------------------------------------------
