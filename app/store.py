@@ -86,9 +86,11 @@ tasks = sa.Table(
     sa.Column("result", sa.Text),  # JSON
     sa.Column("error", sa.Text),  # last error: "ExcType: message"
     sa.Column("message_id", sa.String(100)),  # last SQS MessageId it was published as
-    # The SQS MessageId of the delivery that made the latest claim: a second message for a
+    # The SQS MessageId of the delivery that holds the running claim: a second message for a
     # running task (a duplicate publish, a redrive) can then be told apart from SQS handing the
-    # running message itself out again (v2).
+    # running message itself out again. Like lease_until it describes the live claim only and is
+    # cleared when the row leaves `running`: during a rolling deploy, v1 code's claims (which do
+    # not set it) then read as "unknown" rather than as an earlier run's message (v2).
     sa.Column("claimed_message_id", sa.String(100)),
     sa.Column("created_at", UTCDateTime, nullable=False),
     sa.Column("updated_at", UTCDateTime, nullable=False),  # for `pending` rows: pending since
@@ -394,7 +396,8 @@ def finish_success(conn: sa.Connection, task_id: str, *, worker: str, result: An
     now = utcnow()
     return conn.execute(
         sa.update(tasks).where(_owned(task_id, worker))
-        .values(state="succeeded", result=result_json(result), lease_until=None, finished_at=now, updated_at=now)
+        .values(state="succeeded", result=result_json(result), lease_until=None, claimed_message_id=None,
+                finished_at=now, updated_at=now)
     ).rowcount == 1
 
 
@@ -407,6 +410,7 @@ def finish_failure(engine: sa.Engine, task_id: str, *, worker: str, error: str |
         return conn.execute(
             sa.update(tasks).where(_owned(task_id, worker))
             .values(state="dead" if final else "failed", error=format_error(error), lease_until=None,
+                    claimed_message_id=None,
                     finished_at=now, updated_at=now)
         ).rowcount == 1
 
@@ -417,7 +421,7 @@ def release(engine: sa.Engine, task_id: str, *, worker: str) -> bool:
     with engine.begin() as conn:
         return conn.execute(
             sa.update(tasks).where(_owned(task_id, worker))
-            .values(state="queued", lease_until=None, updated_at=now)
+            .values(state="queued", lease_until=None, claimed_message_id=None, updated_at=now)
         ).rowcount == 1
 
 
@@ -558,8 +562,8 @@ def reset_for_replay(engine: sa.Engine, task_ids: list[str]) -> list[str]:
             chunk = list(task_ids[start:start + _INSERT_CHUNK])
             reset += conn.execute(
                 sa.update(tasks).where(c.id.in_(chunk), not_live)
-                .values(state="pending", lease_until=None, worker=None, result=None, queued_at=None,
-                        finished_at=None, updated_at=now)
+                .values(state="pending", lease_until=None, claimed_message_id=None, worker=None, result=None,
+                        queued_at=None, finished_at=None, updated_at=now)
                 .returning(c.id)
             ).scalars().all()
     order = {tid: i for i, tid in enumerate(task_ids)}

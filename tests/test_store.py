@@ -144,13 +144,13 @@ def test_happy_path_pending_queued_running_succeeded(engine):
     assert row["queued_at"].utcoffset() == dt.timedelta(0)
 
     before = store.utcnow()
-    claim = store.claim(engine, task_id, worker="w1@host:1", lease_seconds=60)
+    claim = store.claim(engine, task_id, worker="w1@host:1", lease_seconds=60, message_id="msg-1")
     assert claim.outcome == "run"
     assert (claim.task_name, claim.args, claim.kwargs, claim.attempts) == ("demo.add", [2, 3], {"scale": 10}, 1)
     assert claim.lease_until.utcoffset() == dt.timedelta(0)
     assert before + dt.timedelta(seconds=59) < claim.lease_until < store.utcnow() + dt.timedelta(seconds=61)
     row = store.get_task(engine, task_id)
-    assert (row["state"], row["worker"]) == ("running", "w1@host:1")
+    assert (row["state"], row["worker"], row["claimed_message_id"]) == ("running", "w1@host:1", "msg-1")
 
     assert store.extend_lease(engine, task_id, worker="w1@host:1", lease_seconds=120)
     assert store.get_task(engine, task_id)["lease_until"] > claim.lease_until
@@ -159,6 +159,7 @@ def test_happy_path_pending_queued_running_succeeded(engine):
         assert store.finish_success(conn, task_id, worker="w1@host:1", result={"sum": 5})
     row = store.get_task(engine, task_id)
     assert (row["state"], row["result"], row["lease_until"]) == ("succeeded", {"sum": 5}, None)
+    assert row["claimed_message_id"] is None  # it describes the live claim only, like the lease
     assert row["finished_at"] >= row["started_at"]
 
 
@@ -183,10 +184,11 @@ def test_claim_accepts_pending_because_the_message_can_beat_mark_queued(engine):
 
 def test_failure_redelivery_then_dead_then_redrive(engine):
     task_id = new_task(engine)
-    store.claim(engine, task_id, worker="w1", lease_seconds=60)
+    store.claim(engine, task_id, worker="w1", lease_seconds=60, message_id="m")
     assert store.finish_failure(engine, task_id, worker="w1", error=ValueError("bad input"), final=False)
     row = store.get_task(engine, task_id)
     assert (row["state"], row["error"], row["lease_until"]) == ("failed", "ValueError: bad input", None)
+    assert row["claimed_message_id"] is None
 
     second = store.claim(engine, task_id, worker="w2", lease_seconds=60)  # SQS redelivered it
     assert (second.outcome, second.attempts) == ("run", 2)
@@ -216,10 +218,10 @@ def test_other_workers_are_refused_while_the_lease_is_live(engine):
 
 def test_release_gives_the_row_back_to_queued(engine):
     task_id = new_task(engine)
-    store.claim(engine, task_id, worker="w1", lease_seconds=60)
+    store.claim(engine, task_id, worker="w1", lease_seconds=60, message_id="m")
     assert store.release(engine, task_id, worker="w1")
     row = store.get_task(engine, task_id)
-    assert (row["state"], row["lease_until"]) == ("queued", None)
+    assert (row["state"], row["lease_until"], row["claimed_message_id"]) == ("queued", None, None)
     assert store.claim(engine, task_id, worker="w2", lease_seconds=60).attempts == 2
 
 
