@@ -278,8 +278,7 @@ class Outbox:
             if unit.in_savepoint:
                 # A rolled-back SAVEPOINT took some rows with it: publish only those that exist.
                 ids = [r["id"] for r in rows if r["id"] in unit.in_savepoint]
-                with self.engine.connect() as conn:
-                    kept = set(conn.execute(sa.select(store.tasks.c.id).where(store.tasks.c.id.in_(ids))).scalars())
+                kept = store.existing_ids(self.engine, ids)
                 rows = [r for r in rows if r["id"] not in unit.in_savepoint or r["id"] in kept]
             publish_and_mark(self.engine, self.publisher, rows)
         except Exception:  # the rows are committed and pending: the relay finishes the job
@@ -351,7 +350,7 @@ class Outbox:
         row = store.task_row(task_id=task_id or str(uuid.uuid4()), task_name=task_name, queue=queue,
                              args=list(args), kwargs=kwargs, delay_seconds=delay)
         if task_id is None:
-            conn.execute(store.tasks.insert().values(row))
+            store.insert_tasks(conn, [row])
         elif not self._insert_if_new(conn, row):
             return task_id
         self._remember(conn, unit, [row])
@@ -384,24 +383,12 @@ class Outbox:
             unit.in_savepoint.update(r["id"] for r in rows)
 
     def _insert_if_new(self, conn: sa.Connection, row: dict) -> bool:
-        if conn.dialect.name == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert
-        elif conn.dialect.name == "sqlite":
-            from sqlalchemy.dialects.sqlite import insert
-        else:  # pragma: no cover - the product runs on these two
-            raise SubmitError(f"task_id= needs Postgres or SQLite, not {conn.dialect.name}")
-        # RETURNING rather than rowcount: psycopg reports -1 for INSERT ... ON CONFLICT.
-        inserted = conn.execute(
-            insert(store.tasks).values(row).on_conflict_do_nothing(index_elements=["id"]).returning(store.tasks.c.id)
-        ).first()
-        if inserted is not None:
+        existing = store.insert_task_if_absent(conn, row)
+        if existing is None:
             return True
-        existing = conn.execute(
-            sa.select(store.tasks.c.task_name, store.tasks.c.payload).where(store.tasks.c.id == row["id"])
-        ).one()
-        if existing.task_name != row["task_name"] or json.loads(existing.payload) != json.loads(row["payload"]):
+        if existing["task_name"] != row["task_name"] or json.loads(existing["payload"]) != json.loads(row["payload"]):
             raise SubmitError(
-                f"task_id={row['id']!r} already exists as {existing.task_name!r} with other arguments: "
+                f"task_id={row['id']!r} already exists as {existing['task_name']!r} with other arguments: "
                 "an idempotent submit must repeat the same task and arguments; use a new task_id otherwise")
         return False
 
@@ -409,15 +396,7 @@ class Outbox:
         """Publish the given rows now if they are `pending` (e.g. right after ops resets them for
         replay) instead of waiting for the relay. Returns {task_id: MessageId} of those sent;
         the rest stay pending for the relay."""
-        c = store.tasks.c
-        ids = list(task_ids)
-        rows: list[dict] = []
-        with self.engine.connect() as conn:
-            for start in range(0, len(ids), 500):
-                rows += [dict(r) for r in conn.execute(
-                    sa.select(c.id, c.task_name, c.queue, c.delay_seconds)
-                    .where(c.id.in_(ids[start:start + 500]), c.state == "pending")
-                ).mappings()]
+        rows = store.pending_rows(self.engine, list(task_ids))
         return publish_and_mark(self.engine, self.publisher, rows).sent if rows else {}
 
 

@@ -301,6 +301,51 @@ def insert_tasks(conn: sa.Connection, rows: list[dict]) -> None:
         conn.execute(tasks.insert().values(rows[start:start + _INSERT_CHUNK]))
 
 
+def insert_task_if_absent(conn: sa.Connection, row: dict) -> dict | None:
+    """Idempotent insert of a `task_row`, in the caller's transaction: ON CONFLICT DO NOTHING, so
+    a repeated id never aborts the caller's transaction. Returns None when the row went in, else
+    the existing row's {"task_name", "payload"} (payload as stored JSON text) for the caller to
+    compare."""
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    elif conn.dialect.name == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    else:  # pragma: no cover - the product runs on these two
+        raise ValueError(f"an idempotent insert needs Postgres or SQLite, not {conn.dialect.name}")
+    # RETURNING rather than rowcount: psycopg reports -1 for INSERT ... ON CONFLICT.
+    inserted = conn.execute(
+        insert(tasks).values(row).on_conflict_do_nothing(index_elements=["id"]).returning(tasks.c.id)
+    ).first()
+    if inserted is not None:
+        return None
+    existing = conn.execute(sa.select(tasks.c.task_name, tasks.c.payload).where(tasks.c.id == row["id"])).one()
+    return {"task_name": existing.task_name, "payload": existing.payload}
+
+
+def existing_ids(engine: sa.Engine, task_ids: list[str]) -> set[str]:
+    """Which of these ids have a row (the outbox's check after a rolled-back SAVEPOINT)."""
+    found: set[str] = set()
+    with _begin(engine, read_only=True) as conn:
+        for start in range(0, len(task_ids), _INSERT_CHUNK):
+            chunk = list(task_ids[start:start + _INSERT_CHUNK])
+            found.update(conn.execute(sa.select(tasks.c.id).where(tasks.c.id.in_(chunk))).scalars())
+    return found
+
+
+def pending_rows(engine: sa.Engine, task_ids: list[str]) -> list[dict]:
+    """Of these ids, the rows still `pending`, as the publisher needs them (id, task_name, queue,
+    delay_seconds): what `Outbox.publish_ids` sends right after ops reset them for replay."""
+    c = tasks.c
+    rows: list[dict] = []
+    with _begin(engine, read_only=True) as conn:
+        for start in range(0, len(task_ids), _INSERT_CHUNK):
+            chunk = list(task_ids[start:start + _INSERT_CHUNK])
+            rows += [dict(r) for r in conn.execute(
+                sa.select(c.id, c.task_name, c.queue, c.delay_seconds).where(c.id.in_(chunk), c.state == "pending")
+            ).mappings()]
+    return rows
+
+
 def mark_queued(engine: sa.Engine | sa.Connection, published: dict[str, str]) -> int:
     """{task_id: sqs_message_id} -> rows moved pending->queued (other states untouched).
     Accepts a Connection too, so the relay marks rows in the transaction that locked them."""
