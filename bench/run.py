@@ -214,9 +214,10 @@ class Stack:
         grows (7 ms with an empty queue, 30 ms at 1000 messages, measured), real SQS does not."""
         self.sqs.purge_queue(QueueUrl=self.queue_url)
 
-    def start_worker(self, case: Case, *, counted: bool) -> subprocess.Popen:
+    def start_worker(self, case: Case, *, counted: bool, fresh_queue: bool = True) -> subprocess.Popen:
         self.runs += 1
-        self.fresh_queue()
+        if fresh_queue:
+            self.fresh_queue()
         endpoint = self.endpoint("worker" if counted else None)
         log_path = LOG_DIR / f"{case.name}-{self.runs:02d}{'-counted' if counted else ''}.log"
         log = self.stack.enter_context(open(log_path, "wb"))  # noqa: SIM115 - the ExitStack closes it
@@ -305,6 +306,26 @@ def throughput(stack: Stack, case: Case, n: int, *, counted: bool = False) -> tu
     return result, counts
 
 
+def backlog_drain(stack: Stack, case: Case, n: int) -> dict:
+    """The worker side alone: n tasks wait in the queue before the worker starts; time from its
+    "ready" line to the queue being empty. The same submit shape (a backlog) for every case."""
+    stack.fresh_queue()
+    submitter = submitter_for(stack, case, counted=False)
+    try:
+        ids = submitter.submit(n)
+    finally:
+        submitter.close()
+    worker = stack.start_worker(case, counted=False, fresh_queue=False)
+    try:
+        t_ready = time.perf_counter()
+        t_empty = stack.wait_drained(f"{case.name}: backlog of {n}", worker)
+    finally:
+        stop_process_group(worker, sig=signal.SIGQUIT, timeout=10)
+    in_task = task_run_seconds(stack.worker_log, set(ids))
+    return {"drain_s": t_empty - t_ready, "tasks_per_s": n / (t_empty - t_ready),
+            "in_task_median_ms": statistics.median(in_task) * 1000 if in_task else None}
+
+
 def proxy_counts(stack: Stack) -> dict:
     with urllib.request.urlopen(f"{stack.endpoint('submit')}/__counts", timeout=10) as response:
         return json.load(response)
@@ -378,7 +399,8 @@ def report(results: dict) -> str:
                  f"{', '.join(f'{x:.2f}' for x in m['load_average_at_start'])}")
     p = results["parameters"]
     lines.append(f"parameters: N={p['tasks']} tasks per throughput run, {p['repeats_done']} of {p['repeats']} repeats, "
-                 f"concurrency {p['concurrency']}, prefetch multiplier 1, warm-up {WARM_UP_TASKS} tasks per worker start")
+                 f"concurrency {p['concurrency']}, prefetch multiplier 1, plain polling_interval "
+                 f"{p['plain_polling_interval']} s (the product's: 0.25 s), warm-up {WARM_UP_TASKS} tasks per worker start")
     lines.append("")
     lines.append("### Throughput (median of repeats; each run: first submit to queue empty)")
     lines.append("")
@@ -393,6 +415,16 @@ def report(results: dict) -> str:
         lines.append(f"| {name} | {med['tasks_per_s']:.1f} | {med['tasks_per_s'] / base:.2f}x | {med['submit_s']:.2f} "
                      f"| {med['drain_s']:.2f} | {med['total_s']:.2f} | {med.get('in_task_median_ms', 0):.1f} "
                      f"({med.get('in_task_p95_ms', 0):.1f}) | {each} |")
+    lines.append("")
+    lines.append(f"### Worker side alone: a backlog of {p['backlog']} tasks queued before the worker starts (one run)")
+    lines.append("")
+    lines.append("| case | tasks/s | vs plain | drain s (ready to empty) | in-task ms median |")
+    lines.append("|---|---|---|---|---|")
+    base = None
+    for name, b in results["backlog"].items():
+        base = base or b["tasks_per_s"]
+        lines.append(f"| {name} | {b['tasks_per_s']:.1f} | {b['tasks_per_s'] / base:.2f}x | {b['drain_s']:.2f} "
+                     f"| {b['in_task_median_ms'] or 0:.1f} |")
     lines.append("")
     lines.append(f"### Requests per task (one counted run of {p['counted_tasks']} tasks per case through "
                  "bench/counting_proxy.py)")
@@ -435,8 +467,9 @@ def report(results: dict) -> str:
 
 def run(args) -> dict:
     started = time.monotonic()
-    results: dict = {"machine": machine(), "throughput": {}, "counted": {}, "latency": {},
-                     "parameters": {"tasks": args.tasks, "counted_tasks": args.counted_tasks, "repeats": args.repeats, "concurrency": args.concurrency}}
+    results: dict = {"machine": machine(), "throughput": {}, "backlog": {}, "counted": {}, "latency": {},
+                     "parameters": {"tasks": args.tasks, "counted_tasks": args.counted_tasks, "backlog": args.backlog,
+                                    "plain_polling_interval": os.environ.get("BENCH_PLAIN_POLLING_INTERVAL", "0.25"), "repeats": args.repeats, "concurrency": args.concurrency}}
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as exit_stack:
         stack = Stack(exit_stack, args.concurrency)
@@ -514,6 +547,10 @@ def run(args) -> dict:
         results["parameters"]["repeats_done"] = repeats_done
 
         for case in stack.cases:
+            results["backlog"][case.label] = timing = backlog_drain(stack, case, args.backlog)
+            say(f"backlog {case.name}: {timing['tasks_per_s']:.1f} tasks/s ({args.backlog} tasks in {timing['drain_s']:.2f} s)")
+
+        for case in stack.cases:
             timing, counts = throughput(stack, case, args.counted_tasks, counted=True)
             results["counted"][case.label] = {"timing": timing, "counts": counts}
             say(f"counted {case.name}: {json.dumps(counts)}")
@@ -529,6 +566,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", type=int, default=300, help="tasks per throughput run (default 300)")
     parser.add_argument("--counted-tasks", type=int, default=100,
                         help="tasks in each case's counted run (default 100; counts are per task)")
+    parser.add_argument("--backlog", type=int, default=100,
+                        help="tasks queued before the worker starts, in each case's backlog run (default 100)")
     parser.add_argument("--repeats", type=int, default=3, help="throughput repeats per case (default 3)")
     parser.add_argument("--concurrency", type=int, default=CATALOG.get(QUEUE).concurrency,
                         help="worker pool size for every case (default: the catalog's, %(default)s)")
@@ -538,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=LOG_DIR / "results.json",
                         help="where the raw results go (default var/bench/results.json)")
     args = parser.parse_args(argv)
-    if min(args.tasks, args.counted_tasks, args.repeats, args.concurrency, args.latency_rounds, args.singles_per_round, args.batch) < 1:
+    if min(args.tasks, args.counted_tasks, args.backlog, args.repeats, args.concurrency, args.latency_rounds, args.singles_per_round, args.batch) < 1:
         parser.error("every size must be at least 1")
 
     def on_sigterm(signum, _frame):
