@@ -1,7 +1,7 @@
 """What persistence costs: plain Celery `.delay()` against the product's outbox + claim-check,
 side by side, in one run on one machine. Results: bench/RESULTS.md explains a run's numbers.
 
-    .venv/bin/python -m bench.run            # about 3 minutes on 2 cores; --help for sizes
+    .venv/bin/python -m bench.run            # about 4 minutes on 2 cores; --help for sizes
 
 Three cases share one moto server (app.local.start_moto_server) and the catalog's `default` queue
 (real CATALOG contract: visibility 120 s, long poll 19 s), the same concurrency and prefetch 1:
@@ -13,11 +13,15 @@ Three cases share one moto server (app.local.start_moto_server) and the catalog'
 Measured, in this order:
   1. throughput: N trivial tasks, first submit to queue empty; each repeat runs every case once
      (interleaved, so drift on a noisy machine hits all cases alike); median reported
-  2. counted runs: one more run per case with the workers and the submitter behind
+  2. backlog: the worker side alone, one run per case: --backlog tasks are queued before the
+     worker starts; ready line to queue empty. Every case sees the same shape of work (a backlog)
+  3. counted runs: one more run per case with the workers and the submitter behind
      bench/counting_proxy.py: SQS requests per task by action and side, Postgres round trips and
-     transactions per task (not timed as throughput: the proxy costs CPU)
-  3. submit latency on the caller's side, no worker running: `outbox.submit` in its own
-     transaction, `submit_many` of 100 (per task), bare `.delay()`; median and p95
+     transactions per task, and the same for 20 single `submit()`/`.delay()` calls (not timed as
+     throughput: the proxy costs CPU)
+  4. submit latency on the caller's side, no worker running: `outbox.submit` in its own
+     transaction, `submit_many` of 100 (per task), bare `.delay()`; median and p95. The queue
+     is purged after every sample: moto's SendMessage slows down as its queue grows
 
 "Done" is SQS saying the queue holds no visible, in-flight or delayed message (the last delete
 has happened), polled every 0.1 s straight at moto, for every case alike; the persistent cases
@@ -68,8 +72,9 @@ PERSISTENT_TASK = "demo.add"  # app.demo_tasks: x + y, the same trivial work as 
 PG_ADMIN_URL = os.environ.get("PCELERY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 LOG_DIR = REPO_ROOT / "var" / "bench"
 WARM_UP_TASKS = 8  # per worker start: pool children open their connections before the clock runs
+SINGLE_SUBMITS = 20  # in each counted run, after the timed part: requests of one submit() / delay()
 SUBMIT_CHUNK = 100  # tasks per outbox transaction in the throughput runs
-TIME_BUDGET = 270.0  # seconds; later repeats are skipped (and said so) rather than run over
+TIME_BUDGET = 285.0  # seconds; later repeats are skipped (and said so) rather than run over 5 minutes
 RUN_DEADLINE = 120.0  # one run's drain; beyond it the case counts as failed
 
 
@@ -265,18 +270,23 @@ def timed_run(stack: Stack, case: Case, submitter, worker, n: int) -> dict:
     t1 = time.perf_counter()
     t2 = stack.wait_drained(f"{case.name}: {n} tasks", worker)
     in_task = task_run_seconds(stack.worker_log, set(ids))
-    if case.persistent:
-        deadline = time.monotonic() + 10  # the row commits before the ack, so this is normally immediate
-        while (done := submitter.succeeded(ids)) < n:
-            if time.monotonic() > deadline:
-                raise BenchError(f"{case.name}: queue empty but only {done} of {n} rows succeeded")
-            time.sleep(0.1)
-    return {"submit_s": t1 - t0, "drain_s": t2 - t1, "total_s": t2 - t0, "tasks_per_s": n / (t2 - t0),
+    return {"ids": ids, "submit_s": t1 - t0, "drain_s": t2 - t1, "total_s": t2 - t0, "tasks_per_s": n / (t2 - t0),
             "in_task_median_ms": statistics.median(in_task) * 1000 if in_task else None,
             "in_task_p95_ms": percentile(in_task, 95) * 1000 if in_task else None}
 
 
 _SUCCEEDED = re.compile(rb"Task [\w.]+\[([0-9a-f-]{36})\] succeeded in ([0-9.e-]+)s")
+
+
+def check_succeeded(case: Case, submitter, ids: list[str]) -> None:
+    """The persistent cases' rows all say `succeeded` (a queue can also empty into the DLQ)."""
+    if not case.persistent:
+        return
+    deadline = time.monotonic() + 10  # the row commits before the ack, so this is normally immediate
+    while (done := submitter.succeeded(ids)) < len(ids):
+        if time.monotonic() > deadline:
+            raise BenchError(f"{case.name}: queue empty but only {done} of {len(ids)} rows succeeded")
+        time.sleep(0.1)
 
 
 def task_run_seconds(log_path: Path, ids: set[str]) -> list[float]:
@@ -299,6 +309,13 @@ def throughput(stack: Stack, case: Case, n: int, *, counted: bool = False) -> tu
         before = proxy_counts(stack) if counted else {}
         result = timed_run(stack, case, submitter, worker, n)
         after = proxy_counts(stack) if counted else {}
+        if counted:
+            # The caller's cost of the one-at-a-time API too: submit() in its own transaction.
+            for _ in range(SINGLE_SUBMITS):
+                submitter.single()
+            singles = proxy_counts(stack)["submit"]
+            result["single_submit_counts"] = dict(Counter(singles) - Counter(after["submit"]))
+        check_succeeded(case, submitter, result.pop("ids"))  # after the counting: its queries are not the product's
     finally:
         submitter.close()
         stop_process_group(worker, sig=signal.SIGQUIT, timeout=10)  # the queue is empty: nothing to restore
@@ -321,6 +338,11 @@ def backlog_drain(stack: Stack, case: Case, n: int) -> dict:
         t_empty = stack.wait_drained(f"{case.name}: backlog of {n}", worker)
     finally:
         stop_process_group(worker, sig=signal.SIGQUIT, timeout=10)
+    verifier = submitter_for(stack, case, counted=False)
+    try:
+        check_succeeded(case, verifier, ids)
+    finally:
+        verifier.close()
     in_task = task_run_seconds(stack.worker_log, set(ids))
     return {"drain_s": t_empty - t_ready, "tasks_per_s": n / (t_empty - t_ready),
             "in_task_median_ms": statistics.median(in_task) * 1000 if in_task else None}
@@ -390,6 +412,18 @@ def machine() -> dict:
     }
 
 
+def single_cell(counts: dict) -> str:
+    """Requests per single submit: SQS by action, Postgres as round trips (by kind)."""
+    if not counts:
+        return "n/a"
+    sqs = ", ".join(f"{k} {v / SINGLE_SUBMITS:.2f}" for k, v in sorted(counts.items()) if not k.startswith("pg "))
+    pg = {k.removeprefix("pg "): v for k, v in counts.items() if k.startswith("pg ")}
+    if not pg:
+        return f"SQS: {sqs}"
+    parts = ", ".join(f"{k} {v / SINGLE_SUBMITS:.2f}" for k, v in sorted(pg.items()))
+    return f"SQS: {sqs}; Postgres {sum(pg.values()) / SINGLE_SUBMITS:.2f} round trips ({parts})"
+
+
 def report(results: dict) -> str:
     lines = []
     m = results["machine"]
@@ -430,8 +464,8 @@ def report(results: dict) -> str:
                  "bench/counting_proxy.py)")
     lines.append("")
     lines.append("| case | SQS by submitter | SQS by worker | SQS total | Postgres round trips (submit + worker) "
-                 "| Postgres transactions | counted-run tasks/s |")
-    lines.append("|---|---|---|---|---|---|---|")
+                 "| Postgres transactions | one submit()/delay() on its own | counted-run tasks/s |")
+    lines.append("|---|---|---|---|---|---|---|---|")
     n = p["counted_tasks"]
     for name, counted in results["counted"].items():
         sides = counted["counts"]
@@ -450,6 +484,7 @@ def report(results: dict) -> str:
                    if any(pgc.values()) else "n/a")
         lines.append(f"| {name} | {fmt(sqs.get('submit', {}))} | {fmt(sqs.get('worker', {}))} | {sqs_total:.2f} "
                      f"| {pg_cell} | {f'{tx:.2f}' if any(pgc.values()) else 'n/a'} "
+                     f"| {single_cell(counted['timing'].get('single_submit_counts', {}))} "
                      f"| {counted['timing']['tasks_per_s']:.1f} |")
     lines.append("")
     lines.append("### Submit latency per task, caller side, no worker running")
@@ -534,8 +569,8 @@ def run(args) -> dict:
         repeats_done = 0
         for repeat in range(args.repeats):
             elapsed = time.monotonic() - started
-            # The counted runs and the latency part take about half a repeat after the last one.
-            if repeat and elapsed + elapsed / repeat * 1.5 > TIME_BUDGET:
+            # Next repeat, then the backlog, counted and latency parts: about 1.2 repeats together.
+            if repeat and elapsed + elapsed / repeat * 2.2 > TIME_BUDGET:
                 say(f"time budget: stopping after {repeat} repeat(s) ({elapsed:.0f} s so far)")
                 break
             for case in stack.cases:
