@@ -627,6 +627,17 @@ def main(argv: list[str] | None = None) -> int:
     except BenchError as exc:
         say(f"bench failed: {exc}")
         return 1
+    except OSError as exc:  # a port or file the bench could not use
+        say(f"bench failed: {exc}")
+        return 1
+    except Exception as exc:
+        import psycopg
+
+        if isinstance(exc, psycopg.OperationalError):
+            say(f"bench failed: cannot reach Postgres at {PG_ADMIN_URL} ({str(exc).strip().splitlines()[0]}): "
+                "start it, or point PCELERY_TEST_PG at an admin URL of one that may CREATE DATABASE")
+            return 1
+        raise
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2))
     print(report(results))
