@@ -8,7 +8,7 @@ LSVENV := .venv-localstack
 PY313 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3.13) python3.13)
 export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 20
 
-.PHONY: setup demo test lint synth clean
+.PHONY: setup demo test lint synth bench clean
 
 setup: $(VENV)/.installed node_modules/.installed $(LSVENV)/.installed
 
@@ -34,6 +34,10 @@ demo: $(VENV)/.installed
 
 test: setup
 	$(VENV)/bin/python -m pytest
+
+# Not part of `make test`: figures go to bench/RESULTS.md by hand, measured side by side.
+bench: $(VENV)/.installed
+	$(VENV)/bin/python -m bench.run
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

@@ -504,7 +504,7 @@ def run(args) -> dict:
     started = time.monotonic()
     results: dict = {"machine": machine(), "throughput": {}, "backlog": {}, "counted": {}, "latency": {},
                      "parameters": {"tasks": args.tasks, "counted_tasks": args.counted_tasks, "backlog": args.backlog,
-                                    "plain_polling_interval": os.environ.get("BENCH_PLAIN_POLLING_INTERVAL", "0.25"), "repeats": args.repeats, "concurrency": args.concurrency}}
+                                    "plain_polling_interval": os.environ.get("BENCH_PLAIN_POLLING_INTERVAL", "0.05"), "repeats": args.repeats, "concurrency": args.concurrency}}
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as exit_stack:
         stack = Stack(exit_stack, args.concurrency)
