@@ -60,7 +60,10 @@ broker_transport_options = {
     # Long poll below kombu's 20 s curl timeout; it is also how long a requeued message (worker
     # lost, hard time limit) stays hidden, so never longer than the shortest visibility timeout.
     "wait_time_seconds": min(LONG_POLL_SECONDS, *(q.visibility_timeout for q in _catalog)),
-    "polling_interval": 0.25,  # added after each empty long poll; keep the gap between polls short
+    # kombu waits this after an empty poll AND whenever every pool slot is busy, so a full
+    # worker refills a freed slot only this often (0.25 s capped 4 slots at ~15 tasks/s, see
+    # bench/RESULTS.md). 0 would busy-spin the main loop while the pool is full.
+    "polling_interval": 0.05,
 }
 
 # --- Queues and routing -----------------------------------------------------------------------

@@ -434,7 +434,7 @@ def report(results: dict) -> str:
     p = results["parameters"]
     lines.append(f"parameters: N={p['tasks']} tasks per throughput run, {p['repeats_done']} of {p['repeats']} repeats, "
                  f"concurrency {p['concurrency']}, prefetch multiplier 1, plain polling_interval "
-                 f"{p['plain_polling_interval']} s (the product's: 0.25 s), warm-up {WARM_UP_TASKS} tasks per worker start")
+                 f"{p['plain_polling_interval']} s (the product's: 0.05 s, app/celeryconfig.py), warm-up {WARM_UP_TASKS} tasks per worker start")
     lines.append("")
     lines.append("### Throughput (median of repeats; each run: first submit to queue empty)")
     lines.append("")
