@@ -166,9 +166,11 @@ def engine():
 
 
 def sqs():
-    from app.local import sqs_client
+    # Short timeouts and few retries: a heartbeat call hung for the SDK's default minutes would
+    # outlast the visibility timeout that the beats are there to keep from running out.
+    from app.outbox import make_sqs_client
 
-    return _process_local("sqs", lambda: sqs_client(settings.sqs_endpoint, settings.region))
+    return _process_local("sqs", lambda: make_sqs_client(settings.sqs_endpoint, settings.region))
 
 
 @dataclass(frozen=True)
@@ -344,7 +346,7 @@ class PersistentTask(Task):
                            self.queue, delivery.contract.name, self.queue)
         heartbeat = (
             Heartbeat(task_id=task_id, worker=worker, delivery=delivery)
-            if delivery.contract.heartbeat and delivery.queue_url and delivery.receipt_handle
+            if self._needs_heartbeat(delivery.contract) and delivery.queue_url and delivery.receipt_handle
             else contextlib.nullcontext()
         )
         _current_run.info = RunInfo(task_id, claim.attempts, delivery.receive_count,
@@ -365,6 +367,15 @@ class PersistentTask(Task):
             raise
         finally:
             _current_run.info = None
+
+    def _needs_heartbeat(self, contract: QueueContract) -> bool:
+        """Heartbeat on the queues whose contract asks for it, and also wherever this task's own
+        hard time limit does not fit in the queue's visibility timeout: a task submitted to
+        another queue than its declared one (a submitter that never imported the task module
+        gets the catalog's default queue) keeps its declared time limits, and without beats
+        would be delivered again, and run again, every visibility timeout until the DLQ."""
+        own_limit = self.time_limit or contract.hard_time_limit
+        return contract.heartbeat or own_limit + contract.visibility_margin > contract.visibility_timeout
 
     def _run_claimed(self, db, task_id: str, worker: str, claim: store.Claim):
         if self.transactional:

@@ -356,6 +356,24 @@ def test_a_long_task_runs_once_thanks_to_the_heartbeat_and_a_second_copy_is_dele
     assert stack.depth("long", dlq=True) == 0
 
 
+def test_a_long_task_submitted_to_a_queue_without_heartbeats_still_runs_once(stack):
+    """A submitter that never imported the task module sends demo.long (declared for `long`,
+    hard limit 60 s) to the default queue (visibility 8 s, no heartbeat in its contract). The
+    task keeps its own time limit, so the worker beats for it anyway: without that the message
+    would come back every 8 s, the lease (6 s) long expired, and run again each time."""
+    seconds = 2.5 * DEFAULT.visibility_timeout
+    key = f"misrouted-{uuid.uuid4().hex[:8]}"
+    unaware = Outbox(stack.engine, DEMO_CATALOG, "local", endpoint_url=stack.endpoint, task_queues={})
+    with unaware.transaction() as conn:  # knows no declarations: the default queue it is
+        task_id = unaware.submit(conn, "demo.long", key, seconds)
+    assert stack.row(task_id)["queue"] == "default"
+    row = stack.wait_rows([task_id], "succeeded", timeout=120)[0]
+    assert row["attempts"] == 1
+    [effect] = effects(stack, key)
+    assert effect["receive_count"] == 1
+    wait_for(lambda: stack.depth("default") == 0, timeout=30, what="default queue empty", logs=stack.logs())
+
+
 def test_only_another_message_for_a_running_task_is_a_redundant_copy():
     """The busy verdict's rule on its own: the cases an integration test cannot stage (SQS handing
     the running message itself out again needs a failed visibility heartbeat)."""
