@@ -1,3 +1,4 @@
+# syntax=docker/dockerfile:1
 # The one image of every ECS container: the Celery worker (ENTRYPOINT), the outbox relay
 # (`python -m app.outbox relay`) and the schema migration (`python -m app.store migrate`); the
 # CDK task definitions override the entry point for the last two.
@@ -20,6 +21,9 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin pcelery
 COPY --from=build /opt/venv /opt/venv
+# AWS's CA bundle for RDS, fetched when the image is built (cdk deploy): with DB_SSLROOTCERT
+# pointing here (the CDK task definitions set it) psycopg verifies the database's certificate.
+ADD --chmod=644 https://truststore.pki.rds.amazonaws.com/global/global-bundle.pem /etc/ssl/certs/rds-global-bundle.pem
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1

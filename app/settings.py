@@ -10,6 +10,7 @@ database password and the Redis AUTH token as ECS secrets.
 | PCELERY_CATALOG           | queue catalog as module:ATTRIBUTE (default catalog:CATALOG)         |
 | DATABASE_URL              | SQLAlchemy URL of the claim-check store (default SQLite under var/) |
 | DB_HOST DB_PORT DB_NAME DB_USER DB_PASSWORD | the same, as ECS passes RDS's secret (TLS required) |
+| DB_SSLROOTCERT            | CA bundle that verifies the RDS certificate (sslmode=verify-full); unset: TLS without verification |
 | PCELERY_RESULT_BACKEND    | optional Celery result backend URL (redis:// or rediss://)          |
 | REDIS_HOST REDIS_PORT REDIS_AUTH_TOKEN | the same, as ECS passes ElastiCache's (always TLS)     |
 | PCELERY_WORKER_QUEUES     | comma-separated catalog queues this worker consumes (default all)  |
@@ -98,9 +99,13 @@ def _database_url(e) -> str:
         missing = [k for k in ("DB_USER", "DB_PASSWORD") if not e.get(k)]
         if missing:
             raise SettingsError(f"DB_HOST is set but {missing} are not: set them (ECS passes them as secrets)")
+        # With the RDS CA bundle (the image ships it), check the server's certificate and name:
+        # `require` alone encrypts but would hand the password to anything that answers.
+        root_cert = e.get("DB_SSLROOTCERT")
+        tls = f"sslmode=verify-full&sslrootcert={quote(root_cert, safe='/')}" if root_cert else "sslmode=require"
         return (
             f"postgresql+psycopg://{quote(e['DB_USER'], safe='')}:{quote(e['DB_PASSWORD'], safe='')}"
-            f"@{e['DB_HOST']}:{_port(e, 'DB_PORT', '5432')}/{e.get('DB_NAME', 'pcelery')}?sslmode=require"
+            f"@{e['DB_HOST']}:{_port(e, 'DB_PORT', '5432')}/{e.get('DB_NAME', 'pcelery')}?{tls}"
         )
     return DEFAULT_SQLITE_URL
 

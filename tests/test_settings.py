@@ -77,6 +77,10 @@ def test_database_url_forms():
     assert settings(DB_HOST="h", DB_USER="u", DB_PASSWORD="p").database_url.endswith("@h:5432/pcelery?sslmode=require")
     # DATABASE_URL wins over the DB_* parts.
     assert settings(DATABASE_URL="sqlite:///a.db", DB_HOST="h").database_url == "sqlite:///a.db"
+    # With the CA bundle the certificate and host name are verified, not just encrypted.
+    verified = settings(DB_HOST="h", DB_USER="u", DB_PASSWORD="p",
+                        DB_SSLROOTCERT="/etc/ssl/certs/rds-global-bundle.pem").database_url
+    assert verified.endswith("?sslmode=verify-full&sslrootcert=/etc/ssl/certs/rds-global-bundle.pem")
 
 
 def test_result_backend_forms():
