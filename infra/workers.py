@@ -35,6 +35,21 @@ def stop_timeout(contract: QueueContract) -> int:
     return min(ECS_MAX_STOP_TIMEOUT, contract.hard_time_limit + SHUTDOWN_SLACK)
 
 
+def outlasts_stop_timeout(contract: QueueContract) -> bool:
+    """Whether a task of this queue may still run when ECS gives up on a warm shutdown.
+
+    For such a queue any scale-in that picks a busy task kills a running task: its message
+    comes back, counts one receive towards maxReceiveCount, and a healthy task can end in the
+    DLQ. These services only scale in when the queue is idle (Workers._scaling).
+    """
+    return contract.hard_time_limit + SHUTDOWN_SLACK > stop_timeout(contract)
+
+
+# The queue must have had nothing visible and nothing in flight for this long before a service
+# whose tasks outlast the stop timeout scales in.
+IDLE_SCALE_IN_MINUTES = 15
+
+
 def add_schema_migration(task: ecs.TaskDefinition, main: ecs.ContainerDefinition, *, image: ecs.ContainerImage,
                          environment: dict[str, str], secrets: dict[str, ecs.Secret],
                          log_group: logs.ILogGroup) -> ecs.ContainerDefinition:
@@ -186,8 +201,11 @@ class Workers(Construct):
         queue_dims = {"QueueName": queue.queue_name}
         service_dims = {"ClusterName": self.cluster.cluster_name, "ServiceName": service.service_name}
         # Backlog per running task, held at the catalog's backlog_per_worker. In-flight messages
-        # count as backlog: a task busy with a one-hour report must not look idle, or scale-in
-        # would kill it mid-run and the redelivery would count towards maxReceiveCount.
+        # count as backlog so busy workers are not taken for spare ones. That does not make
+        # scale-in safe for long tasks: a busy worker holds at most `concurrency` messages, below
+        # a target like 4, and ECS picks which task to stop. Where a task outlasts the stop
+        # timeout, target tracking only scales out and the idle policy below scales in.
+        protect_running = outlasts_stop_timeout(contract)
         appscaling.CfnScalingPolicy(
             scope, "BacklogPerTask",
             policy_name=f"{service.service_name}-backlog-per-task",
@@ -197,6 +215,7 @@ class Workers(Construct):
                 target_value=float(contract.backlog_per_worker),
                 scale_out_cooldown=60,
                 scale_in_cooldown=300,
+                disable_scale_in=protect_running,
                 customized_metric_specification=appscaling.CfnScalingPolicy.CustomizedMetricSpecificationProperty(
                     metrics=[
                         query("visible", "AWS/SQS", "ApproximateNumberOfMessagesVisible", queue_dims),
@@ -240,3 +259,49 @@ class Workers(Construct):
                 treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
             )
             alarm.add_alarm_action(cw_actions.ApplicationScalingAction(wake))
+        if protect_running:
+            self._scale_in_when_idle(scope, contract, target=target, queue=queue, low=low)
+
+    def _scale_in_when_idle(self, scope: Construct, contract: QueueContract, *,
+                            target: appscaling.ScalableTarget, queue: sqs.IQueue, low: int) -> None:
+        """Back to the lower bound once the queue has had nothing visible and nothing in flight
+        for IDLE_SCALE_IN_MINUTES: then no task runs, so stopping any worker kills nothing.
+
+        A running task's message is in flight the whole run (heartbeats extend its visibility),
+        so a queue with a task running never reads 0 here.
+        """
+        scale_in = appscaling.StepScalingAction(
+            scope, "ScaleInWhenIdle", scaling_target=target,
+            adjustment_type=appscaling.AdjustmentType.EXACT_CAPACITY,
+            cooldown=Duration.seconds(300),
+            metric_aggregation_type=appscaling.MetricAggregationType.MAXIMUM,
+        )
+        # Relative to the threshold 1: the whole range below it, i.e. a total of 0.
+        scale_in.add_adjustment(adjustment=low, upper_bound=0)
+        period = Duration.minutes(1)
+        alarm = cloudwatch.Alarm(
+            scope, "IdleAlarm",
+            alarm_description=(
+                f"Scales {self.service_names[contract.name]} in to {low} when its queue has held nothing "
+                f"visible or in flight for {IDLE_SCALE_IN_MINUTES} minutes (not a page)."
+            ),
+            metric=cloudwatch.MathExpression(
+                expression="FILL(visible, 0) + FILL(inflight, 0)",
+                using_metrics={
+                    "visible": queue.metric_approximate_number_of_messages_visible(period=period, statistic="Maximum"),
+                    "inflight": queue.metric_approximate_number_of_messages_not_visible(
+                        period=period, statistic="Maximum"),
+                },
+                period=period,
+                label="visible + in-flight messages",
+            ),
+            threshold=1,
+            comparison_operator=cloudwatch.ComparisonOperator.LESS_THAN_THRESHOLD,
+            evaluation_periods=IDLE_SCALE_IN_MINUTES,
+            datapoints_to_alarm=IDLE_SCALE_IN_MINUTES,
+            # SQS stops publishing a queue's metrics once nothing has touched it for hours. A queue
+            # with a task running holds an in-flight message, and running workers long-poll it, so
+            # it keeps publishing: silence means idle, and an idle queue must still scale in.
+            treat_missing_data=cloudwatch.TreatMissingData.BREACHING,
+        )
+        alarm.add_alarm_action(cw_actions.ApplicationScalingAction(scale_in))

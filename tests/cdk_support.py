@@ -99,8 +99,8 @@ def resources(templates: dict[str, dict], type_: str) -> dict[str, dict]:
 def alarms(env: str) -> dict[str, str]:
     """{alarm name: description} of every paging alarm of `env` (the RUNBOOK contract).
 
-    Only named alarms page; the unnamed ones are auto-scaling triggers (wake a worker service
-    from zero) with no SNS action.
+    Only named alarms page; the unnamed ones are auto-scaling triggers with no SNS action (wake
+    a worker service from zero; scale a long-task service in once its queue is idle).
     """
     found = {}
     for res in resources(synth_templates(env), "AWS::CloudWatch::Alarm").values():

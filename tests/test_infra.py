@@ -44,7 +44,12 @@ from infra.stacks import (
     OPS_QUEUE_ACTIONS,
     PUBLISH_ACTIONS,
 )
-from infra.workers import ECS_MAX_STOP_TIMEOUT, stop_timeout
+from infra.workers import (
+    ECS_MAX_STOP_TIMEOUT,
+    IDLE_SCALE_IN_MINUTES,
+    outlasts_stop_timeout,
+    stop_timeout,
+)
 
 SUMMARY_FILE = Path(__file__).with_name("infra_summary.json")
 CONFIGS = {c.name: c for c in load_configs({**cdk_context(), "env": None}.get)}
@@ -518,7 +523,27 @@ def test_stop_timeout_covers_a_warm_shutdown_where_ecs_allows():
     assert stop_timeout(CATALOG.get("long")) == ECS_MAX_STOP_TIMEOUT
 
 
+def test_only_tasks_a_warm_shutdown_cannot_wait_for_are_protected_from_scale_in():
+    assert not outlasts_stop_timeout(CATALOG.get("default"))
+    assert outlasts_stop_timeout(CATALOG.get("long"))
+    assert not outlasts_stop_timeout(EXTRA)  # hard limit 90 s: ECS waits 105 s
+    # Below the 120 s ECS allows, but with no room left for the ack and the exit.
+    assert outlasts_stop_timeout(replace(EXTRA, hard_time_limit=110))
+
+
 # --------------------------------------------------------------------------- services and scaling
+
+
+def idle_scale_in(step_policies: dict[str, dict], alarms_) -> dict[str, tuple[dict, dict]]:
+    """{policy id: (step configuration, alarm)} of the scale-in-when-idle policies among
+    `step_policies`, found by the alarm that drives them (the one below a threshold)."""
+    found = {}
+    for lid, policy in step_policies.items():
+        for alarm in alarms_:
+            props = alarm["Properties"]
+            if props.get("AlarmActions") == [{"Ref": lid}] and props["ComparisonOperator"] == "LessThanThreshold":
+                found[lid] = (policy["StepScalingPolicyConfiguration"], props)
+    return found
 
 
 @pytest.mark.slow
@@ -555,9 +580,35 @@ def test_worker_services_roll_back_and_scale_on_backlog_per_task(env):
         assert metrics["visible"]["MetricStat"]["Metric"]["MetricName"] == "ApproximateNumberOfMessagesVisible"
         assert metrics["running"]["MetricStat"]["Metric"]["MetricName"] == "RunningTaskCount"
         steps = {lid: p for lid, p in mine.items() if p["PolicyType"] == "StepScaling"}
+        # A task that outlasts the stop timeout must never be picked by scale-in: tracking only
+        # scales out, and the service goes back to its lower bound only when the queue is idle.
+        protected = q.name == "long"
+        assert outlasts_stop_timeout(q) is protected
+        assert conf.get("DisableScaleIn", False) is protected
+        idle = idle_scale_in(steps, alarms_)
+        if protected:
+            [(idle_policy, idle_alarm)] = idle.values()
+            assert idle_policy["StepAdjustments"] == [{"MetricIntervalUpperBound": 0, "ScalingAdjustment": low}]
+            assert idle_policy["AdjustmentType"] == "ExactCapacity"
+            assert "AlarmName" not in idle_alarm  # not a page, no RUNBOOK anchor
+            assert idle_alarm["AlarmDescription"].endswith("(not a page).")
+            assert (idle_alarm["Threshold"], idle_alarm["ComparisonOperator"]) == (1, "LessThanThreshold")
+            assert idle_alarm["EvaluationPeriods"] == idle_alarm["DatapointsToAlarm"] == IDLE_SCALE_IN_MINUTES == 15
+            assert idle_alarm["TreatMissingData"] == "breaching"  # SQS goes silent on a long-idle queue
+            [expr] = [m for m in idle_alarm["Metrics"] if "Expression" in m]
+            assert expr["Expression"] == "FILL(visible, 0) + FILL(inflight, 0)"
+            inputs = {m["Id"]: m["MetricStat"] for m in idle_alarm["Metrics"] if "MetricStat" in m}
+            assert {i: s["Metric"]["MetricName"] for i, s in inputs.items()} == {
+                "visible": "ApproximateNumberOfMessagesVisible", "inflight": "ApproximateNumberOfMessagesNotVisible"}
+            assert all(s["Period"] == 60 and s["Stat"] == "Maximum" for s in inputs.values())
+            assert {queue_name_of(s["Metric"]["Dimensions"][0]["Value"], stateful(env)) for s in inputs.values()} == {
+                sqs_queue_name(env, q.name)}
+        else:
+            assert idle == {}
+        wake = {lid: p for lid, p in steps.items() if lid not in idle}
         if low == 0:
             # Scale-to-zero must wake up: a step policy sets one task when messages wait and none runs.
-            [(wake_id, wake)] = steps.items()
+            [(wake_id, wake)] = wake.items()
             conf = wake["StepScalingPolicyConfiguration"]
             assert conf["AdjustmentType"] == "ExactCapacity"
             assert conf["StepAdjustments"] == [{"MetricIntervalLowerBound": 0, "ScalingAdjustment": 1}]
@@ -565,7 +616,7 @@ def test_worker_services_roll_back_and_scale_on_backlog_per_task(env):
             assert wake_alarm["Threshold"] == 1
             assert "IF(FILL(running, 0) < 1" in json.dumps(wake_alarm["Metrics"])
         else:
-            assert steps == {}
+            assert wake == {}
     relay = services[f"pcelery-{env}-relay"]
     assert relay["DesiredCount"] == 1
     assert relay["DeploymentConfiguration"]["DeploymentCircuitBreaker"]["Rollback"] is True
@@ -715,7 +766,7 @@ def test_dashboard_shows_depth_age_dlq_workers_and_throughput(env):
 
 EXTRA = QueueContract(
     name="reports", description="test-only third queue", visibility_timeout=200, max_receive_count=4,
-    retention=3 * 24 * 3600, soft_time_limit=100, hard_time_limit=150, max_countdown=30,
+    retention=3 * 24 * 3600, soft_time_limit=60, hard_time_limit=90, max_countdown=30,
     min_workers=0, max_workers=3, backlog_per_worker=7,
 )
 
@@ -771,6 +822,18 @@ def test_adding_a_queue_adds_its_queue_dlq_permissions_and_alarms_and_nothing_el
                 for st in statements_of_role(three["pcelery-dev-stateless"], ops["TaskRoleArn"])
                 for r in as_list(st["Resource"]) if r != "*"}
     assert {"pcelery-dev-reports", "pcelery-dev-reports-dlq"} <= operated
+
+    # Its tasks fit in the stop timeout, so it scales in like any queue: tracking in both
+    # directions, and only the wake-from-zero step policy (counted above) beside it.
+    t3 = three["pcelery-dev-stateless"]
+    [target_id] = [lid for lid in resources({"t": t3}, "AWS::ApplicationAutoScaling::ScalableTarget")
+                   if lid.startswith("WorkersreportsScaling")]
+    mine = {lid: r["Properties"] for lid, r in resources({"t": t3}, "AWS::ApplicationAutoScaling::ScalingPolicy").items()
+            if r["Properties"]["ScalingTargetId"] == {"Ref": target_id}}
+    [tracking] = [p for p in mine.values() if p["PolicyType"] == "TargetTrackingScaling"]
+    assert tracking["TargetTrackingScalingPolicyConfiguration"].get("DisableScaleIn", False) is False
+    steps = {lid: p for lid, p in mine.items() if p["PolicyType"] == "StepScaling"}
+    assert len(steps) == 1 and idle_scale_in(steps, resources({"t": t3}, "AWS::CloudWatch::Alarm").values()) == {}
 
 
 # --------------------------------------------------------------------------- drift and the real CLI
