@@ -13,6 +13,10 @@ from constructs import Construct
 ENGINE_VERSION = rds.PostgresEngineVersion.VER_17_6
 DATABASE_NAME = "pcelery"
 DATABASE_PORT = 5432
+# Where the image keeps AWS's RDS CA bundle (Dockerfile). With DB_SSLROOTCERT set, app/settings.py
+# connects with sslmode=verify-full: the server's certificate must chain to RDS's CA and name
+# the host, so a spoofed endpoint inside the VPC cannot read the credentials.
+RDS_CA_BUNDLE = "/etc/ssl/certs/rds-global-bundle.pem"
 MASTER_USERNAME = "pcelery"
 
 

@@ -23,7 +23,13 @@ from catalog import APP_NAME, CATALOG, Catalog
 
 from .cache import REDIS_PORT, Cache
 from .config import EnvConfig
-from .database import DATABASE_NAME, DATABASE_PORT, Database, removal_policy_for_logs
+from .database import (
+    DATABASE_NAME,
+    DATABASE_PORT,
+    RDS_CA_BUNDLE,
+    Database,
+    removal_policy_for_logs,
+)
 from .monitoring import DatabaseTargets, Monitoring
 from .network import Network
 from .queues import Queues
@@ -207,6 +213,7 @@ class StatelessStack(_EnvStack):
             "DB_HOST": database.instance.db_instance_endpoint_address,
             "DB_PORT": str(DATABASE_PORT),
             "DB_NAME": DATABASE_NAME,
+            "DB_SSLROOTCERT": RDS_CA_BUNDLE,
         }
         # Credentials only ever as ECS secrets: resolved by the agent at task start, never in the
         # task definition or the template.
@@ -341,7 +348,7 @@ class StatelessStack(_EnvStack):
                         "ecr:GetAuthorizationToken has no resource-level permissions; the image pull and "
                         "log actions CDK adds are scoped to the repository and log group.")
             acknowledge(task, "AwsSolutions-ECS2",
-                        "Only non-secret settings (env name, queue, DB host/port/name, Redis host) are "
+                        "Only non-secret settings (env name, queue, DB host/port/name/CA path, Redis host) are "
                         "environment variables; credentials are ECS secrets from Secrets Manager.")
 
         acknowledge(self.ops.task_definition.task_role, "AwsSolutions-IAM5[Resource::*]",

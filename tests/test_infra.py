@@ -369,7 +369,7 @@ def test_containers_get_the_runtime_contract_and_secrets_only_as_secrets(env):
     t = stateless(env)
     cfg = CONFIGS[env]
     secret_names = {"DB_USER", "DB_PASSWORD"} | ({"REDIS_AUTH_TOKEN"} if cfg.cache else set())
-    plain_names = {"PCELERY_ENV", "AWS_REGION", "DB_HOST", "DB_PORT", "DB_NAME"} | (
+    plain_names = {"PCELERY_ENV", "AWS_REGION", "DB_HOST", "DB_PORT", "DB_NAME", "DB_SSLROOTCERT"} | (
         {"REDIS_HOST", "REDIS_PORT"} if cfg.cache else set())
     tasks = [r["Properties"] for r in resources({"t": t}, "AWS::ECS::TaskDefinition").values()]
     assert len(tasks) == len(CATALOG) + 3
@@ -408,6 +408,23 @@ def test_containers_get_the_runtime_contract_and_secrets_only_as_secrets(env):
             assert env_vars["PCELERY_WORKER_QUEUES"] == queue
             assert "EntryPoint" not in container  # the image's ENTRYPOINT, bin/worker
             assert container["StopTimeout"] == stop_timeout(CATALOG.get(queue)) <= ECS_MAX_STOP_TIMEOUT
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("env", ENVS)
+def test_every_container_that_reaches_the_database_verifies_its_certificate(env):
+    """DB_SSLROOTCERT makes app/settings.py use sslmode=verify-full against the image's RDS CA
+    bundle; a container with DB_HOST but without it would fall back to unverified TLS."""
+    checked = []
+    for task in (r["Properties"] for r in resources({"t": stateless(env)}, "AWS::ECS::TaskDefinition").values()):
+        for container in task["ContainerDefinitions"]:
+            env_vars = {e["Name"]: e["Value"] for e in container["Environment"]}
+            if "DB_HOST" in env_vars:
+                assert env_vars.get("DB_SSLROOTCERT") == "/etc/ssl/certs/rds-global-bundle.pem", (
+                    f"{task['Family']}/{container['Name']}")
+                checked.append(f"{task['Family']}/{container['Name']}")
+    # Workers and relay with their migrate init containers, the migrate task and the ops task.
+    assert len(checked) == 2 * len(CATALOG) + 2 + 2, checked
 
 
 # --------------------------------------------------------------------------- the ops one-off task
@@ -454,7 +471,7 @@ def test_ops_task_runs_the_cli_in_the_vpc_with_the_relays_database_settings(env)
     assert container["Image"] == relay["Image"]
     env_vars = {e["Name"]: e["Value"] for e in container["Environment"]}
     relay_env = {e["Name"]: e["Value"] for e in relay["Environment"]}
-    for name in ("PCELERY_ENV", "AWS_REGION", "DB_HOST", "DB_PORT", "DB_NAME"):
+    for name in ("PCELERY_ENV", "AWS_REGION", "DB_HOST", "DB_PORT", "DB_NAME", "DB_SSLROOTCERT"):
         assert env_vars[name] == relay_env[name], name
     relay_secrets = {s["Name"]: s["ValueFrom"] for s in relay["Secrets"]}
     assert {s["Name"]: s["ValueFrom"] for s in container["Secrets"]} == {
