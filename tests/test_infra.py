@@ -425,6 +425,8 @@ def test_every_container_that_reaches_the_database_verifies_its_certificate(env)
                 checked.append(f"{task['Family']}/{container['Name']}")
     # Workers and relay with their migrate init containers, the migrate task and the ops task.
     assert len(checked) == 2 * len(CATALOG) + 2 + 2, checked
+    # The image really puts the CA bundle where the containers look for it.
+    assert " /etc/ssl/certs/rds-global-bundle.pem" in (REPO_ROOT / "Dockerfile").read_text()
 
 
 # --------------------------------------------------------------------------- the ops one-off task
