@@ -77,6 +77,7 @@ def exports(environ: dict[str, str]) -> str:
 
 
 def up() -> dict:
+    from app import demo_tasks
     from app import local as app_local
     from app.store import make_engine, migrate
     from catalog import DEMO_CATALOG
@@ -95,23 +96,19 @@ def up() -> dict:
         server = app_local.start_moto_server(log=logs["moto"])
         pids["moto"] = server.process.pid
         app_local.create_queues(app_local.sqs_client(server.endpoint), DEMO_CATALOG, "local")
-        database_url = f"sqlite:///{STACK_DIR / 'tasks.sqlite3'}"
+        # moto keeps its queues in memory, so a new stack starts with empty queues; rows left in an
+        # old store would name messages that exist nowhere. Start the store afresh with them.
+        db_file = STACK_DIR / "tasks.sqlite3"
+        for leftover in (db_file, db_file.with_name(db_file.name + "-wal"), db_file.with_name(db_file.name + "-shm")):
+            leftover.unlink(missing_ok=True)
+        database_url = f"sqlite:///{db_file}"
         engine = make_engine(database_url)
         migrate(engine)
-        try:  # the demo tasks keep their effects in tables of their own
-            from app import demo_tasks
-
-            demo_tasks.migrate(engine)
-        except ImportError:
-            pass
+        demo_tasks.migrate(engine)  # the demo tasks keep their effects in a table of their own
         engine.dispose()
         environ = app_local.local_environ(server.endpoint, database_url, catalog_spec=CATALOG_SPEC)
-        for name in ("worker", "relay"):
-            starter = getattr(app_local, f"start_{name}", None)
-            if starter is None:
-                _say(f"app.local.start_{name} is not available yet: no {name} started")
-                continue
-            pids[name] = starter(environ, log=logs[name]).pid
+        pids["worker"] = app_local.start_worker(environ, log=logs["worker"]).pid
+        pids["relay"] = app_local.start_relay(environ, log=logs["relay"]).pid
         stack = {"endpoint": server.endpoint, "database_url": database_url, "pids": pids, "environ": environ,
                  "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         STACK_FILE.write_text(json.dumps(stack, indent=2))

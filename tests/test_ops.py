@@ -792,6 +792,18 @@ def test_local_up_is_idempotent_seeds_work_and_down_stops_everything_it_started(
     assert ops("status").returncode == 4
     assert "nothing to stop" in ops("down").stderr
 
+    # A new stack has new (empty) queues, so it starts with an empty store too: rows from the
+    # last one would name messages that exist nowhere.
+    try:
+        fresh = ops("up")
+        assert fresh.returncode == 0, fresh.stderr
+        stack = json.loads((tmp_path / "local" / "stack.json").read_text())
+        engine = store.make_engine(exports["DATABASE_URL"])
+        assert sum(store.count_by_state(engine).values()) == 0
+        engine.dispose()
+    finally:
+        assert ops("down").returncode == 0
+
 
 def test_oldest_age_comes_from_cloudwatch_on_aws_and_is_null_locally():
     import datetime as dt
