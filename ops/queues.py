@@ -484,7 +484,9 @@ def redrive_native(sqs, plan: RedrivePlan, *, rate: float | None = None, poll_se
         if _native_unsupported(exc):
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             code = exc.response.get("Error", {}).get("Code", "")
-            raise NativeUnsupported(f"StartMessageMoveTask answered HTTP {status} {code}".rstrip()) from None
+            # moto's error code is the status again ("500"): say it once.
+            detail = f"HTTP {status}" + (f" {code}" if code and code != str(status) else "")
+            raise NativeUnsupported(f"StartMessageMoveTask answered {detail}") from None
         raise aws_error(exc, f"start a move task on {plan.source.name!r} (is one already running? "
                              "`aws sqs list-message-move-tasks`)") from None
     log.info("native move task started: %s -> %s", plan.source.name, plan.destination.name)
