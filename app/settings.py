@@ -49,7 +49,7 @@ class Settings:
     task_modules: tuple[str, ...] = ("app.demo_tasks",)
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> "Settings":
+    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
         e = os.environ if environ is None else environ
         try:
             env = check_env(e.get("PCELERY_ENV", "local"))
@@ -91,7 +91,7 @@ def _task_modules(e) -> tuple[str, ...]:
 def _database_url(e) -> str:
     if e.get("DATABASE_URL"):
         url = e["DATABASE_URL"]
-        if url.startswith("postgres://") or url.startswith("postgresql://"):
+        if url.startswith(("postgres://", "postgresql://")):
             # SQLAlchemy would pick psycopg2, which is not installed; psycopg 3 is.
             url = "postgresql+psycopg://" + url.split("://", 1)[1]
         return url
