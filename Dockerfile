@@ -1,7 +1,9 @@
 # syntax=docker/dockerfile:1
-# The one image of every ECS container: the Celery worker (ENTRYPOINT), the outbox relay
-# (`python -m app.outbox relay`) and the schema migration (`python -m app.store migrate`); the
-# CDK task definitions override the entry point for the last two.
+# The one image of every ECS container: the pcelery package, installed from its wheel with the
+# locked dependencies. Its console scripts are the entry points: pcelery-worker (the default),
+# and pcelery-relay, pcelery-migrate and pcelery-ops, which the CDK task definitions select.
+# What goes into the build context is the allowlist in .dockerignore (tests check it against
+# pyproject.toml's package-dir): the dev harness, tests and infra never reach the image.
 
 # --- build: wheels that need a compiler (pycurl, kombu's async SQS client, links libcurl) ---
 FROM python:3.11-slim AS build
@@ -9,12 +11,18 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends build-essential libcurl4-openssl-dev libssl-dev \
  && rm -rf /var/lib/apt/lists/*
 ENV PYCURL_SSL_LIBRARY=openssl
-COPY requirements.txt /tmp/requirements.txt
-RUN python -m venv /opt/venv \
- && /opt/venv/bin/pip install --no-cache-dir --upgrade pip \
- && /opt/venv/bin/pip install --no-cache-dir -r /tmp/requirements.txt
+RUN python -m venv /opt/venv && /opt/venv/bin/pip install --no-cache-dir --upgrade pip
+WORKDIR /src
+# The lock first: the dependency layer is rebuilt only when the lock changes.
+COPY requirements.txt ./
+RUN /opt/venv/bin/pip install --no-cache-dir -r requirements.txt
+COPY pyproject.toml ./
+COPY app/ app/
+COPY ops/ ops/
+RUN /opt/venv/bin/pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
+ && /opt/venv/bin/pip install --no-cache-dir --no-deps /wheels/*.whl
 
-# --- runtime: the venv plus the shared libraries it links, no compiler ---
+# --- runtime: the venv plus the shared libraries it links, no compiler, no source tree ---
 FROM python:3.11-slim
 RUN apt-get update \
  && apt-get install -y --no-install-recommends libcurl4 ca-certificates \
@@ -28,10 +36,5 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /app
-# Exactly what the worker, relay and migrate import (tests/test_worker.py checks this list).
-COPY catalog.py /app/catalog.py
-COPY app/ /app/app/
-COPY ops/ /app/ops/
-COPY bin/ /app/bin/
 USER pcelery
-ENTRYPOINT ["/app/bin/worker"]
+ENTRYPOINT ["pcelery-worker"]

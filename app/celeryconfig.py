@@ -1,30 +1,32 @@
-"""Celery settings of the worker: derived from the environment (app.settings) and the queue
+"""Celery settings of the worker: derived from the environment (pcelery.settings) and the queue
 catalog, never a second list of queues or timings. One setting per line, each with its reason.
 
-Celery loads this module (app.worker: config_from_object) the first time the app's configuration
-is read, which looks up the catalog queues' URLs on SQS: a queue that does not exist stops the
-process here with a message naming it.
+Celery loads this module (pcelery.worker: config_from_object) the first time the app's
+configuration is read, which looks up the catalog queues' URLs on SQS: a queue that does not
+exist stops the process here with a message naming it.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 
-from app.settings import Settings
-from catalog import LONG_POLL_SECONDS, queue_prefix, sqs_queue_name
+from pcelery.catalog import LONG_POLL_SECONDS, queue_prefix, sqs_queue_name
+from pcelery.settings import Settings, SettingsError, WorkerSettings
+from pcelery.sqs import make_client
 
 _settings = Settings.from_env()
+try:
+    _worker = WorkerSettings.from_env(_settings)
+except SettingsError as exc:  # pcelery-worker checked these already; this is `celery worker` run by hand
+    print(f"worker: {exc}", file=sys.stderr)
+    raise SystemExit(2) from None
 _catalog = _settings.catalog
-_consumed = [_catalog.get(name) for name in _settings.worker_queues]
 
 
 def _queue_urls() -> dict[str, str]:
     """{SQS queue name: URL} of every catalog queue, by GetQueueUrl (the account is not in the
     environment, and the send/consume grants include sqs:GetQueueUrl)."""
-    from app.local import sqs_client
-
-    client = sqs_client(_settings.sqs_endpoint, _settings.region)
+    client = make_client(_settings)
     urls = {}
     for contract in _catalog:
         name = sqs_queue_name(_settings.env, contract.name)
@@ -33,18 +35,18 @@ def _queue_urls() -> dict[str, str]:
         except client.exceptions.QueueDoesNotExist:
             print(f"worker: refusing to start: SQS queue {name!r} (catalog queue {contract.name!r}, env "
                   f"{_settings.env!r}) does not exist: deploy the environment's stack (locally: "
-                  "app.local.create_queues, or `python -m ops local up`), then start again", file=sys.stderr)
+                  "`python -m ops local up`), then start again", file=sys.stderr)
             raise SystemExit(3) from None
     return urls
 
 
 def _predefined_queue(url: str) -> dict[str, str]:
     entry = {"url": url}
-    if _settings.sqs_endpoint:
+    if _settings.local_credentials:
         # A local endpoint takes the local stack's dummy keys; on AWS, omitting them lets boto3
         # use the task role's credentials.
-        entry["access_key_id"] = os.environ.get("AWS_ACCESS_KEY_ID", "local")
-        entry["secret_access_key"] = os.environ.get("AWS_SECRET_ACCESS_KEY", "local")
+        entry["access_key_id"] = _settings.local_credentials.access_key_id
+        entry["secret_access_key"] = _settings.local_credentials.secret_access_key
     return entry
 
 
@@ -68,8 +70,8 @@ broker_transport_options = {
 
 # --- Queues and routing -----------------------------------------------------------------------
 task_default_queue = _catalog.default_queue  # the implicit "celery" queue is not predefined
-task_routes = ("app.worker.route_task",)  # each task's queue comes from its persistent_task declaration
-imports = _settings.task_modules  # PCELERY_TASK_MODULES: the modules whose tasks this worker runs
+task_routes = ("pcelery.worker.route_task",)  # each task's queue comes from its persistent_task declaration
+imports = _worker.task_modules  # PCELERY_TASK_MODULES: the modules whose tasks this worker runs
 
 # --- Delivery semantics (ARCHITECTURE.md, "The task's life") ---------------------------------
 task_acks_late = True  # delete the message only after the task finished: a crash means redelivery
@@ -80,7 +82,7 @@ task_reject_on_worker_lost = True  # a SIGKILLed pool child's task comes back in
 # tasks while its visibility timeout runs out (and nothing heartbeats it); 1 keeps every received
 # message running, at the cost of one ReceiveMessage per batch of free slots.
 worker_prefetch_multiplier = 1
-worker_concurrency = max(q.concurrency for q in _consumed)  # bin/worker passes the same number
+worker_concurrency = _worker.concurrency  # pcelery-worker passes the same number
 
 # --- Serialization: JSON only (SQS carries the id; the payload is JSON in the store) ---------
 task_serializer = "json"  # never pickle: a message must not be able to run code
@@ -88,11 +90,11 @@ result_serializer = "json"  # results are JSON in the store too
 accept_content = ["json"]  # anything else is rejected (and so left for the DLQ)
 
 # --- Results ----------------------------------------------------------------------------------
-result_backend = _settings.result_backend  # optional Redis; None disables it (the row holds the result)
-task_ignore_result = _settings.result_backend is None  # no backend: do not even try to store results
+result_backend = _worker.result_backend  # optional Redis; None disables it (the row holds the result)
+task_ignore_result = _worker.result_backend is None  # no backend: do not even try to store results
 
 # --- Worker process -----------------------------------------------------------------------------
-worker_consumer = "app.worker:PersistentConsumer"  # undecodable messages go to the DLQ, not the bin
+worker_consumer = "pcelery.celery_internals:PersistentConsumer"  # undecodable messages go to the DLQ, not the bin
 worker_hijack_root_logger = False  # keep the application's own log handlers
 worker_enable_remote_control = False  # SQS has no broadcast: the pidbox queue would be undefined
 worker_send_task_events = False  # no event consumer on SQS (Flower shows nothing); the store is the record

@@ -32,20 +32,18 @@ import os
 import socket
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
-from catalog import ENVIRONMENTS, queue_prefix
+from pcelery.catalog import parse_queue_name
 
 CONTENT_TYPE = "application/json"
 
 
-def celery_queue_name(queue: str) -> str:
-    """The Celery queue name for a catalog name or an SQS name ("pcelery-prod-default" -> "default")."""
-    for env in ENVIRONMENTS:
-        prefix = queue_prefix(env)
-        if queue.startswith(prefix):
-            queue = queue[len(prefix):]
-            break
-    return queue.removesuffix("-dlq")
+def routing_key(queue: str) -> str:
+    """The Celery queue name a message must carry for a catalog name or an SQS name
+    ("pcelery-prod-default" -> "default")."""
+    parsed = parse_queue_name(queue)
+    return parsed.queue if parsed else queue
 
 
 def _origin() -> str:
@@ -53,13 +51,11 @@ def _origin() -> str:
     return f"gen{os.getpid()}@{socket.gethostname()}"
 
 
-def encode_body(task_id: str, task_name: str, *, queue: str | None = None,
-                queue_sqs_name: str | None = None) -> str:
+def encode_body(task_id: str, task_name: str, *, queue: str) -> str:
     """The SQS MessageBody for one task: Celery protocol 2, args [] and kwargs {} (the worker
-    reads the payload from the row). `queue` is the catalog queue name; an SQS queue name
-    (`queue_sqs_name`, with its environment prefix) is accepted too and mapped back to it."""
-    name = queue or queue_sqs_name
-    if not name:
+    reads the payload from the row). `queue` is the catalog queue name (an SQS queue name, with
+    its environment prefix, is mapped back to it)."""
+    if not queue:
         raise ValueError("encode_body needs the queue: pass queue=<catalog queue name>")
     if not task_id or not task_name:
         raise ValueError("encode_body needs a task_id and a task_name")
@@ -93,7 +89,7 @@ def encode_body(task_id: str, task_name: str, *, queue: str | None = None,
             "correlation_id": task_id,
             "reply_to": "",
             "delivery_mode": 2,
-            "delivery_info": {"exchange": "", "routing_key": celery_queue_name(name)},
+            "delivery_info": {"exchange": "", "routing_key": routing_key(queue)},
             "priority": 0,
             "body_encoding": "base64",
             "delivery_tag": str(uuid.uuid4()),
@@ -108,9 +104,9 @@ class DecodedMessage:
     task_id: str
     # None when the inner body cannot be read as Celery's [args, kwargs, embed]: another content
     # type (a pickled message), or a JSON content type over a body that is not that JSON.
-    args: list | None
-    kwargs: dict | None
-    headers: dict = field(default_factory=dict)
+    args: list[Any] | None
+    kwargs: dict[str, Any] | None
+    headers: dict[str, Any] = field(default_factory=dict)
     queue: str | None = None  # Celery queue name from delivery_info.routing_key
     content_type: str | None = None
 
@@ -159,7 +155,7 @@ def decode_body(body: str | bytes) -> DecodedMessage | None:
         return None
 
 
-def _task_arguments(envelope: dict, properties: dict) -> tuple[list | None, dict | None]:
+def _task_arguments(envelope: dict[str, Any], properties: dict[str, Any]) -> tuple[list[Any] | None, dict[str, Any] | None]:
     """(args, kwargs) from a JSON envelope's inner body, or (None, None) when it is not what it
     claims to be."""
     inner = envelope.get("body")

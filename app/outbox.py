@@ -2,8 +2,8 @@
 
 Application code submits through an `Outbox`, never through `.delay()`:
 
-    from app.outbox import Outbox
-    from app.settings import Settings
+    from pcelery.outbox import Outbox
+    from pcelery.settings import Settings
 
     outbox = Outbox.from_settings(Settings.from_env())
 
@@ -24,9 +24,9 @@ successful commit publishes exactly those rows. `submit(conn, ...)` with any oth
 raises SubmitError at once instead of silently waiting for the relay. A caller that already
 holds a Connection passes it in: `with outbox.transaction(conn) as conn:` begins on it.
 
-Publication never raises into the caller: if SQS is down or slow (short timeouts, 2 attempts),
-the rows simply stay `pending` and the relay sends them once they are `PCELERY_RELAY_MIN_AGE`
-seconds old. Rows submitted inside a SAVEPOINT that was rolled back are not published.
+Publication never raises into the caller: if SQS is down or slow (short timeouts and few
+attempts, pcelery.sqs.SUBMIT), the rows simply stay `pending` and the relay sends them once they
+are `PCELERY_RELAY_MIN_AGE` seconds old. Rows submitted inside a SAVEPOINT that was rolled back are not published.
 
 Idempotent submit: `submit(conn, name, ..., task_id="order-42-receipt")` inserts with ON
 CONFLICT DO NOTHING. Submitting the same id again with the same task and arguments is a no-op
@@ -40,30 +40,17 @@ catalog's default queue. A queue= that contradicts the declaration is refused.
 Task keyword arguments named `queue`, `countdown` or `task_id` collide with submit's own
 options; pass them through `submit_many(conn, [(name, args, kwargs)])`.
 
-Relay (one or more copies per environment; safe together thanks to FOR UPDATE SKIP LOCKED):
-
-    python -m app.outbox relay [--once] [--interval S] [--min-age S] [--batch N]
-
-It reads the same settings as every process (app/settings.py), plus PCELERY_RELAY_MIN_AGE
-(default 30 s: a submitter normally publishes within milliseconds of its commit) and
-PCELERY_RELAY_INTERVAL (default 5 s). Each loop prints one CloudWatch Embedded Metric Format
-line to stdout (namespace PersistentCelery, dimension Environment, metrics OutboxPendingCount
-and OutboxOldestPendingAgeSeconds); logs go to stderr. SIGTERM finishes the current batch and
-exits 0. Exit codes: 0 done, 1 a `--once` run failed (database error), 2 bad settings.
+The relay (pcelery.relay, `pcelery-relay`) publishes what a submitter could not.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
 import math
-import os
-import signal
 import sys
 import threading
-import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -71,16 +58,16 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from app import store
-from app.messages import encode_body
-from catalog import Catalog, CatalogError, sqs_queue_name
+from pcelery import sqs as sqs_clients
+from pcelery import store
+from pcelery.catalog import Catalog, CatalogError, sqs_queue_name
+from pcelery.messages import encode_body
+from pcelery.settings import Settings
+from pcelery.store import OutboxEntry
 
-log = logging.getLogger("app.outbox")  # same name when run as __main__ (the relay)
+log = logging.getLogger("pcelery.outbox")
 
 SQS_BATCH = 10  # SendMessageBatch's limit
-DEFAULT_RELAY_MIN_AGE = 30.0
-DEFAULT_RELAY_INTERVAL = 5.0
-EMF_NAMESPACE = "PersistentCelery"
 
 
 class SubmitError(ValueError):
@@ -88,24 +75,6 @@ class SubmitError(ValueError):
 
 
 # --- Publisher ------------------------------------------------------------------------------
-
-def make_sqs_client(endpoint_url: str | None = None, region: str | None = None):
-    """A boto3 SQS client that gives up quickly: a down endpoint must cost the submitter about a
-    second, not the SDK's default minutes of retries. The relay retries on its own schedule."""
-    import boto3
-    from botocore.config import Config
-
-    config = Config(connect_timeout=2, read_timeout=5, retries={"max_attempts": 2, "mode": "standard"})
-    kwargs: dict[str, Any] = {"config": config,
-                              "region_name": region or os.environ.get("AWS_REGION")
-                              or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"}
-    if endpoint_url:
-        kwargs["endpoint_url"] = endpoint_url
-        # Local endpoints accept any credentials; without these boto3 would look for real ones.
-        kwargs["aws_access_key_id"] = os.environ.get("AWS_ACCESS_KEY_ID", "local")
-        kwargs["aws_secret_access_key"] = os.environ.get("AWS_SECRET_ACCESS_KEY", "local")
-    return boto3.client("sqs", **kwargs)
-
 
 @dataclass
 class Published:
@@ -117,21 +86,21 @@ class Publisher:
     """Sends task ids to their catalog queue's SQS queue. Never raises for SQS trouble: what was
     not sent stays `pending` for the relay."""
 
-    def __init__(self, catalog: Catalog, env: str, sqs=None, *, endpoint_url: str | None = None,
-                 region: str | None = None):
+    def __init__(self, catalog: Catalog, env: str, sqs: Any = None, *, settings: Settings | None = None):
+        """sqs: a boto3 SQS client; made from `settings` (pcelery.sqs.make_client) on first use
+        when not given."""
         self.catalog = catalog
         self.env = env
         self._sqs = sqs
-        self._endpoint_url = endpoint_url
-        self._region = region
+        self._settings = settings
         self._urls: dict[str, str] = {}
         self._lock = threading.Lock()
 
     @property
-    def sqs(self):
+    def sqs(self) -> Any:
         with self._lock:
             if self._sqs is None:
-                self._sqs = make_sqs_client(self._endpoint_url, self._region)
+                self._sqs = sqs_clients.make_client(self._settings)
             return self._sqs
 
     def queue_url(self, queue: str) -> str:
@@ -141,13 +110,13 @@ class Publisher:
             self._urls[queue] = url
         return url
 
-    def publish(self, rows: Iterable[dict]) -> Published:
-        """rows: dicts with id, task_name, queue, delay_seconds. Returns what SQS accepted."""
+    def publish(self, rows: Iterable[OutboxEntry]) -> Published:
+        """Returns what SQS accepted."""
         from botocore.exceptions import BotoCoreError, ClientError
 
-        by_queue: dict[str, list[dict]] = {}
+        by_queue: dict[str, list[OutboxEntry]] = {}
         for row in rows:
-            by_queue.setdefault(row["queue"], []).append(row)
+            by_queue.setdefault(row.queue, []).append(row)
         published: dict[str, str] = {}
         unreachable = False
         for queue, queue_rows in by_queue.items():
@@ -158,34 +127,35 @@ class Publisher:
             except ClientError as exc:
                 # Per queue: a missing queue must not hold back the others.
                 log.warning("SQS refused publishing to queue %r (%s); %d task(s) stay pending for the relay",
-                            queue, exc, len(queue_rows) - sum(r["id"] in published for r in queue_rows))
+                            queue, exc, len(queue_rows) - sum(r.id in published for r in queue_rows))
             except (BotoCoreError, OSError) as exc:
                 # Endpoint down or timing out: every further call would wait out the same timeouts.
-                unsent = sum(1 for rows_ in by_queue.values() for r in rows_ if r["id"] not in published)
+                unsent = sum(1 for rows_ in by_queue.values() for r in rows_ if r.id not in published)
                 log.warning("SQS unreachable (%s: %s); %d task(s) stay pending for the relay",
                             type(exc).__name__, exc, unsent)
                 unreachable = True
                 break
         return Published(published, unreachable)
 
-    def _send_batch(self, url: str, queue: str, rows: list[dict]) -> dict[str, str]:
-        def entry(i, row):
-            return {"Id": str(i), "MessageBody": encode_body(row["id"], row["task_name"], queue=queue),
-                    "DelaySeconds": int(row.get("delay_seconds") or 0)}
+    def _send_batch(self, url: str, queue: str, rows: list[OutboxEntry]) -> dict[str, str]:
+        def entry(i: int, row: OutboxEntry) -> dict[str, Any]:
+            return {"Id": str(i), "MessageBody": encode_body(row.id, row.task_name, queue=queue),
+                    "DelaySeconds": int(row.delay_seconds or 0)}
 
         if len(rows) == 1:
             e = entry(0, rows[0])
             response = self.sqs.send_message(QueueUrl=url, MessageBody=e["MessageBody"], DelaySeconds=e["DelaySeconds"])
-            return {rows[0]["id"]: response["MessageId"]}
+            return {rows[0].id: response["MessageId"]}
         response = self.sqs.send_message_batch(QueueUrl=url, Entries=[entry(i, r) for i, r in enumerate(rows)])
-        sent = {rows[int(ok["Id"])]["id"]: ok["MessageId"] for ok in response.get("Successful", [])}
+        sent = {rows[int(ok["Id"])].id: ok["MessageId"] for ok in response.get("Successful", [])}
         for failed in response.get("Failed", []):
             log.warning("SQS did not accept task %s (%s: %s); it stays pending for the relay",
-                        rows[int(failed["Id"])]["id"], failed.get("Code"), failed.get("Message"))
+                        rows[int(failed["Id"])].id, failed.get("Code"), failed.get("Message"))
         return sent
 
 
-def publish_and_mark(engine_or_conn: sa.Engine | sa.Connection, publisher: Publisher, rows: list[dict]) -> Published:
+def publish_and_mark(engine_or_conn: sa.Engine | sa.Connection, publisher: Publisher,
+                     rows: list[OutboxEntry]) -> Published:
     """Publish rows and move the sent ones to `queued`."""
     published = publisher.publish(rows)
     if published.sent:
@@ -198,8 +168,8 @@ def publish_and_mark(engine_or_conn: sa.Engine | sa.Connection, publisher: Publi
 class _Unit:
     """The rows submitted in one outbox transaction, published after it commits."""
 
-    def __init__(self):
-        self.rows: list[dict] = []
+    def __init__(self) -> None:
+        self.rows: list[OutboxEntry] = []
         self.in_savepoint: set[str] = set()
 
 
@@ -227,20 +197,23 @@ def _unserializable(value: Any, path: str) -> tuple[str, str] | None:
 class Outbox:
     """Submit tasks inside the caller's transaction; publish them after it commits."""
 
-    def __init__(self, engine: sa.Engine, catalog: Catalog, env: str, sqs=None, *,
-                 endpoint_url: str | None = None, region: str | None = None,
-                 task_queues: Mapping[str, str] | None = None):
+    def __init__(self, engine: sa.Engine, catalog: Catalog, env: str, sqs: Any = None, *,
+                 settings: Settings | None = None, task_queues: Mapping[str, str] | None = None):
+        """sqs: a boto3 SQS client, else one made from `settings` on the first publish."""
         self.engine = engine
         self.catalog = catalog
         self.env = env
         self.task_queues = task_queues
-        self.publisher = Publisher(catalog, env, sqs, endpoint_url=endpoint_url, region=region)
+        self.publisher = Publisher(catalog, env, sqs, settings=settings)
         self._units: dict[int, _Unit] = {}
 
     @classmethod
-    def from_settings(cls, settings, *, engine: sa.Engine | None = None, sqs=None) -> Outbox:
-        return cls(engine or store.make_engine(settings.database_url), settings.catalog, settings.env, sqs,
-                   endpoint_url=settings.sqs_endpoint, region=settings.region)
+    def from_settings(cls, settings: Settings, *, engine: sa.Engine | None = None, sqs: Any = None,
+                      task_queues: Mapping[str, str] | None = None) -> Outbox:
+        from pcelery.schema import make_engine
+
+        return cls(engine or make_engine(settings.database_url), settings.catalog, settings.env, sqs,
+                   settings=settings, task_queues=task_queues)
 
     @contextlib.contextmanager
     def transaction(self, connection: sa.Connection | None = None) -> Iterator[sa.Connection]:
@@ -277,20 +250,20 @@ class Outbox:
         try:
             if unit.in_savepoint:
                 # A rolled-back SAVEPOINT took some rows with it: publish only those that exist.
-                ids = [r["id"] for r in rows if r["id"] in unit.in_savepoint]
+                ids = [r.id for r in rows if r.id in unit.in_savepoint]
                 kept = store.existing_ids(self.engine, ids)
-                rows = [r for r in rows if r["id"] not in unit.in_savepoint or r["id"] in kept]
+                rows = [r for r in rows if r.id not in unit.in_savepoint or r.id in kept]
             publish_and_mark(self.engine, self.publisher, rows)
         except Exception:  # the rows are committed and pending: the relay finishes the job
             log.warning("publishing %d committed task(s) failed; the relay will send them", len(rows), exc_info=True)
 
     def declared_queue(self, task_name: str) -> str | None:
         """The queue a task was declared for: from `task_queues`, else from the
-        `@persistent_task` declarations this process has imported (app.worker.TASKS, looked up
+        `@persistent_task` declarations this process has imported (pcelery.worker.TASKS, looked up
         without importing the worker and its dependencies)."""
         if self.task_queues is not None:
             return self.task_queues.get(task_name)
-        worker = sys.modules.get("app.worker")
+        worker = sys.modules.get("pcelery.worker")
         declared = getattr(worker, "TASKS", {}).get(task_name) if worker else None
         return getattr(declared, "queue", None)
 
@@ -300,7 +273,7 @@ class Outbox:
                task_id: Any = None) -> tuple[str, int]:
         if not isinstance(task_name, str) or not task_name.strip():
             raise SubmitError(f"task_name={task_name!r} is empty or not a string: pass the registered task "
-                              "name, e.g. 'app.demo_tasks.add'")
+                              "name, e.g. 'shop.send_receipt'")
         if len(task_name) > 200:
             raise SubmitError(f"task_name is {len(task_name)} characters; the limit is 200: shorten the task name")
         declared = self.declared_queue(task_name)
@@ -377,18 +350,19 @@ class Outbox:
             self._remember(conn, unit, rows)
         return [r["id"] for r in rows]
 
-    def _remember(self, conn: sa.Connection, unit: _Unit, rows: list[dict]) -> None:
-        unit.rows.extend({k: r[k] for k in ("id", "task_name", "queue", "delay_seconds")} for r in rows)
+    def _remember(self, conn: sa.Connection, unit: _Unit, rows: list[dict[str, Any]]) -> None:
+        unit.rows.extend(OutboxEntry(r["id"], r["task_name"], r["queue"], r["delay_seconds"]) for r in rows)
         if conn.in_nested_transaction():
             unit.in_savepoint.update(r["id"] for r in rows)
 
-    def _insert_if_new(self, conn: sa.Connection, row: dict) -> bool:
+    def _insert_if_new(self, conn: sa.Connection, row: dict[str, Any]) -> bool:
         existing = store.insert_task_if_absent(conn, row)
         if existing is None:
             return True
-        if existing["task_name"] != row["task_name"] or json.loads(existing["payload"]) != json.loads(row["payload"]):
+        task_name, payload = existing
+        if task_name != row["task_name"] or payload != json.loads(row["payload"]):
             raise SubmitError(
-                f"task_id={row['id']!r} already exists as {existing['task_name']!r} with other arguments: "
+                f"task_id={row['id']!r} already exists as {task_name!r} with other arguments: "
                 "an idempotent submit must repeat the same task and arguments; use a new task_id otherwise")
         return False
 
@@ -396,140 +370,5 @@ class Outbox:
         """Publish the given rows now if they are `pending` (e.g. right after ops resets them for
         replay) instead of waiting for the relay. Returns {task_id: MessageId} of those sent;
         the rest stay pending for the relay."""
-        rows = store.pending_rows(self.engine, list(task_ids))
+        rows = store.pending_entries(self.engine, list(task_ids))
         return publish_and_mark(self.engine, self.publisher, rows).sent if rows else {}
-
-
-# --- Relay ----------------------------------------------------------------------------------
-
-MAX_REFUSED_PER_PASS = 1000
-
-
-def relay_pass(engine: sa.Engine, publisher: Publisher, *, min_age: float, batch: int = SQS_BATCH,
-               should_stop=lambda: False) -> int:
-    """Publish pending rows older than min_age until none are left (or SQS stops accepting).
-    Each batch is one short transaction that locks its rows while they are sent, so copies of
-    the relay never send the same row. Returns how many were published."""
-    total = 0
-    # Rows SQS refused in this pass (a missing queue, an invalid delay): skipped until the next
-    # pass, so they can neither spin this loop nor hold back the rows behind them.
-    refused: set[str] = set()
-    while not should_stop() and len(refused) < MAX_REFUSED_PER_PASS:
-        with engine.begin() as conn:
-            rows = store.claim_unpublished(conn, older_than_seconds=min_age, limit=batch, exclude_ids=refused)
-            if not rows:
-                break
-            published = publish_and_mark(conn, publisher, rows)
-        total += len(published.sent)
-        refused.update(r["id"] for r in rows if r["id"] not in published.sent)
-        if published.unreachable:
-            break  # the rest waits for the next interval
-    return total
-
-
-def emf_line(env: str, summary: dict, *, published: int | None = None, now: float | None = None) -> str:
-    """One CloudWatch Embedded Metric Format record; the CDK monitoring construct alarms on
-    OutboxOldestPendingAgeSeconds under exactly these names."""
-    record: dict[str, Any] = {
-        "_aws": {
-            "Timestamp": int((now if now is not None else time.time()) * 1000),
-            "CloudWatchMetrics": [{
-                "Namespace": EMF_NAMESPACE,
-                "Dimensions": [["Environment"]],
-                "Metrics": [
-                    {"Name": "OutboxPendingCount", "Unit": "Count"},
-                    {"Name": "OutboxOldestPendingAgeSeconds", "Unit": "Seconds"},
-                ],
-            }],
-        },
-        "Environment": env,
-        "OutboxPendingCount": summary["count"],
-        "OutboxOldestPendingAgeSeconds": round(summary["oldest_age_seconds"], 3),
-    }
-    if published is not None:
-        record["OutboxPublished"] = published  # a property for Logs Insights, not a metric
-    return json.dumps(record)
-
-
-def _env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a number of seconds: fix or unset it") from None
-    if value < 0:
-        raise ValueError(f"{name}={raw!r} is negative: use 0 or more seconds")
-    return value
-
-
-def run_relay(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m app.outbox relay",
-                                     description="Publish committed tasks that were not sent to SQS.")
-    parser.add_argument("--once", action="store_true", help="one pass until no rows are left, then exit")
-    parser.add_argument("--interval", type=float, default=None,
-                        help=f"seconds between passes (PCELERY_RELAY_INTERVAL, default {DEFAULT_RELAY_INTERVAL:g})")
-    parser.add_argument("--min-age", type=float, default=None,
-                        help=f"only rows pending at least this long (PCELERY_RELAY_MIN_AGE, default {DEFAULT_RELAY_MIN_AGE:g})")
-    parser.add_argument("--batch", type=int, default=SQS_BATCH, help="rows per transaction (default 10)")
-    args = parser.parse_args(argv)
-    try:
-        min_age = args.min_age if args.min_age is not None else _env_float("PCELERY_RELAY_MIN_AGE", DEFAULT_RELAY_MIN_AGE)
-        interval = args.interval if args.interval is not None else _env_float("PCELERY_RELAY_INTERVAL",
-                                                                               DEFAULT_RELAY_INTERVAL)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if min_age < 0 or interval < 0 or args.batch < 1:
-        parser.error("--min-age and --interval must not be negative, --batch must be at least 1")
-
-    from app.settings import Settings, SettingsError
-
-    try:
-        settings = Settings.from_env()
-    except SettingsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    engine = store.make_engine(settings.database_url)
-    publisher = Publisher(settings.catalog, settings.env, endpoint_url=settings.sqs_endpoint, region=settings.region)
-
-    stop = threading.Event()
-
-    def on_signal(signum, _frame):
-        log.info("%s received: finishing the current batch, then exiting", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    log.info("relay started: env=%s min_age=%gs interval=%gs batch=%d", settings.env, min_age, interval, args.batch)
-    try:
-        while True:
-            try:
-                published = relay_pass(engine, publisher, min_age=min_age, batch=args.batch, should_stop=stop.is_set)
-                if published:
-                    log.info("published %d pending task(s)", published)
-                print(emf_line(settings.env, store.pending_summary(engine), published=published), flush=True)
-            except sa.exc.SQLAlchemyError as exc:
-                log.error("database error in relay pass (%s); retrying in %gs",
-                          str(exc).splitlines()[0], interval)
-                if args.once:
-                    return 1
-            if args.once or stop.wait(interval):
-                return 0
-    finally:
-        engine.dispose()
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] != "relay":
-        print("usage: python -m app.outbox relay [--once] [--interval S] [--min-age S] [--batch N]", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=os.environ.get("PCELERY_LOG_LEVEL", "INFO"), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run_relay(argv[1:])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

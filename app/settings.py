@@ -1,94 +1,245 @@
-"""Process settings from the environment, parsed once and validated with clear errors.
+"""Every setting the product reads from the environment, parsed once and validated here.
 
-Entry points (worker, relay, migrate, demo, ops) call `Settings.from_env()`; library code takes
-the values as arguments. The CDK workers construct sets exactly these variables on ECS, with the
-database password and the Redis AUTH token as ECS secrets.
+No other module reads a PCELERY_* (or AWS_*, DB_*, REDIS_*) variable: entry points call one of the
+`from_env` constructors below and pass the values on as arguments. A bad value raises
+SettingsError, whose message names the variable and the fix; entry points print it on one line
+and exit 2. Each process parses only what it uses, so ops never refuses to run because of a
+worker-only variable.
 
-| variable                  | meaning                                                             |
-|---------------------------|---------------------------------------------------------------------|
-| PCELERY_ENV               | environment: local, dev, staging, prod (default local)              |
-| PCELERY_CATALOG           | queue catalog as module:ATTRIBUTE (default catalog:CATALOG)         |
-| DATABASE_URL              | SQLAlchemy URL of the claim-check store (default SQLite under var/) |
-| DB_HOST DB_PORT DB_NAME DB_USER DB_PASSWORD | the same, as ECS passes RDS's secret (TLS required) |
-| DB_SSLROOTCERT            | CA bundle that verifies the RDS certificate (sslmode=verify-full); unset: TLS without verification |
-| PCELERY_RESULT_BACKEND    | optional Celery result backend URL (redis:// or rediss://)          |
-| REDIS_HOST REDIS_PORT REDIS_AUTH_TOKEN | the same, as ECS passes ElastiCache's (always TLS)     |
-| PCELERY_WORKER_QUEUES     | comma-separated catalog queues this worker consumes (default all)  |
-| PCELERY_TASK_MODULES      | comma-separated modules whose tasks the worker registers (default app.demo_tasks) |
-| PCELERY_RELAY_MIN_AGE     | relay: seconds a row stays pending before the relay publishes it (default 30) |
-| PCELERY_RELAY_INTERVAL    | relay: seconds between passes when idle (default 5)                 |
-| AWS_REGION, AWS_ENDPOINT_URL_SQS / AWS_ENDPOINT_URL | standard AWS settings; an endpoint means local SQS |
+| variable                  | read by | meaning                                                     |
+|---------------------------|---------|-------------------------------------------------------------|
+| PCELERY_ENV               | all     | environment: local, dev, staging, prod (default local)      |
+| PCELERY_CATALOG           | all     | queue catalog as module:ATTRIBUTE (default pcelery.catalog:CATALOG) |
+| DATABASE_URL              | all     | SQLAlchemy URL of the claim-check store (default SQLite in ./var/) |
+| DB_HOST DB_PORT DB_NAME DB_USER DB_PASSWORD | all | the same, as ECS passes RDS's secret (TLS required) |
+| DB_SSLROOTCERT            | all     | CA bundle that verifies the RDS certificate (sslmode=verify-full) |
+| AWS_REGION / AWS_DEFAULT_REGION | all | region (default us-east-1)                              |
+| AWS_ENDPOINT_URL_SQS / AWS_ENDPOINT_URL | all | an SQS endpoint: a local emulator (moto, LocalStack) |
+| AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY | all | only with a local endpoint: its dummy keys (default "local") |
+| PCELERY_LOG_LEVEL         | worker, relay | DEBUG, INFO (default), WARNING, ERROR                 |
+| PCELERY_RESULT_BACKEND    | worker  | optional Celery result backend URL (redis:// or rediss://)  |
+| REDIS_HOST REDIS_PORT REDIS_AUTH_TOKEN | worker | the same, as ECS passes ElastiCache's (always TLS) |
+| PCELERY_WORKER_QUEUES     | worker  | comma-separated catalog queues to consume (default all)     |
+| PCELERY_TASK_MODULES      | worker  | comma-separated modules that declare the tasks (required outside local) |
+| PCELERY_CONCURRENCY       | worker  | pool size (default: the largest `concurrency` of the consumed queues) |
+| PCELERY_WORKER_NAME       | worker  | Celery node name (default <queues>@<host>)                  |
+| PCELERY_RELAY_MIN_AGE     | relay   | seconds a row stays pending before the relay sends it (default 30) |
+| PCELERY_RELAY_INTERVAL    | relay   | seconds between relay passes when idle (default 5)          |
+| PCELERY_LOCAL_DIR         | dev harness | state of `ops local up` (default ./var/local)          |
+| OPS_PARSE_ONLY            | ops     | 1: parse the command line, exit 0, run nothing              |
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
+import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
-from catalog import Catalog, CatalogError, check_env, load_catalog
+from pcelery.catalog import Catalog, CatalogError, check_env, load_catalog
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_SQLITE_URL = f"sqlite:///{REPO_ROOT / 'var' / 'pcelery.sqlite3'}"
+DEFAULT_REGION = "us-east-1"
+# A local emulator accepts any key; these keep boto3 and kombu from looking for real ones.
+LOCAL_ACCESS_KEY = "local"
+DEFAULT_RELAY_MIN_AGE = 30.0
+DEFAULT_RELAY_INTERVAL = 5.0
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# Spellings earlier releases read; still set somewhere means a setting that silently does nothing.
+RENAMED = {"PCELERY_LOGLEVEL": "PCELERY_LOG_LEVEL"}
+
+Environ = Mapping[str, str]
 
 
 class SettingsError(ValueError):
     """A setting that is missing or malformed. The message names the variable and the fix."""
 
 
+def _environ(environ: Environ | None) -> Environ:
+    e = os.environ if environ is None else environ
+    for old, new in RENAMED.items():
+        if e.get(old):
+            raise SettingsError(f"{old} is no longer read: rename it to {new}")
+    return e
+
+
+@dataclass(frozen=True)
+class LocalCredentials:
+    """The keys sent to a local SQS endpoint (any keys work there)."""
+
+    access_key_id: str
+    secret_access_key: str
+
+
 @dataclass(frozen=True)
 class Settings:
+    """What every process (worker, relay, migrate, ops, dev harness) needs."""
+
     env: str
     catalog: Catalog
     database_url: str
-    result_backend: str | None
-    worker_queues: tuple[str, ...]
-    region: str
     sqs_endpoint: str | None
-    task_modules: tuple[str, ...] = ("app.demo_tasks",)
+    aws_region: str | None = None  # as configured (AWS_REGION, AWS_DEFAULT_REGION); None: not set
+    # Set only with a local endpoint; on AWS, boto3 and kombu find the role's credentials.
+    local_credentials: LocalCredentials | None = None
+
+    @property
+    def region(self) -> str:
+        return self.aws_region or DEFAULT_REGION
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
-        e = os.environ if environ is None else environ
+    def from_env(cls, environ: Environ | None = None, *, env: str | None = None,
+                 catalog_spec: str | None = None) -> Settings:
+        """env / catalog_spec override PCELERY_ENV / PCELERY_CATALOG (ops's --env, --catalog)."""
+        e = _environ(environ)
         try:
-            env = check_env(e.get("PCELERY_ENV", "local"))
-            cat = load_catalog(e.get("PCELERY_CATALOG"))
+            env_name = check_env(env or e.get("PCELERY_ENV") or "local")
         except CatalogError as exc:
-            raise SettingsError(f"PCELERY_ENV/PCELERY_CATALOG: {exc}") from None
-        # dict.fromkeys: a queue named twice is consumed once, in the order first given
-        queues = tuple(dict.fromkeys(q.strip() for q in e.get("PCELERY_WORKER_QUEUES", "").split(",") if q.strip()))
-        unknown = [q for q in queues if q not in cat.names()]
-        if unknown:
-            raise SettingsError(
-                f"PCELERY_WORKER_QUEUES names {unknown}, which the catalog does not have: "
-                f"use some of {cat.names()}"
-            )
+            raise SettingsError(f"PCELERY_ENV: {exc}") from None
+        try:
+            catalog = load_catalog(catalog_spec or e.get("PCELERY_CATALOG"))
+        except CatalogError as exc:
+            raise SettingsError(f"PCELERY_CATALOG: {exc}") from None
+        endpoint = e.get("AWS_ENDPOINT_URL_SQS") or e.get("AWS_ENDPOINT_URL") or None
+        credentials = None
+        if endpoint:
+            credentials = LocalCredentials(e.get("AWS_ACCESS_KEY_ID") or LOCAL_ACCESS_KEY,
+                                           e.get("AWS_SECRET_ACCESS_KEY") or LOCAL_ACCESS_KEY)
         return cls(
-            env=env,
-            catalog=cat,
+            env=env_name,
+            catalog=catalog,
             database_url=_database_url(e),
-            result_backend=_result_backend(e),
-            worker_queues=queues or tuple(cat.names()),
-            region=e.get("AWS_REGION") or e.get("AWS_DEFAULT_REGION") or "us-east-1",
-            sqs_endpoint=e.get("AWS_ENDPOINT_URL_SQS") or e.get("AWS_ENDPOINT_URL") or None,
-            task_modules=_task_modules(e),
+            aws_region=e.get("AWS_REGION") or e.get("AWS_DEFAULT_REGION") or None,
+            sqs_endpoint=endpoint,
+            local_credentials=credentials,
         )
 
 
-def _task_modules(e) -> tuple[str, ...]:
-    raw = e.get("PCELERY_TASK_MODULES", "app.demo_tasks")
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What the worker reads on top of Settings."""
+
+    queues: tuple[str, ...]
+    task_modules: tuple[str, ...]
+    concurrency: int
+    node_name: str
+    log_level: str
+    result_backend: str | None = None
+
+    @classmethod
+    def from_env(cls, settings: Settings, environ: Environ | None = None) -> WorkerSettings:
+        e = _environ(environ)
+        catalog = settings.catalog
+        # dict.fromkeys: a queue named twice is consumed once, in the order first given
+        queues = tuple(dict.fromkeys(q.strip() for q in e.get("PCELERY_WORKER_QUEUES", "").split(",") if q.strip()))
+        unknown = [q for q in queues if q not in catalog.names()]
+        if unknown:
+            raise SettingsError(
+                f"PCELERY_WORKER_QUEUES names {unknown}, which the catalog does not have: use some of {catalog.names()}"
+            )
+        queues = queues or tuple(catalog.names())
+        modules = _task_modules(e)
+        if not modules and settings.env != "local":
+            raise SettingsError(
+                "PCELERY_TASK_MODULES is not set: name the modules that declare your tasks, e.g. "
+                "PCELERY_TASK_MODULES=myproject.tasks (a worker without them would dead-letter every message)"
+            )
+        raw_concurrency = e.get("PCELERY_CONCURRENCY")
+        if raw_concurrency:
+            if not raw_concurrency.isdigit() or int(raw_concurrency) < 1:
+                raise SettingsError(
+                    f"PCELERY_CONCURRENCY={raw_concurrency!r} must be a positive integer: fix it or unset it "
+                    "for the catalog's concurrency")
+            concurrency = int(raw_concurrency)
+        else:
+            concurrency = max(catalog.get(q).concurrency for q in queues)
+        return cls(
+            queues=queues,
+            task_modules=modules,
+            concurrency=concurrency,
+            node_name=e.get("PCELERY_WORKER_NAME") or f"{'+'.join(queues)}@{socket.gethostname()}",
+            log_level=log_level(e),
+            result_backend=_result_backend(e),
+        )
+
+
+@dataclass(frozen=True)
+class RelaySettings:
+    """What the outbox relay reads on top of Settings (its command-line options override them)."""
+
+    min_age: float
+    interval: float
+    log_level: str
+
+    @classmethod
+    def from_env(cls, environ: Environ | None = None) -> RelaySettings:
+        e = _environ(environ)
+        return cls(
+            min_age=_seconds(e, "PCELERY_RELAY_MIN_AGE", DEFAULT_RELAY_MIN_AGE),
+            interval=_seconds(e, "PCELERY_RELAY_INTERVAL", DEFAULT_RELAY_INTERVAL),
+            log_level=log_level(e),
+        )
+
+
+def log_level(environ: Environ | None = None) -> str:
+    e = _environ(environ)
+    level = (e.get("PCELERY_LOG_LEVEL") or "INFO").upper()
+    if level not in LOG_LEVELS:
+        raise SettingsError(f"PCELERY_LOG_LEVEL={e.get('PCELERY_LOG_LEVEL')!r} is not a log level: use one of "
+                            f"{', '.join(LOG_LEVELS)}")
+    return level
+
+
+def configure_logging(level: str, fmt: str = "%(asctime)s %(levelname)s %(name)s: %(message)s") -> None:
+    logging.basicConfig(level=level, format=fmt)
+
+
+def local_dir(environ: Environ | None = None) -> Path:
+    """Where the dev harness's detached local stack keeps its state (`ops local up`)."""
+    e = _environ(environ)
+    return Path(e.get("PCELERY_LOCAL_DIR") or Path.cwd() / "var" / "local").resolve()
+
+
+def ops_parse_only(environ: Environ | None = None) -> bool:
+    """OPS_PARSE_ONLY=1: ops parses its command line and exits 0 without running it (the RUNBOOK
+    test checks its AWS-only lines this way)."""
+    return _environ(environ).get("OPS_PARSE_ONLY") == "1"
+
+
+def default_sqlite_url() -> str:
+    """The embedded default store: a file under ./var of the working directory."""
+    return f"sqlite:///{Path.cwd() / 'var' / 'pcelery.sqlite3'}"
+
+
+def _task_modules(e: Environ) -> tuple[str, ...]:
+    raw = e.get("PCELERY_TASK_MODULES", "")
     modules = tuple(m.strip() for m in raw.split(",") if m.strip())
     bad = [m for m in modules if not all(part.isidentifier() for part in m.split("."))]
-    if bad or not modules:
+    if bad:
         raise SettingsError(
-            f"PCELERY_TASK_MODULES={raw!r} must be a comma-separated list of importable module names "
-            "(e.g. 'app.demo_tasks,myproject.tasks'): fix it or unset it for the default"
+            f"PCELERY_TASK_MODULES={raw!r}: {bad} are not module names; give a comma-separated list of "
+            "importable modules, e.g. 'myproject.tasks,myproject.reports.tasks'"
         )
     return modules
 
 
-def _database_url(e) -> str:
+def _seconds(e: Environ, name: str, default: float) -> float:
+    raw = e.get(name)
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a number of seconds: fix it or unset it for {default:g}") from None
+    if value < 0 or not math.isfinite(value):
+        raise SettingsError(f"{name}={raw!r} must be 0 or more seconds: fix it or unset it for {default:g}")
+    return value
+
+
+def _database_url(e: Environ) -> str:
     if e.get("DATABASE_URL"):
         url = e["DATABASE_URL"]
         if url.startswith(("postgres://", "postgresql://")):
@@ -107,10 +258,10 @@ def _database_url(e) -> str:
             f"postgresql+psycopg://{quote(e['DB_USER'], safe='')}:{quote(e['DB_PASSWORD'], safe='')}"
             f"@{e['DB_HOST']}:{_port(e, 'DB_PORT', '5432')}/{e.get('DB_NAME', 'pcelery')}?{tls}"
         )
-    return DEFAULT_SQLITE_URL
+    return default_sqlite_url()
 
 
-def _result_backend(e) -> str | None:
+def _result_backend(e: Environ) -> str | None:
     if e.get("PCELERY_RESULT_BACKEND"):
         url = e["PCELERY_RESULT_BACKEND"]
         if not url.startswith(("redis://", "rediss://")):
@@ -129,7 +280,7 @@ def _result_backend(e) -> str | None:
     return None
 
 
-def _port(e, name: str, default: str) -> str:
+def _port(e: Environ, name: str, default: str) -> str:
     value = e.get(name) or default
     if not value.isdigit() or not 0 < int(value) < 65536:
         raise SettingsError(f"{name}={value!r} is not a port number: set it to 1..65535 or unset it for {default}")

@@ -1,7 +1,6 @@
-"""The claim-check store: one row per task, holding its payload, state and result.
-
-Other modules code against exactly these names and signatures. SQLAlchemy Core 2.x serves
-Postgres (psycopg 3, production) and SQLite (embedded default) from one code path.
+"""Every statement on the claim-check table: one row per task, holding its payload, state and
+result. Only this module reads or writes `pcelery_tasks`; the outbox, the worker, the relay and
+ops go through its functions. The table and its migrations are in pcelery.schema.
 
 States and transitions (the only ones allowed):
 
@@ -20,95 +19,27 @@ publisher has marked the row queued (SendMessage returns, then the UPDATE runs).
 
 Concurrency: `claim` is one conditional UPDATE ... WHERE <claimable> RETURNING, so of two
 workers racing for one id exactly one gets the row (Postgres re-checks the WHERE after the
-first commits; SQLite transactions start with BEGIN IMMEDIATE, one writer at a time). Times are
-taken from the Python clock in UTC and read back timezone-aware on both databases.
+first commits; SQLite transactions start with BEGIN IMMEDIATE, one writer at a time).
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import datetime as dt
 import json
-import sys
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy import event
+
+from pcelery.schema import UTC, begin, tasks, utcnow
 
 STATES = ("pending", "queued", "running", "succeeded", "failed", "dead")
 # States a delivery may run from; `running` joins them once its lease has expired.
 _CLAIMABLE = ("pending", "queued", "failed", "dead")
 
 MAX_ERROR_CHARS = 4000  # a traceback-sized message is for logs; the row keeps the gist
-SQLITE_BUSY_SECONDS = 30  # worker pool processes, relay and ops share one SQLite file
-POSTGRES_CONNECT_TIMEOUT = 10  # a down RDS fails a start-up quickly instead of hanging
-
-UTC = dt.UTC
-
-
-class UTCDateTime(sa.TypeDecorator):
-    """Timezone-aware UTC datetimes on both databases. SQLite has no time zones: values are stored
-    as naive UTC and given their zone back on read."""
-
-    impl = sa.DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value, dialect):
-        if value is None:
-            return None
-        value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
-
-    def process_result_value(self, value, dialect):
-        if value is None:
-            return None
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-metadata = sa.MetaData()
-
-tasks = sa.Table(
-    "pcelery_tasks",
-    metadata,
-    sa.Column("id", sa.String(36), primary_key=True),  # also the Celery task id on the wire
-    sa.Column("task_name", sa.String(200), nullable=False),
-    sa.Column("queue", sa.String(80), nullable=False),  # catalog queue name
-    sa.Column("payload", sa.Text, nullable=False),  # JSON: {"args": [...], "kwargs": {...}}
-    sa.Column("state", sa.String(16), nullable=False),
-    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
-    sa.Column("delay_seconds", sa.Integer, nullable=False, server_default="0"),
-    sa.Column("lease_until", UTCDateTime),
-    sa.Column("worker", sa.String(200)),  # hostname/pid of the claiming worker process
-    sa.Column("result", sa.Text),  # JSON
-    sa.Column("error", sa.Text),  # last error: "ExcType: message"
-    sa.Column("message_id", sa.String(100)),  # last SQS MessageId it was published as
-    # The SQS MessageId of the delivery that holds the running claim: a second message for a
-    # running task (a duplicate publish, a redrive) can then be told apart from SQS handing the
-    # running message itself out again. Like lease_until it describes the live claim only and is
-    # cleared when the row leaves `running`: during a rolling deploy, v1 code's claims (which do
-    # not set it) then read as "unknown" rather than as an earlier run's message (v2).
-    sa.Column("claimed_message_id", sa.String(100)),
-    sa.Column("created_at", UTCDateTime, nullable=False),
-    sa.Column("updated_at", UTCDateTime, nullable=False),  # for `pending` rows: pending since
-    sa.Column("queued_at", UTCDateTime),
-    sa.Column("started_at", UTCDateTime),
-    sa.Column("finished_at", UTCDateTime),
-    sa.Index("ix_pcelery_tasks_state_created", "state", "created_at"),
-    sa.Index("ix_pcelery_tasks_name_state", "task_name", "state"),
-)
-
-# One row per applied migration step, so an upgrade is "apply the steps above the highest row".
-schema_versions = sa.Table(
-    "pcelery_schema_version",
-    metadata,
-    sa.Column("version", sa.Integer, primary_key=True),
-    sa.Column("description", sa.String(200), nullable=False),
-    sa.Column("applied_at", UTCDateTime, nullable=False),
-)
+_CHUNK = 500  # ids or rows per statement: well under SQLite's bound-parameter limit
 
 
 @dataclass(frozen=True)
@@ -133,150 +64,85 @@ class Claim:
     message_id: str | None = None
 
 
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(UTC)
+@dataclass(frozen=True)
+class OutboxEntry:
+    """What the publisher needs of a row to put its task on SQS."""
+
+    id: str
+    task_name: str
+    queue: str  # catalog queue name
+    delay_seconds: int = 0
 
 
-# --- Engine ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TaskRow:
+    """A task's row as ops and the tests read it: payload and result decoded from JSON (a value
+    that does not decode is kept as the stored text, so a damaged row can still be shown)."""
 
-# Execution option for read-only work on SQLite: a deferred BEGIN, so reads never queue
-# behind writers for the write lock.
-SQLITE_READ_ONLY = "pcelery_read_only"
+    id: str
+    task_name: str
+    queue: str
+    payload: Any
+    state: str
+    attempts: int
+    delay_seconds: int
+    lease_until: dt.datetime | None
+    worker: str | None
+    result: Any
+    error: str | None
+    message_id: str | None
+    claimed_message_id: str | None
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    queued_at: dt.datetime | None
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
 
+    @classmethod
+    def from_db(cls, row: sa.Row) -> TaskRow:
+        values = dict(row._mapping)
+        for key in ("payload", "result"):
+            if values.get(key) is not None:
+                try:
+                    values[key] = json.loads(values[key])
+                except (TypeError, ValueError):
+                    pass  # shown raw: ops must still be able to look at a damaged row
+        return cls(**{f.name: values.get(f.name) for f in fields(cls)})
 
-def make_engine(url: str, **engine_kwargs) -> sa.Engine:
-    """Engine for a SQLAlchemy URL. SQLite gets WAL and a busy timeout so a worker's pool
-    processes and the relay can share the file; Postgres gets pool_pre_ping (RDS failover)."""
-    parsed = sa.make_url(url)
-    if parsed.get_backend_name() == "sqlite":
-        if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = sa.create_engine(parsed, connect_args={"timeout": SQLITE_BUSY_SECONDS}, **engine_kwargs)
-
-        @event.listens_for(engine, "connect")
-        def _sqlite_connect(dbapi_conn, _record):
-            # pysqlite's own implicit BEGIN is deferred; a deferred transaction that reads and then
-            # writes can fail with "database is locked" without waiting. We issue BEGIN ourselves.
-            dbapi_conn.isolation_level = None
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_SECONDS * 1000}")
-            cur.execute("PRAGMA synchronous=NORMAL")
-            cur.close()
-
-        @event.listens_for(engine, "begin")
-        def _sqlite_begin(conn):
-            # IMMEDIATE takes the write lock up front, so two processes cannot both decide they
-            # won a claim; the busy timeout makes the loser wait instead of failing.
-            read_only = conn.get_execution_options().get(SQLITE_READ_ONLY)
-            conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
-
-        return engine
-    if parsed.get_backend_name() == "postgresql":
-        connect_args = {} if "connect_timeout" in parsed.query else {"connect_timeout": POSTGRES_CONNECT_TIMEOUT}
-        return sa.create_engine(parsed, pool_pre_ping=True, connect_args=connect_args, **engine_kwargs)
-    return sa.create_engine(parsed, pool_pre_ping=True, **engine_kwargs)
-
-
-@contextlib.contextmanager
-def _begin(target: sa.Engine | sa.Connection, *, read_only: bool = False) -> Iterator[sa.Connection]:
-    """A transaction on an engine, or the caller's own connection (whose transaction it joins)."""
-    if isinstance(target, sa.Connection):
-        yield target
-        return
-    if read_only:
-        with target.connect() as conn:
-            conn = conn.execution_options(**{SQLITE_READ_ONLY: True})
-            with conn.begin():
-                yield conn
-        return
-    with target.begin() as conn:
-        yield conn
+    def as_json(self) -> dict[str, Any]:
+        """JSON-ready data: datetimes as ISO 8601 with a Z."""
+        return {k: _iso(v) for k, v in asdict(self).items()}
 
 
-# --- Schema ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PendingSummary:
+    """The relay's health metric: pending rows and the age of the oldest (0 when none)."""
 
-def _create_tasks_v1(conn: sa.Connection) -> None:
-    # The table as version 1 shipped it, spelled out rather than taken from `tasks` (which always
-    # describes the newest schema): a fresh database then climbs the same steps as an old one.
-    v1 = sa.Table(
-        tasks.name, sa.MetaData(),
-        sa.Column("id", sa.String(36), primary_key=True),
-        sa.Column("task_name", sa.String(200), nullable=False),
-        sa.Column("queue", sa.String(80), nullable=False),
-        sa.Column("payload", sa.Text, nullable=False),
-        sa.Column("state", sa.String(16), nullable=False),
-        sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
-        sa.Column("delay_seconds", sa.Integer, nullable=False, server_default="0"),
-        sa.Column("lease_until", UTCDateTime),
-        sa.Column("worker", sa.String(200)),
-        sa.Column("result", sa.Text),
-        sa.Column("error", sa.Text),
-        sa.Column("message_id", sa.String(100)),
-        sa.Column("created_at", UTCDateTime, nullable=False),
-        sa.Column("updated_at", UTCDateTime, nullable=False),
-        sa.Column("queued_at", UTCDateTime),
-        sa.Column("started_at", UTCDateTime),
-        sa.Column("finished_at", UTCDateTime),
-        sa.Index("ix_pcelery_tasks_state_created", "state", "created_at"),
-        sa.Index("ix_pcelery_tasks_name_state", "task_name", "state"),
-    )
-    v1.create(conn, checkfirst=True)
+    count: int
+    oldest_age_seconds: float
 
 
-def _add_claimed_message_id(conn: sa.Connection) -> None:
-    # A nullable column without a default: instant on Postgres (no table rewrite) and on SQLite.
-    conn.execute(sa.text(f"ALTER TABLE {tasks.name} ADD COLUMN claimed_message_id VARCHAR(100)"))
+def _iso(value: Any) -> Any:
+    if isinstance(value, dt.datetime):
+        return value.isoformat().replace("+00:00", "Z")
+    return value
 
 
-MIGRATIONS: list[tuple[int, str, Any]] = [
-    (1, "create table pcelery_tasks with its state indexes", _create_tasks_v1),
-    (2, "add pcelery_tasks.claimed_message_id (the SQS message a claim was made for)", _add_claimed_message_id),
-]
-_PG_MIGRATION_LOCK = 0x70636C72  # "pclr": serializes concurrent `migrate` runs (two tasks starting)
-
-
-def migrate(engine: sa.Engine, *, up_to: int | None = None) -> list[str]:
-    """Create or upgrade the schema; idempotent. Returns the steps applied (empty when current).
-    up_to: stop after that version (tests build an old database with it).
-    CLI: `python -m app.store migrate` (uses Settings.from_env().database_url)."""
-    applied = []
-    with engine.begin() as conn:  # DDL is transactional on both databases: all steps or none
-        if conn.dialect.name == "postgresql":
-            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK})
-        schema_versions.create(conn, checkfirst=True)
-        current = conn.execute(sa.select(sa.func.max(schema_versions.c.version))).scalar() or 0
-        for version, description, step in MIGRATIONS:
-            if version <= current or (up_to is not None and version > up_to):
-                continue
-            step(conn)
-            conn.execute(schema_versions.insert().values(version=version, description=description,
-                                                         applied_at=utcnow()))
-            applied.append(f"{version}: {description}")
-    return applied
-
-
-def schema_version(engine: sa.Engine) -> int:
-    """Highest applied migration (0 for an empty database); entry points compare it with
-    LATEST_SCHEMA_VERSION to refuse running against an old schema."""
-    with _begin(engine, read_only=True) as conn:
-        if not sa.inspect(conn).has_table(schema_versions.name):
-            return 0
-        return conn.execute(sa.select(sa.func.max(schema_versions.c.version))).scalar() or 0
-
-
-LATEST_SCHEMA_VERSION = MIGRATIONS[-1][0]
+def _chunks(items: Sequence[str]) -> Iterable[list[str]]:
+    for start in range(0, len(items), _CHUNK):
+        yield list(items[start:start + _CHUNK])
 
 
 # --- Writing tasks --------------------------------------------------------------------------
 
-def encode_payload(args, kwargs) -> str:
+def encode_payload(args: Sequence[Any], kwargs: dict[str, Any]) -> str:
     """The row's JSON payload. Raises TypeError/ValueError for values JSON cannot hold."""
     return json.dumps({"args": list(args), "kwargs": dict(kwargs)}, separators=(",", ":"))
 
 
-def task_row(*, task_id: str, task_name: str, queue: str, args: list, kwargs: dict,
-             delay_seconds: int = 0, now: dt.datetime | None = None) -> dict:
+def task_row(*, task_id: str, task_name: str, queue: str, args: Sequence[Any], kwargs: dict[str, Any],
+             delay_seconds: int = 0, now: dt.datetime | None = None) -> dict[str, Any]:
+    """The INSERT values of a new `pending` row."""
     now = now or utcnow()
     return {
         "id": task_id, "task_name": task_name, "queue": queue, "payload": encode_payload(args, kwargs),
@@ -286,30 +152,26 @@ def task_row(*, task_id: str, task_name: str, queue: str, args: list, kwargs: di
 
 
 def insert_task(conn: sa.Connection, *, task_id: str, task_name: str, queue: str,
-                args: list, kwargs: dict, delay_seconds: int = 0) -> None:
+                args: Sequence[Any], kwargs: dict[str, Any], delay_seconds: int = 0) -> None:
     """Insert a `pending` row inside the caller's transaction (conn)."""
     conn.execute(tasks.insert().values(task_row(task_id=task_id, task_name=task_name, queue=queue,
                                                 args=args, kwargs=kwargs, delay_seconds=delay_seconds)))
 
 
-_INSERT_CHUNK = 500  # rows per multi-row INSERT: well under SQLite's bound-parameter limit
-
-
-def insert_tasks(conn: sa.Connection, rows: list[dict]) -> None:
+def insert_tasks(conn: sa.Connection, rows: list[dict[str, Any]]) -> None:
     """Insert rows made by `task_row` with multi-row INSERTs, in the caller's transaction."""
-    for start in range(0, len(rows), _INSERT_CHUNK):
-        conn.execute(tasks.insert().values(rows[start:start + _INSERT_CHUNK]))
+    for start in range(0, len(rows), _CHUNK):
+        conn.execute(tasks.insert().values(rows[start:start + _CHUNK]))
 
 
-def insert_task_if_absent(conn: sa.Connection, row: dict) -> dict | None:
+def insert_task_if_absent(conn: sa.Connection, row: dict[str, Any]) -> tuple[str, Any] | None:
     """Idempotent insert of a `task_row`, in the caller's transaction: ON CONFLICT DO NOTHING, so
     a repeated id never aborts the caller's transaction. Returns None when the row went in, else
-    the existing row's {"task_name", "payload"} (payload as stored JSON text) for the caller to
-    compare."""
+    the existing row's (task_name, decoded payload) for the caller to compare."""
     if conn.dialect.name == "postgresql":
         from sqlalchemy.dialects.postgresql import insert
     elif conn.dialect.name == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert
+        from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
     else:  # pragma: no cover - the product runs on these two
         raise ValueError(f"an idempotent insert needs Postgres or SQLite, not {conn.dialect.name}")
     # RETURNING rather than rowcount: psycopg reports -1 for INSERT ... ON CONFLICT.
@@ -319,31 +181,29 @@ def insert_task_if_absent(conn: sa.Connection, row: dict) -> dict | None:
     if inserted is not None:
         return None
     existing = conn.execute(sa.select(tasks.c.task_name, tasks.c.payload).where(tasks.c.id == row["id"])).one()
-    return {"task_name": existing.task_name, "payload": existing.payload}
+    return existing.task_name, json.loads(existing.payload)
 
 
 def existing_ids(engine: sa.Engine, task_ids: list[str]) -> set[str]:
     """Which of these ids have a row (the outbox's check after a rolled-back SAVEPOINT)."""
     found: set[str] = set()
-    with _begin(engine, read_only=True) as conn:
-        for start in range(0, len(task_ids), _INSERT_CHUNK):
-            chunk = list(task_ids[start:start + _INSERT_CHUNK])
+    with begin(engine, read_only=True) as conn:
+        for chunk in _chunks(task_ids):
             found.update(conn.execute(sa.select(tasks.c.id).where(tasks.c.id.in_(chunk))).scalars())
     return found
 
 
-def pending_rows(engine: sa.Engine, task_ids: list[str]) -> list[dict]:
-    """Of these ids, the rows still `pending`, as the publisher needs them (id, task_name, queue,
-    delay_seconds): what `Outbox.publish_ids` sends right after ops reset them for replay."""
+def pending_entries(engine: sa.Engine, task_ids: list[str]) -> list[OutboxEntry]:
+    """Of these ids, the rows still `pending`, as the publisher needs them: what
+    `Outbox.publish_ids` sends right after ops reset them for replay."""
     c = tasks.c
-    rows: list[dict] = []
-    with _begin(engine, read_only=True) as conn:
-        for start in range(0, len(task_ids), _INSERT_CHUNK):
-            chunk = list(task_ids[start:start + _INSERT_CHUNK])
-            rows += [dict(r) for r in conn.execute(
+    entries: list[OutboxEntry] = []
+    with begin(engine, read_only=True) as conn:
+        for chunk in _chunks(task_ids):
+            entries += [OutboxEntry(r.id, r.task_name, r.queue, r.delay_seconds) for r in conn.execute(
                 sa.select(c.id, c.task_name, c.queue, c.delay_seconds).where(c.id.in_(chunk), c.state == "pending")
-            ).mappings()]
-    return rows
+            )]
+    return entries
 
 
 def mark_queued(engine: sa.Engine | sa.Connection, published: dict[str, str]) -> int:
@@ -357,7 +217,7 @@ def mark_queued(engine: sa.Engine | sa.Connection, published: dict[str, str]) ->
         .where(tasks.c.id == sa.bindparam("task_id_"), tasks.c.state == "pending")
         .values(state="queued", message_id=sa.bindparam("message_id_"), queued_at=now, updated_at=now)
     )
-    with _begin(engine) as conn:  # one executemany: both drivers sum its rowcount
+    with begin(engine) as conn:  # one executemany: both drivers sum its rowcount
         return conn.execute(statement, [{"task_id_": t, "message_id_": m} for t, m in published.items()]).rowcount
 
 
@@ -401,7 +261,7 @@ def claim(engine: sa.Engine, task_id: str, *, worker: str, lease_seconds: int,
                  message_id=current.claimed_message_id)
 
 
-def _owned(task_id: str, worker: str):
+def _owned(task_id: str, worker: str) -> sa.ColumnElement[bool]:
     return sa.and_(tasks.c.id == task_id, tasks.c.state == "running", tasks.c.worker == worker[:200])
 
 
@@ -473,7 +333,7 @@ def release(engine: sa.Engine, task_id: str, *, worker: str) -> bool:
 # --- The relay's side -----------------------------------------------------------------------
 
 def claim_unpublished(conn: sa.Connection, *, older_than_seconds: float, limit: int = 10,
-                      exclude_ids: Iterable[str] = ()) -> list[dict]:
+                      exclude_ids: Iterable[str] = ()) -> list[OutboxEntry]:
     """Relay: lock up to `limit` pending rows older than the threshold (FOR UPDATE SKIP LOCKED on
     Postgres; SQLite has one writer anyway) and return them (id, task_name, queue, delay_seconds).
     Age counts from when the row became pending (updated_at), so a replayed row also gets the
@@ -490,14 +350,13 @@ def claim_unpublished(conn: sa.Connection, *, older_than_seconds: float, limit: 
         .order_by(c.updated_at)
         .limit(limit)
         .with_for_update(skip_locked=True)
-    ).mappings().all()
-    return [dict(r) for r in rows]
+    )
+    return [OutboxEntry(r.id, r.task_name, r.queue, r.delay_seconds) for r in rows]
 
 
-def pending_summary(engine: sa.Engine) -> dict:
-    """{"count": pending rows, "oldest_age_seconds": age of the oldest (0 when none)}: the
-    relay's health metric."""
-    with _begin(engine, read_only=True) as conn:
+def pending_summary(engine: sa.Engine) -> PendingSummary:
+    """Pending rows and the age of the oldest: the relay's health metric."""
+    with begin(engine, read_only=True) as conn:
         count, oldest = conn.execute(
             sa.select(sa.func.count(), sa.func.min(tasks.c.updated_at)).where(tasks.c.state == "pending")
         ).one()
@@ -506,35 +365,29 @@ def pending_summary(engine: sa.Engine) -> dict:
     if oldest is not None and oldest.tzinfo is None:
         oldest = oldest.replace(tzinfo=UTC)
     age = max(0.0, (utcnow() - oldest).total_seconds()) if oldest is not None else 0.0
-    return {"count": int(count), "oldest_age_seconds": age}
+    return PendingSummary(int(count), age)
 
 
 # --- Reading (ops) --------------------------------------------------------------------------
 
-def _row_dict(row) -> dict:
-    d = dict(row._mapping)
-    try:
-        d["payload"] = json.loads(d["payload"])
-    except (TypeError, ValueError):
-        pass  # shown raw: ops must still be able to look at a damaged row
-    if d.get("result") is not None:
-        try:
-            d["result"] = json.loads(d["result"])
-        except (TypeError, ValueError):
-            pass
-    return d
-
-
-def get_task(engine: sa.Engine, task_id: str) -> dict | None:
-    """The row as a dict (payload/result decoded from JSON), or None."""
-    with _begin(engine, read_only=True) as conn:
+def get_task(engine: sa.Engine, task_id: str) -> TaskRow | None:
+    with begin(engine, read_only=True) as conn:
         row = conn.execute(sa.select(tasks).where(tasks.c.id == task_id)).first()
-    return _row_dict(row) if row is not None else None
+    return TaskRow.from_db(row) if row is not None else None
+
+
+def get_tasks(engine: sa.Engine, task_ids: Sequence[str]) -> dict[str, TaskRow]:
+    """{id: row} of the given ids that have a row."""
+    found: dict[str, TaskRow] = {}
+    with begin(engine, read_only=True) as conn:
+        for chunk in _chunks(list(dict.fromkeys(task_ids))):
+            found.update((r.id, TaskRow.from_db(r)) for r in conn.execute(sa.select(tasks).where(tasks.c.id.in_(chunk))))
+    return found
 
 
 def list_tasks(engine: sa.Engine, *, state: str | None = None, task_name: str | None = None,
                older_than_seconds: float | None = None, stuck: bool = False,
-               limit: int = 100) -> list[dict]:
+               limit: int = 100) -> list[TaskRow]:
     """Rows, oldest first. stuck=True: running rows whose lease has expired."""
     if state is not None and state not in STATES:
         raise ValueError(f"unknown state {state!r}: use one of {', '.join(STATES)}")
@@ -548,14 +401,14 @@ def list_tasks(engine: sa.Engine, *, state: str | None = None, task_name: str | 
         query = query.where(tasks.c.created_at <= now - dt.timedelta(seconds=older_than_seconds))
     if stuck:
         query = query.where(tasks.c.state == "running", tasks.c.lease_until < now)
-    with _begin(engine, read_only=True) as conn:
-        return [_row_dict(r) for r in conn.execute(query)]
+    with begin(engine, read_only=True) as conn:
+        return [TaskRow.from_db(r) for r in conn.execute(query)]
 
 
 def count_by_state(engine: sa.Engine) -> dict[str, int]:
     """{state: count} with every state in STATES present (0 when none)."""
     counts = dict.fromkeys(STATES, 0)
-    with _begin(engine, read_only=True) as conn:
+    with begin(engine, read_only=True) as conn:
         for state, n in conn.execute(sa.select(tasks.c.state, sa.func.count()).group_by(tasks.c.state)):
             counts[state] = int(n)
     return counts
@@ -566,7 +419,7 @@ def count_by_queue_and_state(engine: sa.Engine) -> dict[str, dict[str, int]]:
     (a queue without rows is absent)."""
     counts: dict[str, dict[str, int]] = {}
     c = tasks.c
-    with _begin(engine, read_only=True) as conn:
+    with begin(engine, read_only=True) as conn:
         for queue, state, n in conn.execute(sa.select(c.queue, c.state, sa.func.count()).group_by(c.queue, c.state)):
             counts.setdefault(queue, dict.fromkeys(STATES, 0))[state] = int(n)
     return counts
@@ -583,8 +436,7 @@ def mark_redriven(engine: sa.Engine, task_ids: list[str]) -> list[str]:
     c = tasks.c
     moved: list[str] = []
     with engine.begin() as conn:
-        for start in range(0, len(task_ids), _INSERT_CHUNK):
-            chunk = list(task_ids[start:start + _INSERT_CHUNK])
+        for chunk in _chunks(task_ids):
             moved += conn.execute(
                 sa.update(tasks).where(c.id.in_(chunk), c.state == "dead")
                 .values(state="queued", queued_at=now, updated_at=now)
@@ -603,8 +455,7 @@ def reset_for_replay(engine: sa.Engine, task_ids: list[str]) -> list[str]:
     not_live = sa.or_(c.state != "running", c.lease_until.is_(None), c.lease_until <= now)
     reset: list[str] = []
     with engine.begin() as conn:
-        for start in range(0, len(task_ids), _INSERT_CHUNK):
-            chunk = list(task_ids[start:start + _INSERT_CHUNK])
+        for chunk in _chunks(task_ids):
             reset += conn.execute(
                 sa.update(tasks).where(c.id.in_(chunk), not_live)
                 .values(state="pending", lease_until=None, claimed_message_id=None, worker=None, result=None,
@@ -615,39 +466,3 @@ def reset_for_replay(engine: sa.Engine, task_ids: list[str]) -> list[str]:
     return sorted(reset, key=order.__getitem__)
 
 
-# --- CLI ------------------------------------------------------------------------------------
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m app.store", description="Claim-check store maintenance.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("migrate", help="create or upgrade the schema (idempotent); exit 2 if the DB is unreachable")
-    args = parser.parse_args(argv)
-
-    from app.settings import Settings, SettingsError
-
-    try:
-        settings = Settings.from_env()
-    except SettingsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    engine = make_engine(settings.database_url)
-    where = engine.url.render_as_string(hide_password=True)
-    try:
-        if args.command == "migrate":
-            steps = migrate(engine)
-            for step in steps:
-                print(f"applied {step}", file=sys.stderr)
-            if not steps:
-                print(f"schema is current (version {LATEST_SCHEMA_VERSION}) on {where}", file=sys.stderr)
-    except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
-        reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0] if str(getattr(exc, "orig", exc)).strip() else type(exc).__name__
-        print(f"error: cannot reach the database at {where}: {reason}; check DATABASE_URL (or DB_HOST...) "
-              "and that the server is up", file=sys.stderr)
-        return 2
-    finally:
-        engine.dispose()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -32,10 +32,10 @@ A delivery carries only the task id (the payload is the row in the claim-check s
    last one before the DLQ (ApproximateReceiveCount >= maxReceiveCount), then re-raise so Celery
    rejects the message and SQS redelivers it, or dead-letters it.
 
-In the main process, `PersistentRequest` covers what the child cannot: a SIGKILLed child's row
-is released (running -> queued) so the requeued message runs at once instead of waiting for the
-dead worker's lease, and a hard time limit is recorded as a failure. `PersistentConsumer` rejects
-(rather than acks, i.e. deletes) messages that cannot be decoded, so they reach the DLQ too.
+In the main process, pcelery.celery_internals covers what the child cannot: a SIGKILLed child's
+row is released (running -> queued) so the requeued message runs at once instead of waiting for
+the dead worker's lease, a hard time limit is recorded as a failure, and messages that cannot be
+decoded are rejected (rather than acked, i.e. deleted), so they reach the DLQ too.
 
 At start (`worker_init`) the worker refuses to consume a queue without a RedrivePolicy (kombu
 would silently delete every failed task there) and a store whose schema is behind the code.
@@ -49,26 +49,26 @@ import os
 import socket
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-from billiard.einfo import ExceptionWithTraceback
+import sqlalchemy as sa
 from celery import Celery, Task, signals
-from celery.exceptions import Ignore, NotRegistered, Reject, WorkerLostError
-from celery.utils.objects import Bunch
-from celery.worker import state as worker_state
-from celery.worker.consumer import Consumer
-from celery.worker.request import Request
+from celery.exceptions import Ignore, Reject
 
-from app import store
-from app.settings import Settings
-from catalog import QueueContract, queue_prefix, sqs_queue_name
+from pcelery import schema, store
+from pcelery import sqs as sqs_clients
+from pcelery.catalog import QueueContract, parse_queue_name, sqs_queue_name
+from pcelery.settings import Settings
 
 logger = logging.getLogger("pcelery.worker")
 
 settings = Settings.from_env()
 app = Celery("pcelery")
-app.config_from_object("app.celeryconfig")
+app.config_from_object("pcelery.celeryconfig")
+
+T = TypeVar("T")
 
 
 # --- Declaring tasks --------------------------------------------------------------------------
@@ -84,7 +84,7 @@ class TaskDeclaration:
 TASKS: dict[str, TaskDeclaration] = {}
 
 
-def persistent_task(*, name: str, queue: str | None = None, transactional: bool = False):
+def persistent_task(*, name: str, queue: str | None = None, transactional: bool = False) -> Callable[[Any], Any]:
     """Declare an application task. `name` is its stable wire name; `queue` a catalog queue
     (default: the catalog's default), whose contract gives the soft and hard time limits.
 
@@ -94,7 +94,7 @@ def persistent_task(*, name: str, queue: str | None = None, transactional: bool 
     commit its writes apart from the success). On failure, its writes are rolled back."""
     contract = settings.catalog.get(queue or settings.catalog.default_queue)  # CatalogError names the queues
 
-    def decorate(fn):
+    def decorate(fn: Callable[..., Any]) -> Any:
         if name in TASKS:
             raise ValueError(f"task name {name!r} is declared twice: task names must be unique")
         TASKS[name] = TaskDeclaration(name, contract.name, transactional)
@@ -110,7 +110,7 @@ def persistent_task(*, name: str, queue: str | None = None, transactional: bool 
     return decorate
 
 
-def route_task(name, args, kwargs, options, task=None, **kw):
+def route_task(name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **kw: Any) -> dict[str, str] | None:
     """Celery router: a declared task goes to its declared queue (only for bare .delay(); the
     outbox publishes by itself)."""
     declared = TASKS.get(name)
@@ -123,7 +123,7 @@ class LeftForRedelivery(Reject):
     """Do not run and do not ack: the message stays in SQS and comes back after the visibility
     timeout. Not a task failure: nothing is recorded in the store or the result backend."""
 
-    def __init__(self, reason=None, requeue=False):
+    def __init__(self, reason: str | None = None, requeue: bool = False):
         super().__init__(reason, requeue)
 
 
@@ -151,7 +151,7 @@ def lease_seconds(contract: QueueContract) -> int:
 _per_process: dict[str, tuple[int, Any]] = {}
 
 
-def _process_local(key: str, factory):
+def _process_local(key: str, factory: Callable[[], T]) -> T:
     """One engine/SQS client per process: pool children are forked, and a connection pool or
     HTTP session must never be shared across a fork."""
     pid = os.getpid()
@@ -161,16 +161,14 @@ def _process_local(key: str, factory):
     return cached[1]
 
 
-def engine():
-    return _process_local("engine", lambda: store.make_engine(settings.database_url))
+def engine() -> sa.Engine:
+    return _process_local("engine", lambda: schema.make_engine(settings.database_url))
 
 
-def sqs():
+def sqs() -> Any:
     # Short timeouts and few retries: a heartbeat call hung for the SDK's default minutes would
     # outlast the visibility timeout that the beats are there to keep from running out.
-    from app.outbox import make_sqs_client
-
-    return _process_local("sqs", lambda: make_sqs_client(settings.sqs_endpoint, settings.region))
+    return _process_local("sqs", lambda: sqs_clients.make_client(settings))
 
 
 @dataclass(frozen=True)
@@ -184,18 +182,16 @@ class Delivery:
     message_id: str | None = None  # SQS MessageId: the same for every receive of one message
 
     @classmethod
-    def from_request(cls, request, default_queue: str) -> Delivery:
-        properties = getattr(request, "properties", None) or {}
-        info = properties.get("delivery_info") or {}
-        message = info.get("sqs_message") or {}
-        queue_url = info.get("sqs_queue")
-        attributes = message.get("Attributes") or {}
+    def from_request(cls, request: Any, default_queue: str) -> Delivery:
+        from pcelery.celery_internals import sqs_receipt
+
+        receipt = sqs_receipt(request)
         return cls(
-            contract=_contract_of(queue_url, request, default_queue),
-            queue_url=queue_url,
-            receipt_handle=properties.get("delivery_tag") or message.get("ReceiptHandle"),
-            receive_count=int(attributes.get("ApproximateReceiveCount") or 0),
-            message_id=message.get("MessageId"),
+            contract=contract_of(receipt.queue_url, receipt.routing_key, default_queue),
+            queue_url=receipt.queue_url,
+            receipt_handle=receipt.receipt_handle,
+            receive_count=receipt.receive_count,
+            message_id=receipt.message_id,
         )
 
     def is_last_receive(self, attempts: int) -> bool:
@@ -210,19 +206,13 @@ class Delivery:
         return bool(busy.message_id and self.message_id and busy.message_id != self.message_id)
 
 
-def _contract_of(queue_url: str | None, request, default_queue: str) -> QueueContract:
+def contract_of(queue_url: str | None, routing_key: str | None, default_queue: str) -> QueueContract:
     """The contract of the queue the message was received from (a submit may route a task to
     another queue than its declared one), else the task's declared queue."""
-    prefix = queue_prefix(settings.env)
-    candidates = []
-    if queue_url:
-        candidates.append(queue_url.rstrip("/").rsplit("/", 1)[-1].removeprefix(prefix))
-    routing_key = (getattr(request, "delivery_info", None) or {}).get("routing_key")
-    if routing_key:
-        candidates.append(routing_key.removeprefix(prefix))
-    for name in candidates:
-        if name in settings.catalog.names():
-            return settings.catalog.get(name)
+    for name in (queue_url, routing_key):
+        parsed = parse_queue_name(name, catalog=settings.catalog) if name else None
+        if parsed is not None:
+            return settings.catalog.get(parsed.queue)
     return settings.catalog.get(default_queue)
 
 
@@ -245,31 +235,31 @@ class Heartbeat:
                              name=f"heartbeat-lease-{task_id}"),
         ]
 
-    def __enter__(self):
+    def __enter__(self) -> Heartbeat:
         for thread in self._threads:
             thread.start()
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout=5)
 
-    def _every_interval(self, beat):
+    def _every_interval(self, beat: Callable[[], None]) -> None:
         while not self._stop.wait(self.delivery.contract.heartbeat_interval):
             try:
                 beat()
             except Exception as exc:  # noqa: BLE001 - the next beat retries; the margin covers a miss
                 logger.warning("heartbeat of task %s: %s failed: %s", self.task_id, beat.__name__, exc)
 
-    def _extend_visibility(self):
+    def _extend_visibility(self) -> None:
         sqs().change_message_visibility(
             QueueUrl=self.delivery.queue_url,
             ReceiptHandle=self.delivery.receipt_handle,
             VisibilityTimeout=self.delivery.contract.visibility_timeout,
         )
 
-    def _extend_lease(self):
+    def _extend_lease(self) -> None:
         if not store.extend_lease(engine(), self.task_id, worker=self.worker,
                                   lease_seconds=lease_seconds(self.delivery.contract)):
             logger.warning("heartbeat of task %s: this worker no longer owns the row", self.task_id)
@@ -299,10 +289,10 @@ class _LostOwnership(Exception):
 
 
 class PersistentTask(Task):
-    Request = "app.worker:PersistentRequest"
+    Request = "pcelery.celery_internals:PersistentRequest"
     transactional = False
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         request = self.request
         if request.called_directly or request.is_eager:
             return self._run_inline(*args, **kwargs)
@@ -316,7 +306,7 @@ class PersistentTask(Task):
         if claim.outcome == "duplicate":
             logger.info("task %s[%s] already succeeded: duplicate delivery acked, not run", self.name, task_id)
             row = store.get_task(db, task_id)
-            return row["result"] if row else None
+            return row.result if row else None
         if claim.outcome == "busy" and delivery.is_redundant_copy(claim):
             raise RedundantCopy(
                 f"task {task_id} is running on another worker for SQS message {claim.message_id} (lease until "
@@ -344,7 +334,7 @@ class PersistentTask(Task):
             logger.warning("task %s[%s] is declared for queue %r but came from %r, whose contract (visibility "
                            "timeout, heartbeat) now applies: submit it with queue=%r", self.name, task_id,
                            self.queue, delivery.contract.name, self.queue)
-        heartbeat = (
+        heartbeat: contextlib.AbstractContextManager[Any] = (
             Heartbeat(task_id=task_id, worker=worker, delivery=delivery)
             if self._needs_heartbeat(delivery.contract) and delivery.queue_url and delivery.receipt_handle
             else contextlib.nullcontext()
@@ -377,7 +367,7 @@ class PersistentTask(Task):
         own_limit = self.time_limit or contract.hard_time_limit
         return contract.heartbeat or own_limit + contract.visibility_margin > contract.visibility_timeout
 
-    def _run_claimed(self, db, task_id: str, worker: str, claim: store.Claim):
+    def _run_claimed(self, db: sa.Engine, task_id: str, worker: str, claim: store.Claim) -> Any:
         if self.transactional:
             # The transaction begins at the task's first statement (SQLAlchemy's autobegin), not
             # before it runs: on SQLite a transaction holds the database's write lock, which a
@@ -399,115 +389,12 @@ class PersistentTask(Task):
                 logger.warning("task %s[%s] finished after losing its lease; result not recorded", self.name, task_id)
         return result
 
-    def _run_inline(self, *args, **kwargs):
+    def _run_inline(self, *args: Any, **kwargs: Any) -> Any:
         """Direct call (a unit test, or one task calling another's function): no claim."""
         if self.transactional and "db" not in kwargs:
             with engine().begin() as conn:
                 return self.run(*args, db=conn, **kwargs)
         return self.run(*args, **kwargs)
-
-
-class PersistentRequest(Request):
-    """Main-process side of a delivery: what happens when the child cannot report itself."""
-
-    def on_failure(self, exc_info, send_failed_event=True, return_ok=False):
-        exc = exc_info.exception
-        if isinstance(exc, ExceptionWithTraceback):
-            exc = exc.exc
-        if isinstance(exc, LeftForRedelivery):
-            # Not a failure: leave the message for SQS, and keep the result backend untouched
-            # (Celery would record a FAILURE for a task that another worker is running).
-            worker_state.task_ready(self)
-            logger.info("task %s[%s] left for redelivery: %s", self.name, self.id, exc.reason)
-            self.reject(requeue=False)
-            return
-        if isinstance(exc, RedundantCopy):
-            worker_state.task_ready(self)
-            logger.info("task %s[%s] redundant copy acked: %s", self.name, self.id, exc)
-            self.acknowledge()
-            return
-        if isinstance(exc, (WorkerLostError, SystemExit, KeyboardInterrupt)):
-            self._release_lease()
-        return super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
-
-    def on_timeout(self, soft, timeout):
-        if not soft:
-            # The pool kills the child at the hard limit; record the verdict it could not.
-            self._record_hard_timeout(timeout)
-        return super().on_timeout(soft, timeout)
-
-    def _child_identity(self) -> str | None:
-        return worker_identity(self.worker_pid) if self.worker_pid else None
-
-    def _release_lease(self):
-        child = self._child_identity()
-        if not child:
-            return
-        try:
-            if store.release(engine(), self.id, worker=child):
-                logger.warning("task %s[%s]: its worker process %s was lost; row released for the redelivery",
-                               self.name, self.id, child)
-        except Exception as exc:  # noqa: BLE001 - the lease then simply expires
-            logger.warning("task %s[%s]: releasing the lost worker's row failed: %s", self.name, self.id, exc)
-
-    def _record_hard_timeout(self, timeout):
-        child = self._child_identity()
-        if not child:
-            return
-        sqs_message = (self.message.delivery_info or {}).get("sqs_message") or {}
-        receive_count = int((sqs_message.get("Attributes") or {}).get("ApproximateReceiveCount") or 0)
-        contract = _contract_of((self.message.delivery_info or {}).get("sqs_queue"), self, self.task.queue)
-        try:
-            store.finish_failure(
-                engine(), self.id, worker=child,
-                error=f"TimeLimitExceeded: hard time limit ({timeout} s) exceeded; the process was killed",
-                final=receive_count >= contract.max_receive_count,
-            )
-        except Exception as exc:  # noqa: BLE001
-            logger.warning("task %s[%s]: recording the hard time limit failed: %s", self.name, self.id, exc)
-
-
-# --- Consumer: poison messages never get deleted ----------------------------------------------
-
-class PersistentConsumer(Consumer):
-    """Celery's consumer, except that no message it cannot run is ever deleted: it is rejected,
-    which on a queue with a redrive policy leaves it to SQS, and after maxReceiveCount receives
-    it sits in the DLQ for `ops peek`. (Celery acks undecodable messages, and its log lines say
-    "deleted"/"discarded" for messages kombu in fact leaves in a redrive queue.)"""
-
-    def on_decode_error(self, message, exc):
-        logger.critical(
-            "undecodable message left for the DLQ (content type %r, encoding %r): %s; body starts %r",
-            message.content_type, message.content_encoding, exc, _body_head(message),
-        )
-        message.reject_log_error(logger, self.connection_errors)
-
-    def on_unknown_message(self, body, message):
-        logger.error("message that is not a Celery task left for the DLQ (content type %r): body starts %r",
-                     message.content_type, _body_head(message))
-        message.reject_log_error(logger, self.connection_errors)
-        signals.task_rejected.send(sender=self, message=message, exc=None)
-
-    def on_unknown_task(self, body, message, exc):
-        headers = message.headers if isinstance(message.headers, dict) else {}
-        name, task_id = headers.get("task"), headers.get("id")
-        if not name or not task_id:
-            return self.on_unknown_message(body, message)
-        queue = (message.delivery_info or {}).get("routing_key")
-        logger.error("task %r [%s] is not registered on this worker; its message is left for the DLQ: add its "
-                     "module to PCELERY_TASK_MODULES of the workers of queue %r, then redrive the DLQ",
-                     name, task_id, queue)
-        message.reject_log_error(logger, self.connection_errors)
-        request = Bunch(name=name, chord=None, root_id=headers.get("root_id"), errbacks=None,
-                        correlation_id=message.properties.get("correlation_id"),
-                        reply_to=message.properties.get("reply_to"))
-        self.app.backend.mark_as_failure(task_id, NotRegistered(name), request=request)  # an AsyncResult waiter learns why
-        signals.task_unknown.send(sender=self, message=message, exc=exc, name=name, id=task_id)
-
-
-def _body_head(message) -> bytes | str:
-    body = getattr(message, "body", b"") or b""
-    return body[:200]
 
 
 # --- Start-up guard ------------------------------------------------------------------------------
@@ -531,32 +418,31 @@ def startup_problems(queues: list[str]) -> list[str]:
             problems.append(
                 f"queue {sqs_name!r} has no RedrivePolicy, so kombu would silently delete every failed task "
                 f"there: give it its DLQ ({sqs_queue_name(settings.env, name, dlq=True)!r}) with the catalog's "
-                f"maxReceiveCount (deploy the stack, or app.local.create_queues locally), then start again"
+                f"maxReceiveCount (deploy the stack; locally `python -m ops local up`), then start again"
             )
     try:
         db = engine()
-        version = store.schema_version(db)
+        version = schema.schema_version(db)
         db.dispose()  # pool children open their own connections
-        if version < store.LATEST_SCHEMA_VERSION:
+        if version < schema.LATEST_SCHEMA_VERSION:
             problems.append(f"the task store's schema is at version {version}, the code needs "
-                            f"{store.LATEST_SCHEMA_VERSION}: run `python -m app.store migrate`")
+                            f"{schema.LATEST_SCHEMA_VERSION}: run `pcelery-migrate`")
     except Exception as exc:  # noqa: BLE001
         problems.append(f"the task store cannot be reached ({type(exc).__name__}: {exc}): check DATABASE_URL / DB_*")
     return problems
 
 
-def _consumed_queues(worker) -> list[str]:
-    prefix = queue_prefix(settings.env)
+def _consumed_queues(worker: Any) -> list[str]:
     try:
         names = list(worker.app.amqp.queues.consume_from or worker.app.amqp.queues)
     except AttributeError:
         names = []
-    names = [n.removeprefix(prefix) for n in names]
-    return names or list(settings.worker_queues)
+    parsed = [parse_queue_name(n, catalog=settings.catalog) for n in names]
+    return [p.queue for p in parsed if p is not None] or settings.catalog.names()
 
 
 @signals.worker_init.connect
-def _refuse_unsafe_start(sender=None, **_):
+def _refuse_unsafe_start(sender: Any = None, **_: Any) -> None:
     problems = startup_problems(_consumed_queues(sender))
     if problems:
         print("worker: refusing to start:\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stderr, flush=True)

@@ -13,7 +13,7 @@ import os
 
 from celery import Celery
 
-from catalog import CATALOG, LONG_POLL_SECONDS, queue_prefix, sqs_queue_name
+from pcelery.catalog import CATALOG, LONG_POLL_SECONDS, queue_prefix, sqs_queue_name
 
 ENV = "local"
 QUEUE = CATALOG.default_queue

@@ -3,11 +3,11 @@ side by side, in one run on one machine. Results: bench/RESULTS.md explains a ru
 
     .venv/bin/python -m bench.run            # about 4 minutes on 2 cores; --help for sizes
 
-Three cases share one moto server (app.local.start_moto_server) and the catalog's `default` queue
+Three cases share one moto server (devstack.stack.start_moto_server) and the catalog's `default` queue
 (real CATALOG contract: visibility 120 s, long poll 19 s), the same concurrency and prefetch 1:
 
   plain     a tiny plain Celery app (bench/plain_app.py), acks_late, `.delay()` per task
-  sqlite    Outbox.submit_many (chunks of 100) + the real worker (app.local.start_worker), SQLite
+  sqlite    Outbox.submit_many (chunks of 100) + the real worker (devstack.stack.start_worker), SQLite
   postgres  the same on a fresh database of the machine's Postgres (dropped at the end)
 
 Measured, in this order:
@@ -53,7 +53,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # `python bench/run.py` as well as `python -m bench.run`
     sys.path.insert(0, str(REPO_ROOT))
 
-from app.local import (
+from devstack.stack import (
     LOCAL_CREDENTIALS,
     LOCAL_REGION,
     create_queues,
@@ -64,11 +64,11 @@ from app.local import (
     start_worker,
     stop_process_group,
 )
-from catalog import CATALOG, sqs_queue_name
+from pcelery.catalog import CATALOG, sqs_queue_name
 
 ENV = "local"
 QUEUE = CATALOG.default_queue
-PERSISTENT_TASK = "demo.add"  # app.demo_tasks: x + y, the same trivial work as bench.add
+PERSISTENT_TASK = "demo.add"  # devstack.tasks: x + y, the same trivial work as bench.add
 PG_ADMIN_URL = os.environ.get("PCELERY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 LOG_DIR = REPO_ROOT / "var" / "bench"
 WARM_UP_TASKS = 8  # per worker start: pool children open their connections before the clock runs
@@ -112,12 +112,12 @@ class OutboxSubmitter:
     """The product's submit API: rows in the caller's transaction, ids sent to SQS after COMMIT."""
 
     def __init__(self, endpoint: str, db_url: str):
-        from app import store
-        from app.outbox import Outbox
+        from pcelery import schema, store
+        from pcelery.outbox import Outbox
 
-        self.engine = store.make_engine(db_url)
-        # task_queues={}: every task goes to the catalog's default queue, without importing app.worker.
-        self.outbox = Outbox(self.engine, CATALOG, ENV, endpoint_url=endpoint, task_queues={})
+        self.engine = schema.make_engine(db_url)
+        # task_queues={}: every task goes to the catalog's default queue, without importing pcelery.worker.
+        self.outbox = Outbox(self.engine, CATALOG, ENV, sqs_client(endpoint), task_queues={})
 
     def submit(self, n: int) -> list[str]:
         ids: list[str] = []
@@ -136,13 +136,13 @@ class OutboxSubmitter:
     def succeeded(self, ids: list[str]) -> int:
         import sqlalchemy as sa
 
-        from app import store
+        from pcelery import schema, store
 
         with self.engine.connect() as conn:
             n = 0
             for start in range(0, len(ids), 500):
-                n += conn.execute(sa.select(sa.func.count()).select_from(store.tasks).where(
-                    store.tasks.c.id.in_(ids[start:start + 500]), store.tasks.c.state == "succeeded")).scalar_one()
+                n += conn.execute(sa.select(sa.func.count()).select_from(schema.tasks).where(
+                    schema.tasks.c.id.in_(ids[start:start + 500]), schema.tasks.c.state == "succeeded")).scalar_one()
             return n
 
     def close(self) -> None:
@@ -229,13 +229,13 @@ class Stack:
         hostname = f"bench-{case.name}-{self.runs}@127.0.0.1"
         if case.persistent:
             db_url = (counted and case.counted_worker_db_url) or case.db_url
-            environ = {**local_environ(endpoint, db_url, catalog_spec="catalog:CATALOG", env=ENV),
-                       "PCELERY_LOGLEVEL": "INFO"}
+            environ = {**local_environ(endpoint, db_url, catalog_spec="pcelery.catalog:CATALOG", env=ENV),
+                       "PCELERY_LOG_LEVEL": "INFO"}
             proc = start_worker(environ, queues=[QUEUE], concurrency=self.concurrency, hostname=hostname, log=log)
         else:
             env = {**os.environ, **LOCAL_CREDENTIALS, "AWS_REGION": LOCAL_REGION, "AWS_DEFAULT_REGION": LOCAL_REGION,
                    "AWS_ENDPOINT_URL_SQS": endpoint, "BENCH_PLAIN_QUEUE_URL": self.queue_url_on(endpoint)}
-            # The same flags bin/worker gives the product's worker.
+            # The same flags pcelery-worker gives the product's worker.
             proc = subprocess.Popen(
                 [sys.executable, "-m", "celery", "-A", "bench.plain_app", "worker", "-Q", QUEUE,
                  "--concurrency", str(self.concurrency), "--hostname", hostname,
@@ -520,7 +520,7 @@ def run(args) -> dict:
 
         import psycopg
 
-        from app import store
+        from pcelery import schema, store
 
         db_name = f"pcelery_bench_{uuid.uuid4().hex[:10]}"
         with psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=10) as conn:
@@ -552,8 +552,8 @@ def run(args) -> dict:
         exit_stack.callback(lambda: [p.unlink(missing_ok=True) for p in LOG_DIR.glob(f"{sqlite_path.name}*")])
         sqlite_url = f"sqlite:///{sqlite_path}"
         for url in (sqlite_url, pg_url):
-            engine = store.make_engine(url)
-            store.migrate(engine)
+            engine = schema.make_engine(url)
+            schema.migrate(engine)
             engine.dispose()
 
         os.environ.update({**LOCAL_CREDENTIALS, "AWS_REGION": LOCAL_REGION, "AWS_DEFAULT_REGION": LOCAL_REGION})

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from catalog import ENVIRONMENTS, QueueContract
+from pcelery.catalog import ENVIRONMENTS, QueueContract
 
 CONTEXT_KEY = "pcelery:environments"
 # `-c env=prod` (or `-c env=dev,staging`) picks environments; without it every one is synthesized.

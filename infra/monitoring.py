@@ -18,7 +18,7 @@ from aws_cdk import aws_sns_subscriptions as subscriptions
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
-from catalog import Catalog
+from pcelery.catalog import Catalog
 
 from .workers import insights_metric
 

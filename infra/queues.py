@@ -10,7 +10,7 @@ from aws_cdk import Duration, RemovalPolicy, Stack
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
-from catalog import DLQ_RETENTION, LONG_POLL_SECONDS, Catalog, sqs_queue_name
+from pcelery.catalog import DLQ_RETENTION, LONG_POLL_SECONDS, Catalog, sqs_queue_name
 
 
 class Queues(Construct):

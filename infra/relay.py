@@ -15,10 +15,10 @@ from constructs import Construct
 
 from .workers import MIGRATE_COMMAND, add_schema_migration
 
-RELAY_COMMAND = ["python", "-m", "app.outbox", "relay"]
+RELAY_COMMAND = ["pcelery-relay"]
 # The ops task's entry point: `aws ecs run-task --overrides` then passes only the ops arguments
 # (["tasks", "--state", "dead"]) as the container's command.
-OPS_ENTRY_POINT = ["python", "-m", "ops"]
+OPS_ENTRY_POINT = ["pcelery-ops"]
 OPS_CONTAINER = "ops"
 
 
@@ -77,7 +77,7 @@ class Relay(Construct):
 
 
 class OpsTask(Construct):
-    """`python -m ops` as a one-off Fargate task inside the VPC, for the commands that need RDS.
+    """`pcelery-ops` as a one-off Fargate task inside the VPC, for the commands that need RDS.
 
     On-call has no host in the VPC; `aws ecs run-task` with a command override is the way in.
     No ECS Exec: every run is one RunTask call whose arguments CloudTrail records, its output goes

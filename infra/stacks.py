@@ -19,7 +19,7 @@ from aws_cdk import aws_iam as iam
 from aws_cdk import aws_logs as logs
 from constructs import Construct
 
-from catalog import APP_NAME, CATALOG, Catalog
+from pcelery.catalog import APP_NAME, CATALOG, Catalog
 
 from .cache import REDIS_PORT, Cache
 from .config import EnvConfig
@@ -38,13 +38,6 @@ from .workers import Workers
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-# The image asset copies its folder into cdk.out on every synth: keep everything the image does
-# not need out of it (and out of the asset hash, so an infra-only change builds no new image).
-IMAGE_EXCLUDES = [
-    ".git", ".venv*", "node_modules", "cdk.out", "cdk.out.*", "var", "tests", "infra", "app.py",
-    "cdk.json", "cdk.context.json", "package.json", "package-lock.json", "**/__pycache__",
-    ".pytest_cache", ".ruff_cache", "*.md", ".ci", "Makefile", "pytest.ini", "requirements-*.txt",
-]
 
 # What a Celery worker does on the queue it consumes, and nothing more. No wildcard actions.
 CONSUME_ACTIONS = [
@@ -204,8 +197,11 @@ class StatelessStack(_EnvStack):
         log_removal = removal_policy_for_logs(_REMOVAL[config.protection.removal_policy])
         network, queues, database, cache = stateful.network, stateful.queues, stateful.database, stateful.cache
 
+        # The asset copies its folder into cdk.out on every synth, filtered by the folder's
+        # .dockerignore (an allowlist): only what the image is built from, so an infra-only change
+        # builds no new image.
         image = ecs.ContainerImage.from_asset(
-            str(image_directory), exclude=IMAGE_EXCLUDES, platform=ecr_assets.Platform.LINUX_AMD64,
+            str(image_directory), platform=ecr_assets.Platform.LINUX_AMD64, ignore_mode=cdk.IgnoreMode.DOCKER,
         )
         environment = {
             "PCELERY_ENV": config.name,

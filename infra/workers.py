@@ -17,10 +17,10 @@ from aws_cdk import aws_logs as logs
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
-from catalog import Catalog, QueueContract
+from pcelery.catalog import Catalog, QueueContract
 
 ECS_MAX_STOP_TIMEOUT = 120
-MIGRATE_COMMAND = ["python", "-m", "app.store", "migrate"]
+MIGRATE_COMMAND = ["pcelery-migrate"]
 # Time a warm shutdown needs beyond the task itself: finish the ack, close the pool, exit.
 SHUTDOWN_SLACK = 15
 
@@ -53,7 +53,7 @@ IDLE_SCALE_IN_MINUTES = 15
 def add_schema_migration(task: ecs.TaskDefinition, main: ecs.ContainerDefinition, *, image: ecs.ContainerImage,
                          environment: dict[str, str], secrets: dict[str, ecs.Secret],
                          log_group: logs.ILogGroup) -> ecs.ContainerDefinition:
-    """Run `python -m app.store migrate` to completion before `main` starts in the same task.
+    """Run `pcelery-migrate` to completion before `main` starts in the same task.
 
     The worker (and relay) refuse to start on a schema older than their code, so without this
     the first deploy of an environment, and every release that adds a migration, would

@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import subprocess
 import sys
 import textwrap
 import time
@@ -23,6 +24,7 @@ from . import (
     EXIT_OK,
     EXIT_PARTIAL,
     EXIT_REFUSED,
+    EXIT_UNREACHABLE,
     EXIT_USAGE,
     OpsError,
 )
@@ -72,14 +74,14 @@ def _positive_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from catalog import ENVIRONMENTS
+    from pcelery.catalog import ENVIRONMENTS
 
     common = argparse.ArgumentParser(add_help=False)
     g = common.add_argument_group("common options")
-    g.add_argument("--env", default=os.environ.get("PCELERY_ENV", "local"), choices=ENVIRONMENTS,
+    g.add_argument("--env", default=None, choices=ENVIRONMENTS,
                    help="environment whose catalog queues names resolve in (default $PCELERY_ENV or local)")
-    g.add_argument("--catalog", default=os.environ.get("PCELERY_CATALOG"),
-                   help="queue catalog as module:ATTRIBUTE (default $PCELERY_CATALOG or catalog:CATALOG)")
+    g.add_argument("--catalog", default=None,
+                   help="queue catalog as module:ATTRIBUTE (default $PCELERY_CATALOG or pcelery.catalog:CATALOG)")
     g.add_argument("--profile", default=None, help="AWS profile (default $AWS_PROFILE)")
     g.add_argument("--region", default=None, help="AWS region (default $AWS_REGION)")
     g.add_argument("--endpoint-url", default=None,
@@ -155,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=("up", "down", "status", "seed", "demo"),
                    help="up: start it and print export lines (eval \"$(python -m ops local up)\"); down: stop what "
                         "up started; status: exit 0 when up, 4 when not; seed: submit demo tasks, some failing, to "
-                        "the running stack; demo: run the self-contained product demo (python -m app.demo)")
+                        "the running stack; demo: run the self-contained product demo (python -m devstack.demo)")
     return parser
 
 
@@ -216,16 +218,15 @@ class Context:
     """What every command needs: settings, catalog, AWS clients (lazily) and the store."""
 
     def __init__(self, args):
-        from app.settings import Settings, SettingsError
-        from catalog import CatalogError, load_catalog
+        from pcelery.settings import Settings, SettingsError
 
         self.args = args
         try:
-            self.settings = Settings.from_env({**os.environ, "PCELERY_ENV": args.env})
-            self.catalog = load_catalog(args.catalog) if args.catalog else self.settings.catalog
-        except (SettingsError, CatalogError) as exc:
+            self.settings = Settings.from_env(env=args.env, catalog_spec=args.catalog)
+        except SettingsError as exc:
             raise OpsError(str(exc), EXIT_USAGE) from None
-        self.env = args.env
+        self.catalog = self.settings.catalog
+        self.env = self.settings.env
         self._aws = None
         self._store = None
         self._store_note = None
@@ -235,7 +236,7 @@ class Context:
         if self._aws is None:
             from .queues import connect
 
-            self._aws = connect(profile=self.args.profile, region=self.args.region,
+            self._aws = connect(self.settings, profile=self.args.profile, region=self.args.region,
                                 endpoint_url=self.args.endpoint_url)
         return self._aws
 
@@ -262,7 +263,7 @@ class Context:
 
 
 def cmd_depth(ctx: Context) -> int:
-    from app.store import count_by_queue_and_state
+    from pcelery.store import count_by_queue_and_state
 
     from .queues import catalog_refs, depth
 
@@ -385,7 +386,7 @@ def cmd_redrive(ctx: Context) -> int:
     if result.moved_task_ids:
         engine = ctx.store()
         if engine is not None:
-            from app.store import mark_redriven
+            from pcelery.store import mark_redriven
 
             try:
                 summary["tasks_requeued"] = len(mark_redriven(engine, result.moved_task_ids))
@@ -429,7 +430,7 @@ def cmd_tasks(ctx: Context) -> int:
 
 def _publisher(ctx: Context, engine):
     """publish(ids) -> {task_id: message_id} through the outbox's own publisher."""
-    from app import outbox
+    from pcelery import outbox
 
     box = outbox.Outbox(engine, ctx.catalog, ctx.env, sqs=ctx.aws.sqs)
     return box.publish_ids
@@ -471,7 +472,7 @@ def cmd_replay(ctx: Context) -> int:
 
 
 def cmd_purge(ctx: Context) -> int:
-    from catalog import queue_prefix
+    from pcelery.catalog import queue_prefix
 
     from .queues import attributes, is_work_queue, purge
 
@@ -511,9 +512,50 @@ def cmd_purge(ctx: Context) -> int:
 
 
 def cmd_local(ctx: Context) -> int:
-    from . import local
-
-    return local.run(ctx.args.action, output=ctx.args.output)
+    try:
+        from devstack import practice
+    except ImportError:
+        raise OpsError("`ops local` runs the dev harness of the repository (devstack/): run it from a checkout "
+                       "of the repository after `make setup`", EXIT_USAGE) from None
+    action, output = ctx.args.action, ctx.args.output
+    if action == "up":
+        data = practice.up()
+        if output == "json":
+            _print_json(data)
+        else:
+            sys.stdout.write(practice.exports(data["environ"]))
+        return EXIT_OK
+    if action == "down":
+        data = practice.down()
+        if output == "json":
+            _print_json(data)
+        return EXIT_OK
+    if action == "status":
+        data = practice.status()
+        if output == "json":
+            _print_json(data)
+        elif data["up"]:
+            print(f"up: SQS {data['endpoint']}, store {data['database_url']}")
+            for name, p in data["processes"].items():
+                print(f"  {name:<7} pid {p['pid']}  {'running' if p['alive'] else 'NOT running'}")
+        else:
+            print("down" if not data["processes"] else "partly down: `python -m ops local down` then `up`")
+        return EXIT_OK if data["up"] else EXIT_UNREACHABLE
+    if action == "seed":
+        try:
+            data = practice.seed()
+        except practice.NotUp as exc:
+            raise OpsError(str(exc), EXIT_UNREACHABLE) from None
+        if output == "json":
+            _print_json(data)
+        else:
+            print(f"submitted {len(data['task_ids'])} task(s): "
+                  f"{', '.join(f'{n} {k}' for k, n in data['by_task'].items())}; "
+                  "the failing ones reach the DLQ in about a minute (`python -m ops depth`)")
+        return EXIT_OK
+    # demo: the self-contained product demo, in a process of its own
+    command, env = practice.demo_command()
+    return subprocess.call(command, env=env, cwd=practice.REPO_ROOT)
 
 
 COMMANDS = {"depth": cmd_depth, "peek": cmd_peek, "redrive": cmd_redrive, "tasks": cmd_tasks,
@@ -521,13 +563,15 @@ COMMANDS = {"depth": cmd_depth, "peek": cmd_peek, "redrive": cmd_redrive, "tasks
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pcelery.settings import ops_parse_only
+
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(stream=sys.stderr, format="ops: %(message)s",
                         level=logging.DEBUG if args.debug else logging.INFO)
     for noisy in ("botocore", "boto3", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if args.debug else logging.WARNING)
-    if os.environ.get(PARSE_ONLY_ENV) == "1":
+    if ops_parse_only():
         _note(f"parsed: {args.command} (not run: {PARSE_ONLY_ENV}=1)")
         return EXIT_OK
     ctx = None

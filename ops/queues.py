@@ -21,7 +21,8 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from catalog import Catalog, sqs_queue_name
+from pcelery.catalog import Catalog, sqs_queue_name
+from pcelery.settings import Settings
 
 from . import (
     EXIT_AUTH,
@@ -41,11 +42,6 @@ NATIVE_TERMINAL = ("COMPLETED", "CANCELLED", "FAILED")
 
 
 # --------------------------------------------------------------------------------- clients
-
-
-def endpoint_from_env(environ=None) -> str | None:
-    e = os.environ if environ is None else environ
-    return e.get("AWS_ENDPOINT_URL_SQS") or e.get("AWS_ENDPOINT_URL") or None
 
 
 @dataclass
@@ -69,37 +65,35 @@ class Aws:
 def _config():
     from botocore.config import Config
 
-    # Few retries and short connect timeouts so an unreachable endpoint fails in seconds,
-    # not after botocore's default backoff; reads outlast the 1 s long polls used here.
-    return Config(retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=5, read_timeout=30)
+    from pcelery.sqs import OPS
+
+    return Config(retries={"total_max_attempts": OPS.attempts, "mode": "standard"}, connect_timeout=OPS.connect,
+                  read_timeout=OPS.read)
 
 
-def connect(*, profile: str | None = None, region: str | None = None,
+def connect(settings: Settings, *, profile: str | None = None, region: str | None = None,
             endpoint_url: str | None = None) -> Aws:
+    """Clients for a command: --profile/--region/--endpoint-url, else the standard AWS settings.
+    An endpoint (a local emulator) without credentials gets the emulators' dummy keys."""
     import boto3
     import botocore.exceptions
 
-    endpoint = endpoint_url or endpoint_from_env()
+    from pcelery.settings import DEFAULT_REGION
+    from pcelery.sqs import OPS, make_client
+
+    endpoint = endpoint_url or settings.sqs_endpoint
     try:
         session = boto3.Session(profile_name=profile, region_name=region)
     except botocore.exceptions.ProfileNotFound as exc:
         raise OpsError(f"{exc}: check --profile / AWS_PROFILE (aws configure list-profiles)", EXIT_AUTH) from None
-    region = region or os.environ.get("AWS_REGION") or session.region_name or os.environ.get("AWS_DEFAULT_REGION")
+    region = region or settings.aws_region or session.region_name
     if not region:
         if endpoint:
-            region = "us-east-1"
+            region = DEFAULT_REGION
         else:
             raise OpsError("no AWS region configured: pass --region or set AWS_REGION", EXIT_AUTH)
-    kwargs = {"region_name": region, "config": _config()}
-    if endpoint:
-        kwargs["endpoint_url"] = endpoint
-        if session.get_credentials() is None:
-            # Emulators accept any key; this saves the operator an export when practising locally.
-            from app.local import LOCAL_CREDENTIALS
-
-            session = boto3.Session(region_name=region, aws_access_key_id=LOCAL_CREDENTIALS["AWS_ACCESS_KEY_ID"],
-                                    aws_secret_access_key=LOCAL_CREDENTIALS["AWS_SECRET_ACCESS_KEY"])
-    return Aws(session=session, sqs=session.client("sqs", **kwargs), endpoint=endpoint, region=region)
+    sqs = make_client(settings, endpoint_url=endpoint, region=region, timeouts=OPS, session=session)
+    return Aws(session=session, sqs=sqs, endpoint=endpoint, region=region)
 
 
 def aws_error(exc: Exception, what: str) -> OpsError:
@@ -286,7 +280,7 @@ def depth(aws: Aws, refs: list[QueueRef], *, env: str, catalog: Catalog,
 def _decode(body: str):
     """The Celery message inside a body (app.messages.decode_body), or None."""
     try:
-        from app.messages import decode_body
+        from pcelery.messages import decode_body
     except ImportError:  # the app side is optional for pure SQS work
         return None
     return decode_body(body)  # None for anything that is not a Celery message; never raises

@@ -1,13 +1,14 @@
 """The claim-check store side of ops: opening the store, task rows as JSON-ready data, replay.
-Every read and write of the tasks table goes through app.store, which owns it."""
+Every read and write of the tasks table goes through pcelery.store, which owns it."""
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import re
 
 import sqlalchemy as sa
+
+from pcelery.store import TaskRow
 
 from . import EXIT_DB, EXIT_NOT_FOUND, EXIT_USAGE, OpsError
 
@@ -37,26 +38,26 @@ def _reason(exc: Exception) -> str:
 def open_store(database_url: str):
     """(engine, None) when the claim-check database answers and has its schema, else
     (None, note) with a sentence for stderr."""
-    from app import store
+    from pcelery import schema
 
     try:
-        engine = store.make_engine(database_url)
+        engine = schema.make_engine(database_url)
     except Exception as exc:  # noqa: BLE001 - a malformed URL is a setting problem, said in one line
         return None, f"claim-check database URL is not usable ({_reason(exc)}): check DATABASE_URL"
     try:
-        version = store.schema_version(engine)
+        version = schema.schema_version(engine)
     except Exception as exc:  # noqa: BLE001 - any failure here means "no store": say why in one line
         engine.dispose()
         return None, (f"claim-check database {_where(engine)} is unreachable ({_reason(exc)}): check DATABASE_URL "
                       "(or DB_HOST...), the network path to RDS, and RUNBOOK.md#database-failover")
     if version == 0:
         engine.dispose()
-        return None, (f"claim-check database {_where(engine)} has no schema: run `python -m app.store migrate` "
+        return None, (f"claim-check database {_where(engine)} has no schema: run `pcelery-migrate` "
                       "(RUNBOOK.md#run-migrations)")
-    if version < store.LATEST_SCHEMA_VERSION:  # reading rows would fail on the columns it lacks
+    if version < schema.LATEST_SCHEMA_VERSION:  # reading rows would fail on the columns it lacks
         engine.dispose()
         return None, (f"claim-check database {_where(engine)} has schema version {version}, this code needs "
-                      f"{store.LATEST_SCHEMA_VERSION}: run `python -m app.store migrate` (RUNBOOK.md#run-migrations)")
+                      f"{schema.LATEST_SCHEMA_VERSION}: run `pcelery-migrate` (RUNBOOK.md#run-migrations)")
     return engine, None
 
 
@@ -67,40 +68,30 @@ def require_store(database_url: str) -> sa.Engine:
     return engine
 
 
-def task_rows(engine: sa.Engine, task_ids: list[str]) -> dict[str, dict]:
-    from app.store import get_task
+def task_rows(engine: sa.Engine, task_ids: list[str]) -> dict[str, TaskRow]:
+    from pcelery.store import get_tasks
 
-    out = {}
-    for tid in dict.fromkeys(t for t in task_ids if t):
-        row = get_task(engine, tid)
-        if row is not None:
-            out[tid] = row
-    return out
+    return get_tasks(engine, [t for t in task_ids if t])
 
 
-def row_summary(row: dict | None) -> dict | None:
+def row_summary(row: TaskRow | None) -> dict | None:
     """The part of a row that peek shows next to its message."""
     if row is None:
         return None
-    return {"state": row["state"], "attempts": row["attempts"], "last_error": row.get("error"),
-            "payload": row.get("payload"), "updated_at": _iso(row.get("updated_at"))}
+    data = row.as_json()
+    return {"state": row.state, "attempts": row.attempts, "last_error": row.error,
+            "payload": row.payload, "updated_at": data["updated_at"]}
 
 
-def _iso(value):
-    if isinstance(value, dt.datetime):
-        return value.isoformat().replace("+00:00", "Z")
-    return value
-
-
-def public_row(row: dict) -> dict:
+def public_row(row: TaskRow) -> dict:
     """A row as JSON-ready data (datetimes as ISO 8601)."""
-    return {k: _iso(v) for k, v in row.items()}
+    return row.as_json()
 
 
 def list_tasks(engine: sa.Engine, *, state: str | None = None, task_name: str | None = None,
                older_than_seconds: float | None = None, stuck: bool = False, limit: int = 100) -> list[dict]:
-    from app.store import STATES
-    from app.store import list_tasks as store_list
+    from pcelery.store import STATES
+    from pcelery.store import list_tasks as store_list
 
     if state is not None and state not in STATES:
         raise OpsError(f"unknown state {state!r}: use one of {', '.join(STATES)}", EXIT_USAGE)
@@ -112,7 +103,7 @@ def list_tasks(engine: sa.Engine, *, state: str | None = None, task_name: str | 
 def select_for_replay(engine: sa.Engine, *, task_ids: list[str] | None = None, state: str | None = None,
                       task_name: str | None = None, limit: int = 100) -> list[dict]:
     """The rows a replay would touch; unknown ids are an error (EXIT_NOT_FOUND) naming them."""
-    from app.store import get_task
+    from pcelery.store import get_task
 
     if task_ids:
         rows, missing = [], []
@@ -132,7 +123,7 @@ def replay(engine: sa.Engine, rows: list[dict], publish) -> dict:
     """Reset the rows to pending (store.reset_for_replay: live running rows are skipped) and hand
     the reset ids to `publish(ids) -> {task_id: message_id}` (the outbox publisher), which sends
     them and marks them queued. What it does not send stays pending for the relay."""
-    from app.store import reset_for_replay
+    from pcelery.store import reset_for_replay
 
     ids = [r["id"] for r in rows]
     reset = reset_for_replay(engine, ids)

@@ -47,7 +47,7 @@ def synth(envs=ENVS, *, catalog=None, context: dict | None = None, nag: bool = T
     """One App with both stacks of every env in `envs`, synthesized into a temporary cdk.out."""
     import aws_cdk as cdk
 
-    from catalog import CATALOG
+    from pcelery.catalog import CATALOG
     from infra.config import load_configs
     from infra.stacks import add_checks, build_app
 

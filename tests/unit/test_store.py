@@ -1,43 +1,21 @@
-"""The claim-check store on both databases: every transition, the refused ones, the claim race,
-migrations and the migrate CLI."""
+"""The claim-check store on both databases: every transition, the refused ones, migrations.
+(The claim race between processes and the migrate command are in
+tests/integration/test_store_processes.py.)"""
 
 from __future__ import annotations
 
 import datetime as dt
-import multiprocessing
-import os
-import subprocess
-import sys
 import uuid
 
 import pytest
 import sqlalchemy as sa
+from conftest import new_task
 
-from app import store
-from app.local import free_port
-from app.settings import REPO_ROOT
-
-
-@pytest.fixture
-def engine(db_url):
-    eng = store.make_engine(db_url)
-    store.migrate(eng)
-    with eng.begin() as conn:  # the Postgres database lives for the session: start each test empty
-        conn.execute(store.tasks.delete())
-    yield eng
-    eng.dispose()
-
-
-def new_task(engine, *, task_name="demo.add", queue="default", args=(1, 2), kwargs=None, delay=0) -> str:
-    task_id = str(uuid.uuid4())
-    with engine.begin() as conn:
-        store.insert_task(conn, task_id=task_id, task_name=task_name, queue=queue, args=list(args),
-                          kwargs=kwargs or {"x": 1}, delay_seconds=delay)
-    return task_id
+from pcelery import schema, store
 
 
 def state_of(engine, task_id):
-    return store.get_task(engine, task_id)["state"]
+    return store.get_task(engine, task_id).state
 
 
 # --- migrations -----------------------------------------------------------------------------
@@ -49,84 +27,50 @@ def _drop_schema(eng):
 
 
 def test_migrate_is_idempotent_and_versioned(db_url):
-    eng = store.make_engine(db_url)
+    eng = schema.make_engine(db_url)
     _drop_schema(eng)  # from an empty database, also on the session's Postgres
-    assert store.schema_version(eng) == 0
-    first = store.migrate(eng)
+    assert schema.schema_version(eng) == 0
+    first = schema.migrate(eng)
     assert first == ["1: create table pcelery_tasks with its state indexes",
                      "2: add pcelery_tasks.claimed_message_id (the SQS message a claim was made for)"]
-    assert store.migrate(eng) == []
-    assert store.schema_version(eng) == store.LATEST_SCHEMA_VERSION == 2
+    assert schema.migrate(eng) == []
+    assert schema.schema_version(eng) == schema.LATEST_SCHEMA_VERSION == 2
     names = set(sa.inspect(eng).get_table_names())
     assert {"pcelery_tasks", "pcelery_schema_version"} <= names
     # The steps build exactly the table the code describes (a drift would break the next ALTER).
     built = {c["name"] for c in sa.inspect(eng).get_columns("pcelery_tasks")}
-    assert built == {c.name for c in store.tasks.columns}
+    assert built == {c.name for c in schema.tasks.columns}
     eng.dispose()
 
 
 def test_a_version_1_database_with_rows_upgrades_in_place(db_url):
     """The upgrade path a deployed database takes: v1 rows survive, the new column starts empty,
     and the code that needs it works right after."""
-    eng = store.make_engine(db_url)
+    eng = schema.make_engine(db_url)
     _drop_schema(eng)
-    assert store.migrate(eng, up_to=1) == ["1: create table pcelery_tasks with its state indexes"]
-    assert store.schema_version(eng) == 1  # the worker and ops refuse this (tested with them)
+    assert schema.migrate(eng, up_to=1) == ["1: create table pcelery_tasks with its state indexes"]
+    assert schema.schema_version(eng) == 1  # the worker and ops refuse this (tested with them)
     assert "claimed_message_id" not in {c["name"] for c in sa.inspect(eng).get_columns("pcelery_tasks")}
     running, queued = str(uuid.uuid4()), str(uuid.uuid4())
     with eng.begin() as conn:  # rows as v1 code wrote them: statements that name only v1 columns
         for task_id in (running, queued):
-            conn.execute(store.tasks.insert().values(store.task_row(
+            conn.execute(schema.tasks.insert().values(store.task_row(
                 task_id=task_id, task_name="demo.add", queue="default", args=[1, 2], kwargs={})))
-        conn.execute(sa.update(store.tasks).where(store.tasks.c.id == queued).values(state="queued"))
-        conn.execute(sa.update(store.tasks).where(store.tasks.c.id == running).values(
-            state="running", attempts=1, worker="old-worker", lease_until=store.utcnow() + dt.timedelta(minutes=5)))
+        conn.execute(sa.update(schema.tasks).where(schema.tasks.c.id == queued).values(state="queued"))
+        conn.execute(sa.update(schema.tasks).where(schema.tasks.c.id == running).values(
+            state="running", attempts=1, worker="old-worker", lease_until=schema.utcnow() + dt.timedelta(minutes=5)))
 
-    assert store.migrate(eng) == ["2: add pcelery_tasks.claimed_message_id (the SQS message a claim was made for)"]
-    assert store.schema_version(eng) == store.LATEST_SCHEMA_VERSION
+    assert schema.migrate(eng) == ["2: add pcelery_tasks.claimed_message_id (the SQS message a claim was made for)"]
+    assert schema.schema_version(eng) == schema.LATEST_SCHEMA_VERSION
     row = store.get_task(eng, running)
-    assert (row["state"], row["worker"], row["claimed_message_id"]) == ("running", "old-worker", None)
+    assert (row.state, row.worker, row.claimed_message_id) == ("running", "old-worker", None)
     # A task claimed by v1 code: busy, and nobody knows which message it runs for.
     busy = store.claim(eng, running, worker="new", lease_seconds=60, message_id="m-2")
     assert (busy.outcome, busy.message_id) == ("busy", None)
     won = store.claim(eng, queued, worker="new", lease_seconds=60, message_id="m-1")
     assert (won.outcome, won.args, won.message_id) == ("run", [1, 2], "m-1")
-    assert store.get_task(eng, queued)["claimed_message_id"] == "m-1"
+    assert store.get_task(eng, queued).claimed_message_id == "m-1"
     eng.dispose()
-
-
-def _run_store_cli(environ):
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "DB_HOST")}
-    env.update(environ)
-    return subprocess.run([sys.executable, "-m", "app.store", "migrate"], cwd=REPO_ROOT, env=env, check=False,
-                          capture_output=True, text=True, timeout=60)
-
-
-def test_migrate_cli_applies_then_reports_current(tmp_path):
-    url = f"sqlite:///{tmp_path / 'cli.sqlite3'}"
-    first = _run_store_cli({"DATABASE_URL": url})
-    assert first.returncode == 0, first.stderr
-    assert "applied 1: create table pcelery_tasks" in first.stderr
-    second = _run_store_cli({"DATABASE_URL": url})
-    assert second.returncode == 0, second.stderr
-    assert f"schema is current (version {store.LATEST_SCHEMA_VERSION})" in second.stderr
-    assert "applied" not in second.stderr
-
-
-def test_migrate_cli_unreachable_database_exits_2_with_one_line():
-    url = f"postgresql+psycopg://postgres:secret@127.0.0.1:{free_port()}/nothing"
-    done = _run_store_cli({"DATABASE_URL": url})
-    assert done.returncode == 2
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1, done.stderr
-    assert lines[0].startswith("error: cannot reach the database at postgresql+psycopg://postgres:***@127.0.0.1:")
-    assert "secret" not in done.stderr
-
-
-def test_migrate_cli_bad_settings_exits_2():
-    done = _run_store_cli({"PCELERY_ENV": "qa"})
-    assert done.returncode == 2
-    assert "unknown environment 'qa'" in done.stderr
 
 
 # --- transitions ----------------------------------------------------------------------------
@@ -134,33 +78,33 @@ def test_migrate_cli_bad_settings_exits_2():
 def test_happy_path_pending_queued_running_succeeded(engine):
     task_id = new_task(engine, args=[2, 3], kwargs={"scale": 10})
     row = store.get_task(engine, task_id)
-    assert row["state"] == "pending" and row["attempts"] == 0
-    assert row["payload"] == {"args": [2, 3], "kwargs": {"scale": 10}}
-    assert row["created_at"].tzinfo is not None and row["created_at"].utcoffset() == dt.timedelta(0)
+    assert row.state == "pending" and row.attempts == 0
+    assert row.payload == {"args": [2, 3], "kwargs": {"scale": 10}}
+    assert row.created_at.tzinfo is not None and row.created_at.utcoffset() == dt.timedelta(0)
 
     assert store.mark_queued(engine, {task_id: "msg-1"}) == 1
     row = store.get_task(engine, task_id)
-    assert (row["state"], row["message_id"]) == ("queued", "msg-1")
-    assert row["queued_at"].utcoffset() == dt.timedelta(0)
+    assert (row.state, row.message_id) == ("queued", "msg-1")
+    assert row.queued_at.utcoffset() == dt.timedelta(0)
 
-    before = store.utcnow()
+    before = schema.utcnow()
     claim = store.claim(engine, task_id, worker="w1@host:1", lease_seconds=60, message_id="msg-1")
     assert claim.outcome == "run"
     assert (claim.task_name, claim.args, claim.kwargs, claim.attempts) == ("demo.add", [2, 3], {"scale": 10}, 1)
     assert claim.lease_until.utcoffset() == dt.timedelta(0)
-    assert before + dt.timedelta(seconds=59) < claim.lease_until < store.utcnow() + dt.timedelta(seconds=61)
+    assert before + dt.timedelta(seconds=59) < claim.lease_until < schema.utcnow() + dt.timedelta(seconds=61)
     row = store.get_task(engine, task_id)
-    assert (row["state"], row["worker"], row["claimed_message_id"]) == ("running", "w1@host:1", "msg-1")
+    assert (row.state, row.worker, row.claimed_message_id) == ("running", "w1@host:1", "msg-1")
 
     assert store.extend_lease(engine, task_id, worker="w1@host:1", lease_seconds=120)
-    assert store.get_task(engine, task_id)["lease_until"] > claim.lease_until
+    assert store.get_task(engine, task_id).lease_until > claim.lease_until
 
     with engine.begin() as conn:
         assert store.finish_success(conn, task_id, worker="w1@host:1", result={"sum": 5})
     row = store.get_task(engine, task_id)
-    assert (row["state"], row["result"], row["lease_until"]) == ("succeeded", {"sum": 5}, None)
-    assert row["claimed_message_id"] is None  # it describes the live claim only, like the lease
-    assert row["finished_at"] >= row["started_at"]
+    assert (row.state, row.result, row.lease_until) == ("succeeded", {"sum": 5}, None)
+    assert row.claimed_message_id is None  # it describes the live claim only, like the lease
+    assert row.finished_at >= row.started_at
 
 
 def test_succeeded_row_is_a_duplicate_and_never_requeued(engine):
@@ -172,7 +116,7 @@ def test_succeeded_row_is_a_duplicate_and_never_requeued(engine):
     assert again.outcome == "duplicate" and again.args is None
     assert store.mark_queued(engine, {task_id: "late"}) == 0  # a late publisher does not resurrect it
     row = store.get_task(engine, task_id)
-    assert (row["state"], row["attempts"], row["message_id"]) == ("succeeded", 1, None)
+    assert (row.state, row.attempts, row.message_id) == ("succeeded", 1, None)
 
 
 def test_claim_accepts_pending_because_the_message_can_beat_mark_queued(engine):
@@ -187,14 +131,14 @@ def test_failure_redelivery_then_dead_then_redrive(engine):
     store.claim(engine, task_id, worker="w1", lease_seconds=60, message_id="m")
     assert store.finish_failure(engine, task_id, worker="w1", error=ValueError("bad input"), final=False)
     row = store.get_task(engine, task_id)
-    assert (row["state"], row["error"], row["lease_until"]) == ("failed", "ValueError: bad input", None)
-    assert row["claimed_message_id"] is None
+    assert (row.state, row.error, row.lease_until) == ("failed", "ValueError: bad input", None)
+    assert row.claimed_message_id is None
 
     second = store.claim(engine, task_id, worker="w2", lease_seconds=60)  # SQS redelivered it
     assert (second.outcome, second.attempts) == ("run", 2)
     assert store.finish_failure(engine, task_id, worker="w2", error="KeyError: 'x'", final=True)
     row = store.get_task(engine, task_id)
-    assert (row["state"], row["error"]) == ("dead", "KeyError: 'x'")
+    assert (row.state, row.error) == ("dead", "KeyError: 'x'")
 
     redriven = store.claim(engine, task_id, worker="w3", lease_seconds=60)  # back from the DLQ
     assert (redriven.outcome, redriven.attempts) == ("run", 3)
@@ -212,8 +156,8 @@ def test_other_workers_are_refused_while_the_lease_is_live(engine):
     assert not store.finish_failure(engine, task_id, worker="w2", error="x", final=True)
     assert not store.release(engine, task_id, worker="w2")
     row = store.get_task(engine, task_id)
-    assert (row["state"], row["worker"], row["attempts"], row["error"]) == ("running", "w1", 1, None)
-    assert row["claimed_message_id"] == "sqs-1"  # a refused claim records nothing
+    assert (row.state, row.worker, row.attempts, row.error) == ("running", "w1", 1, None)
+    assert row.claimed_message_id == "sqs-1"  # a refused claim records nothing
 
 
 def test_release_gives_the_row_back_to_queued(engine):
@@ -221,7 +165,7 @@ def test_release_gives_the_row_back_to_queued(engine):
     store.claim(engine, task_id, worker="w1", lease_seconds=60, message_id="m")
     assert store.release(engine, task_id, worker="w1")
     row = store.get_task(engine, task_id)
-    assert (row["state"], row["lease_until"], row["claimed_message_id"]) == ("queued", None, None)
+    assert (row.state, row.lease_until, row.claimed_message_id) == ("queued", None, None)
     assert store.claim(engine, task_id, worker="w2", lease_seconds=60).attempts == 2
 
 
@@ -234,13 +178,13 @@ def test_expired_lease_can_be_claimed_again_and_the_old_owner_loses(engine):
     task_id = new_task(engine)
     store.claim(engine, task_id, worker="dead-worker", lease_seconds=0)  # expires at once
     stuck = store.list_tasks(engine, stuck=True)
-    assert [r["id"] for r in stuck] == [task_id]
+    assert [r.id for r in stuck] == [task_id]
     retaken = store.claim(engine, task_id, worker="w2", lease_seconds=60)
     assert (retaken.outcome, retaken.attempts) == ("run", 2)
     assert store.list_tasks(engine, stuck=True) == []
     with engine.begin() as conn:  # the first worker came back to life: its verdict must not land
         assert not store.finish_success(conn, task_id, worker="dead-worker", result="stale")
-    assert store.get_task(engine, task_id)["worker"] == "w2"
+    assert store.get_task(engine, task_id).worker == "w2"
 
 
 def test_finish_success_joins_the_callers_transaction(engine):
@@ -256,7 +200,7 @@ def test_errors_are_formatted_and_truncated(engine):
     task_id = new_task(engine)
     store.claim(engine, task_id, worker="w1", lease_seconds=60)
     store.finish_failure(engine, task_id, worker="w1", error=RuntimeError("x" * 20000), final=False)
-    error = store.get_task(engine, task_id)["error"]
+    error = store.get_task(engine, task_id).error
     assert error.startswith("RuntimeError: xxx") and error.endswith("...[truncated]")
     assert len(error) == store.MAX_ERROR_CHARS
 
@@ -266,7 +210,7 @@ def test_result_that_json_cannot_hold_is_stored_as_repr(engine):
     store.claim(engine, task_id, worker="w1", lease_seconds=60)
     with engine.begin() as conn:
         assert store.finish_success(conn, task_id, worker="w1", result={1, 2})
-    result = store.get_task(engine, task_id)["result"]
+    result = store.get_task(engine, task_id).result
     assert result["repr"] == "{1, 2}"
     assert "not JSON-serializable (set" in result["note"]
 
@@ -281,7 +225,7 @@ def test_reset_for_replay_spares_live_running_rows(engine):
     reset = store.reset_for_replay(engine, [done, live, crashed, "no-such-task"])
     assert reset == [done, crashed]
     row = store.get_task(engine, done)
-    assert (row["state"], row["attempts"], row["error"], row["worker"]) == ("pending", 1, "E: boom", None)
+    assert (row.state, row.attempts, row.error, row.worker) == ("pending", 1, "E: boom", None)
     assert state_of(engine, live) == "running"
     assert state_of(engine, crashed) == "pending"
 
@@ -292,19 +236,19 @@ def test_counts_lists_and_pending_summary(engine):
     store.claim(engine, c, worker="w", lease_seconds=60)
     counts = store.count_by_state(engine)
     assert counts == {"pending": 1, "queued": 1, "running": 1, "succeeded": 0, "failed": 0, "dead": 0}
-    assert [r["id"] for r in store.list_tasks(engine)] == [a, b, c]
-    assert [r["id"] for r in store.list_tasks(engine, state="queued")] == [b]
-    assert [r["id"] for r in store.list_tasks(engine, task_name="demo.other")] == [b]
+    assert [r.id for r in store.list_tasks(engine)] == [a, b, c]
+    assert [r.id for r in store.list_tasks(engine, state="queued")] == [b]
+    assert [r.id for r in store.list_tasks(engine, task_name="demo.other")] == [b]
     assert store.list_tasks(engine, older_than_seconds=3600) == []
     with pytest.raises(ValueError, match="unknown state 'done': use one of pending"):
         store.list_tasks(engine, state="done")
 
     summary = store.pending_summary(engine)
-    assert summary["count"] == 1 and 0 <= summary["oldest_age_seconds"] < 600
+    assert summary.count == 1 and 0 <= summary.oldest_age_seconds < 600
     with engine.begin() as conn:  # make the pending row look 10 minutes old
-        conn.execute(sa.update(store.tasks).where(store.tasks.c.id == a)
-                     .values(updated_at=store.utcnow() - dt.timedelta(minutes=10)))
-    assert store.pending_summary(engine)["oldest_age_seconds"] >= 600
+        conn.execute(sa.update(schema.tasks).where(schema.tasks.c.id == a)
+                     .values(updated_at=schema.utcnow() - dt.timedelta(minutes=10)))
+    assert store.pending_summary(engine).oldest_age_seconds >= 600
 
 
 def test_count_by_queue_and_state_counts_each_queue_apart(engine):
@@ -335,8 +279,8 @@ def test_mark_redriven_moves_only_rows_still_dead(engine):
 
     assert store.mark_redriven(engine, [succeeded, "no-such-task", dead, claimed]) == [dead]
     row = store.get_task(engine, dead)
-    assert (row["state"], row["error"], row["attempts"]) == ("queued", "E: boom", 1)
-    assert row["queued_at"] is not None
+    assert (row.state, row.error, row.attempts) == ("queued", "E: boom", 1)
+    assert row.queued_at is not None
     assert (state_of(engine, claimed), state_of(engine, succeeded)) == ("running", "succeeded")
     assert store.mark_redriven(engine, [dead]) == []  # queued now: nothing to move
     assert store.mark_redriven(engine, []) == []
@@ -345,64 +289,36 @@ def test_mark_redriven_moves_only_rows_still_dead(engine):
 def test_claim_unpublished_honours_age_and_exclusions(engine):
     old, fresh = new_task(engine), new_task(engine)
     with engine.begin() as conn:
-        conn.execute(sa.update(store.tasks).where(store.tasks.c.id == old)
-                     .values(updated_at=store.utcnow() - dt.timedelta(seconds=120)))
+        conn.execute(sa.update(schema.tasks).where(schema.tasks.c.id == old)
+                     .values(updated_at=schema.utcnow() - dt.timedelta(seconds=120)))
     with engine.begin() as conn:
         rows = store.claim_unpublished(conn, older_than_seconds=60)
-    assert rows == [{"id": old, "task_name": "demo.add", "queue": "default", "delay_seconds": 0}]
+    assert rows == [store.OutboxEntry(old, "demo.add", "default", 0)]
     with engine.begin() as conn:
-        assert [r["id"] for r in store.claim_unpublished(conn, older_than_seconds=0)] == [old, fresh]
-        assert [r["id"] for r in store.claim_unpublished(conn, older_than_seconds=0, exclude_ids={old})] == [fresh]
+        assert [r.id for r in store.claim_unpublished(conn, older_than_seconds=0)] == [old, fresh]
+        assert [r.id for r in store.claim_unpublished(conn, older_than_seconds=0, exclude_ids={old})] == [fresh]
 
 
 def test_claim_unpublished_skips_rows_another_relay_has_locked(pg_url):
-    eng = store.make_engine(pg_url)
-    store.migrate(eng)
+    eng = schema.make_engine(pg_url)
+    schema.migrate(eng)
     with eng.begin() as conn:
-        conn.execute(store.tasks.delete())
+        conn.execute(schema.tasks.delete())
     ids = [new_task(eng) for _ in range(15)]
     with eng.connect() as first, eng.connect() as second, first.begin():
-        mine = [r["id"] for r in store.claim_unpublished(first, older_than_seconds=0, limit=10)]
+        mine = [r.id for r in store.claim_unpublished(first, older_than_seconds=0, limit=10)]
         with second.begin():  # while the first relay still holds its rows
-            theirs = [r["id"] for r in store.claim_unpublished(second, older_than_seconds=0, limit=10)]
+            theirs = [r.id for r in store.claim_unpublished(second, older_than_seconds=0, limit=10)]
     assert mine == ids[:10] and theirs == ids[10:]
     eng.dispose()
 
 
 # --- the race -------------------------------------------------------------------------------
 
-def _claim_all(args):
-    url, worker, task_ids, barrier = args
-    eng = store.make_engine(url)
-    try:
-        barrier.wait(timeout=60)
-        return [(tid, store.claim(eng, tid, worker=worker, lease_seconds=60).outcome) for tid in task_ids]
-    finally:
-        eng.dispose()
-
-
-def test_racing_processes_claim_each_task_exactly_once(engine, db_url):
-    task_ids = [new_task(engine) for _ in range(40)]
-    engine.dispose()  # no pooled connection crosses the fork
-    ctx = multiprocessing.get_context("fork")
-    workers = 3
-    barrier = ctx.Manager().Barrier(workers)
-    orders = [task_ids, list(reversed(task_ids)), task_ids[20:] + task_ids[:20]]
-    with ctx.Pool(workers) as pool:
-        results = pool.map(_claim_all, [(db_url, f"w{i}", orders[i], barrier) for i in range(workers)])
-    outcomes: dict[str, list[str]] = {}
-    for per_worker in results:
-        for tid, outcome in per_worker:
-            outcomes.setdefault(tid, []).append(outcome)
-    for tid in task_ids:
-        assert sorted(outcomes[tid]) == ["busy", "busy", "run"], (tid, outcomes[tid])
-    assert store.count_by_state(engine)["running"] == len(task_ids)
-    assert {r["attempts"] for r in store.list_tasks(engine, state="running")} == {1}
-
 
 def test_sqlite_is_shared_safely_between_processes(tmp_path):
-    eng = store.make_engine(f"sqlite:///{tmp_path / 'nested' / 'dir' / 'db.sqlite3'}")  # directories made
+    eng = schema.make_engine(f"sqlite:///{tmp_path / 'nested' / 'dir' / 'db.sqlite3'}")  # directories made
     with eng.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
-        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == store.SQLITE_BUSY_SECONDS * 1000
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == schema.SQLITE_BUSY_SECONDS * 1000
     eng.dispose()

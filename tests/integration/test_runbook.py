@@ -20,12 +20,14 @@ from pathlib import Path
 
 import pytest
 
-from app import store
-from app.local import create_queues, local_environ, sqs_client
-from app.messages import encode_body
-from catalog import DEMO_CATALOG
+from conftest import dead_task, reset_moto
 
-REPO = Path(__file__).resolve().parent.parent
+from devstack import DEMO_CATALOG
+from devstack.stack import create_queues, local_environ, sqs_client
+from pcelery import schema, store
+from pcelery.messages import encode_body
+
+REPO = Path(__file__).resolve().parents[2]
 RUNBOOK = (REPO / "RUNBOOK.md").read_text()
 ANCHOR_RE = re.compile(r'^<a id="([a-z0-9-]+)"></a>$', re.MULTILINE)
 PARSE_ONLY_MARKERS = ("# needs AWS", "# not in CI")
@@ -87,7 +89,7 @@ def test_every_runbook_link_in_ops_and_the_runbook_resolves():
 
 
 def test_exit_code_table_matches_the_cli():
-    from ops import EXIT_CODES
+    from pcelery.ops import EXIT_CODES
 
     table = dict(re.findall(r"^\| (\d+) \| ([^|]+) \|", RUNBOOK, re.MULTILINE))
     assert sorted(map(int, table)) == sorted(EXIT_CODES)
@@ -155,9 +157,9 @@ def _run_task_call(calls: list[list[str]]) -> tuple[list[str], list[str]]:
 def _cli_accepts(command: list[str]) -> None:
     from infra.relay import OPS_ENTRY_POINT
 
-    assert OPS_ENTRY_POINT[:2] == ["python", "-m"]
-    proc = subprocess.run([sys.executable, *OPS_ENTRY_POINT[1:], *command], check=False, cwd=REPO,
-                          env={**os.environ, "OPS_PARSE_ONLY": "1", "PCELERY_ENV": "prod"},
+    assert OPS_ENTRY_POINT == ["pcelery-ops"]  # the console script, as the image installs it
+    proc = subprocess.run([str(Path(sys.executable).parent / OPS_ENTRY_POINT[0]), *command], check=False,
+                          cwd="/", env={**os.environ, "OPS_PARSE_ONLY": "1", "PCELERY_ENV": "prod"},
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, f"{command}: {proc.stderr}"
 
@@ -217,20 +219,15 @@ def test_ops_task_recipe_runs_the_cli_in_the_vpc(fake_aws):
 
 @pytest.fixture
 def runbook_stack(sqs_endpoint, tmp_path):
-    urllib.request.urlopen(urllib.request.Request(f"{sqs_endpoint}/moto-api/reset", method="POST"),
-                           timeout=10).read()
+    reset_moto(sqs_endpoint)
     sqs = sqs_client(sqs_endpoint)
     queues = create_queues(sqs, DEMO_CATALOG, "local")
     db_url = f"sqlite:///{tmp_path / 'tasks.sqlite3'}"
-    engine = store.make_engine(db_url)
-    store.migrate(engine)
+    engine = schema.make_engine(db_url)
+    schema.migrate(engine)
 
     def dead(task_name, error):
-        tid = str(uuid.uuid4())
-        with engine.begin() as conn:
-            store.insert_task(conn, task_id=tid, task_name=task_name, queue="default", args=["x"], kwargs={})
-        store.claim(engine, tid, worker="w", lease_seconds=30)
-        store.finish_failure(engine, tid, worker="w", error=error, final=True)
+        tid = dead_task(engine, task_name, args=["x"], error=error)
         sqs.send_message(QueueUrl=queues["default"]["dlq_url"], MessageBody=encode_body(tid, task_name, queue="default"))
         return tid
 
@@ -285,10 +282,10 @@ def test_every_ops_line_of_the_runbook_runs_against_the_local_stack(runbook_stac
     assert executed >= 25 and parsed >= 4
 
     # The procedures did what they say: the DLQ was redriven and the replayed task re-published.
-    engine = store.make_engine(env["DATABASE_URL"])
+    engine = schema.make_engine(env["DATABASE_URL"])
     try:
-        assert store.get_task(engine, seeded["failing"][0])["state"] == "queued"  # replayed and published
-        assert {store.get_task(engine, t)["state"] for t in seeded["flaky"]} == {"queued"}  # redriven
+        assert store.get_task(engine, seeded["failing"][0]).state == "queued"  # replayed and published
+        assert {store.get_task(engine, t).state for t in seeded["flaky"]} == {"queued"}  # redriven
     finally:
         engine.dispose()
     sqs = sqs_client(env["AWS_ENDPOINT_URL_SQS"])

@@ -1,5 +1,6 @@
-"""The local SQS side of the stack: a moto server on a free loopback port, and the catalog's
-queues created on any SQS endpoint with the attributes the CDK app gives them.
+"""The local stack's parts: a moto server on a free loopback port, the catalog's queues created
+on any SQS endpoint with the attributes the CDK app gives them, and the product's processes
+(worker, relay) started the way ECS starts them: through their console scripts.
 
 `create_queues` is the one code path from a catalog contract to real SQS attributes; the CDK
 queues construct is tested against the same `QueueContract.sqs_attributes` numbers.
@@ -15,12 +16,19 @@ import sys
 import time
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
 
-from catalog import Catalog, sqs_queue_name
+from pcelery.catalog import Catalog, sqs_queue_name
+from pcelery.settings import DEFAULT_REGION, LOCAL_ACCESS_KEY
+from pcelery.sqs import make_client
 
-LOCAL_REGION = "us-east-1"
+from . import DEMO_CATALOG_SPEC
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+LOCAL_REGION = DEFAULT_REGION
 # moto accepts any credentials; these keep boto3 and kombu from looking for real ones.
-LOCAL_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local"}
+LOCAL_CREDENTIALS = {"AWS_ACCESS_KEY_ID": LOCAL_ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": LOCAL_ACCESS_KEY}
 
 
 def free_port() -> int:
@@ -44,7 +52,7 @@ class MotoServer:
                 self.process.wait()
 
 
-def start_moto_server(port: int | None = None, *, log=None, timeout: float = 30.0) -> MotoServer:
+def start_moto_server(port: int | None = None, *, log: IO[bytes] | None = None, timeout: float = 30.0) -> MotoServer:
     """Start `moto_server` as a child process bound to 127.0.0.1 and wait until it answers."""
     port = port or free_port()
     endpoint = f"http://127.0.0.1:{port}"
@@ -67,18 +75,12 @@ def start_moto_server(port: int | None = None, *, log=None, timeout: float = 30.
     raise RuntimeError(f"moto server did not answer on {endpoint} within {timeout:.0f} s")
 
 
-def sqs_client(endpoint: str | None = None, region: str | None = None):
-    import boto3
-
-    kwargs = {"region_name": region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or LOCAL_REGION}
-    if endpoint:
-        kwargs["endpoint_url"] = endpoint
-        for key, value in LOCAL_CREDENTIALS.items():
-            kwargs[key.lower()] = os.environ.get(key, value)
-    return boto3.client("sqs", **kwargs)
+def sqs_client(endpoint: str) -> Any:
+    """A client of the local endpoint (the product's own client factory, with the local keys)."""
+    return make_client(endpoint_url=endpoint, region=LOCAL_REGION)
 
 
-def create_queues(sqs, catalog: Catalog, env: str) -> dict[str, dict[str, str]]:
+def create_queues(sqs: Any, catalog: Catalog, env: str) -> dict[str, dict[str, str]]:
     """Create (or bring up to date) every catalog queue and its DLQ. Idempotent.
 
     Returns {queue name: {"url": ..., "arn": ..., "dlq_url": ..., "dlq_arn": ...}}.
@@ -97,13 +99,19 @@ def create_queues(sqs, catalog: Catalog, env: str) -> dict[str, dict[str, str]]:
     return created
 
 
-def _arn(sqs, url: str) -> str:
+def _arn(sqs: Any, url: str) -> str:
     return sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
 
 
-def local_environ(endpoint: str, database_url: str, *, catalog_spec: str = "catalog:DEMO_CATALOG",
-                  env: str = "local", result_backend: str | None = None) -> dict[str, str]:
-    """The environment every process of the local stack gets (worker, relay, demo, ops)."""
+DEMO_TASK_MODULES = "devstack.tasks"
+
+
+def local_environ(endpoint: str, database_url: str, *, catalog_spec: str = DEMO_CATALOG_SPEC,
+                  env: str = "local", result_backend: str | None = None,
+                  task_modules: str = DEMO_TASK_MODULES) -> dict[str, str]:
+    """The environment every process of the local stack gets (worker, relay, demo, ops).
+    PYTHONPATH makes the dev harness (the demo catalog and tasks) importable by the console
+    scripts, which do not run from the repository's root."""
     environ = {
         **LOCAL_CREDENTIALS,
         "AWS_REGION": LOCAL_REGION,
@@ -111,20 +119,27 @@ def local_environ(endpoint: str, database_url: str, *, catalog_spec: str = "cata
         "AWS_ENDPOINT_URL_SQS": endpoint,
         "PCELERY_ENV": env,
         "PCELERY_CATALOG": catalog_spec,
+        "PCELERY_TASK_MODULES": task_modules,
         "DATABASE_URL": database_url,
+        "PYTHONPATH": str(REPO_ROOT),
     }
     if result_backend:
         environ["PCELERY_RESULT_BACKEND"] = result_backend
     return environ
 
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+def console_script(name: str) -> str:
+    """The path of one of the package's console scripts in this interpreter's environment."""
+    path = Path(sys.executable).parent / name
+    if not path.exists():
+        raise RuntimeError(f"{path} is missing: install the package into this environment (`make setup`)")
+    return str(path)
 
 
 def start_worker(environ: dict[str, str], *, queues: list[str] | None = None, concurrency: int | None = None,
-                 hostname: str | None = None, log=None) -> subprocess.Popen:
-    """Start bin/worker (the worker image's entry point) with os.environ | environ, in its own
-    session: signal the whole group (os.killpg) to stop it and its pool children together."""
+                 hostname: str | None = None, log: IO[bytes] | None = None) -> subprocess.Popen:
+    """Start `pcelery-worker` (the worker image's entry point) with os.environ | environ, in its
+    own session: signal the whole group (os.killpg) to stop it and its pool children together."""
     env = {**os.environ, **environ}
     if queues:
         env["PCELERY_WORKER_QUEUES"] = ",".join(queues)
@@ -132,13 +147,13 @@ def start_worker(environ: dict[str, str], *, queues: list[str] | None = None, co
         env["PCELERY_CONCURRENCY"] = str(concurrency)
     if hostname:
         env["PCELERY_WORKER_NAME"] = hostname
-    return _start([sys.executable, os.path.join(REPO_ROOT, "bin", "worker")], env, log)
+    return _start([console_script("pcelery-worker")], env, log)
 
 
-def start_relay(environ: dict[str, str], *, log=None, interval: float | None = None,
+def start_relay(environ: dict[str, str], *, log: IO[bytes] | None = None, interval: float | None = None,
                 min_age: float | None = None) -> subprocess.Popen:
-    """Start the outbox relay (`python -m app.outbox relay`, the relay service's command) the same way."""
-    command = [sys.executable, "-m", "app.outbox", "relay"]
+    """Start the outbox relay (`pcelery-relay`, the relay service's command) the same way."""
+    command = [console_script("pcelery-relay")]
     if interval is not None:
         command += ["--interval", str(interval)]
     if min_age is not None:
@@ -146,7 +161,7 @@ def start_relay(environ: dict[str, str], *, log=None, interval: float | None = N
     return _start(command, {**os.environ, **environ}, log)
 
 
-def _start(command: list[str], env: dict[str, str], log) -> subprocess.Popen:
+def _start(command: list[str], env: dict[str, str], log: IO[bytes] | None) -> subprocess.Popen:
     return subprocess.Popen(
         command,
         cwd=REPO_ROOT,

@@ -20,17 +20,17 @@ from pathlib import Path
 
 import pytest
 
-from app import store
-from app.local import (
+from devstack import DEMO_CATALOG
+from devstack.stack import (
     create_queues,
     free_port,
     local_environ,
     sqs_client,
 )
-from app.messages import encode_body
-from catalog import DEMO_CATALOG
+from pcelery import schema, store
+from pcelery.messages import encode_body
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 LOCALSTACK_PY = REPO / ".venv-localstack" / "bin" / "python"
 
 
@@ -102,8 +102,8 @@ def stack(sqs_endpoint, tmp_path):
     sqs = sqs_client(sqs_endpoint)
     queues = create_queues(sqs, DEMO_CATALOG, "local")
     db_url = f"sqlite:///{tmp_path / 'tasks.sqlite3'}"
-    engine = store.make_engine(db_url)
-    store.migrate(engine)
+    engine = schema.make_engine(db_url)
+    schema.migrate(engine)
     env = {**os.environ, **local_environ(sqs_endpoint, db_url), "AWS_EC2_METADATA_DISABLED": "true"}
     env.pop("AWS_PROFILE", None)
     yield Stack(sqs_endpoint, sqs, queues, db_url, engine, env)
@@ -259,7 +259,7 @@ def test_redrive_moves_everything_preserving_bodies_and_attributes_and_requeues_
     moved += stack.sqs.receive_message(QueueUrl=stack.url("default"), MaxNumberOfMessages=10,
                                        MessageAttributeNames=["All"])["Messages"]
     assert {m["Body"]: m.get("MessageAttributes") for m in moved} == originals
-    assert {store.get_task(stack.engine, t)["state"] for t in tids} == {"queued"}
+    assert {store.get_task(stack.engine, t).state for t in tids} == {"queued"}
 
 
 def test_redrive_task_filter_moves_only_that_task_and_leaves_the_rest_visible(stack):
@@ -277,8 +277,8 @@ def test_redrive_task_filter_moves_only_that_task_and_leaves_the_rest_visible(st
     assert (summary["mode"], summary["moved"], summary["skipped"], summary["failed"]) == ("client", 4, 4, 0)
     assert stack.counts(dlq) == (4, 0, 0)  # the others are visible again at once
     assert stack.counts(stack.url("default"))[0] == 4
-    assert {store.get_task(stack.engine, t)["state"] for t in wanted} == {"queued"}
-    assert {store.get_task(stack.engine, t)["state"] for t in others} == {"dead"}
+    assert {store.get_task(stack.engine, t).state for t in wanted} == {"queued"}
+    assert {store.get_task(stack.engine, t).state for t in others} == {"dead"}
 
     limited = stack.ops_json("redrive", "default-dlq", "--limit", "2", "--yes")
     assert limited["moved"] == 2 and stack.counts(dlq) == (2, 0, 0)
@@ -408,13 +408,13 @@ def test_tasks_lists_rows_by_state_age_and_stuck(stack):
     assert proc.returncode == 9 and "unreachable" in _error_line(proc)
     # A store behind the code (its rows lack columns ops reads): told to migrate, not a traceback.
     old_store = f"sqlite:///{stack.db_url.removeprefix('sqlite:///')}.v1"
-    old_engine = store.make_engine(old_store)
-    store.migrate(old_engine, up_to=1)
+    old_engine = schema.make_engine(old_store)
+    schema.migrate(old_engine, up_to=1)
     old_engine.dispose()
     proc = stack.ops("tasks", env={"DATABASE_URL": old_store})
     assert proc.returncode == 9
     assert "has schema version 1, this code needs" in _error_line(proc)
-    assert "run `python -m app.store migrate`" in _error_line(proc)
+    assert "run `pcelery-migrate`" in _error_line(proc)
 
 
 # ------------------------------------------------------------------------------- purge
@@ -451,7 +451,7 @@ def test_purge_asks_and_empties_and_guards_prod(stack):
 
 
 def test_help_documents_every_exit_code_and_parse_only_mode_touches_nothing(stack):
-    from ops import EXIT_CODES
+    from pcelery.ops import EXIT_CODES
 
     out = subprocess.run([sys.executable, "-m", "ops", "--help"], check=False, capture_output=True, text=True, cwd=REPO).stdout
     for code in EXIT_CODES:
@@ -498,7 +498,7 @@ class FakeMoveTaskSqs:
 
 
 def _plan(source="pcelery-local-default-dlq", dest="pcelery-local-default", mode="native"):
-    from ops.queues import QueueRef, RedrivePlan
+    from pcelery.ops.queues import QueueRef, RedrivePlan
 
     return RedrivePlan(source=QueueRef(source, f"http://x/1/{source}"), source_arn=f"arn:aws:sqs:r:1:{source}",
                        destination=QueueRef(dest, f"http://x/1/{dest}"), destination_arn=f"arn:aws:sqs:r:1:{dest}",
@@ -506,7 +506,7 @@ def _plan(source="pcelery-local-default-dlq", dest="pcelery-local-default", mode
 
 
 def test_native_redrive_follows_progress_until_completed(caplog):
-    from ops.queues import redrive_native
+    from pcelery.ops.queues import redrive_native
 
     fake = FakeMoveTaskSqs([
         {"Status": "RUNNING", "ApproximateNumberOfMessagesMoved": 3, "ApproximateNumberOfMessagesToMove": 10},
@@ -524,7 +524,7 @@ def test_native_redrive_follows_progress_until_completed(caplog):
 
 
 def test_native_redrive_cancels_the_move_task_on_ctrl_c():
-    from ops.queues import redrive_native
+    from pcelery.ops.queues import redrive_native
 
     fake = FakeMoveTaskSqs([{"Status": "RUNNING", "ApproximateNumberOfMessagesMoved": 2,
                              "ApproximateNumberOfMessagesToMove": 10}], interrupt_on_poll=2)
@@ -535,7 +535,7 @@ def test_native_redrive_cancels_the_move_task_on_ctrl_c():
 
 
 def test_native_redrive_reports_the_failure_reason():
-    from ops.queues import redrive_native
+    from pcelery.ops.queues import redrive_native
 
     fake = FakeMoveTaskSqs([{"Status": "FAILED", "ApproximateNumberOfMessagesMoved": 6,
                              "ApproximateNumberOfMessagesToMove": 10,
@@ -548,7 +548,7 @@ def test_native_redrive_reports_the_failure_reason():
 def test_native_unsupported_endpoint_is_recognised():
     from botocore.exceptions import ClientError
 
-    from ops.queues import NativeUnsupported, redrive_native
+    from pcelery.ops.queues import NativeUnsupported, redrive_native
 
     class Moto:
         def start_message_move_task(self, **kw):
@@ -564,7 +564,7 @@ def test_client_redrive_handles_partial_send_failures_without_losing_messages():
     sent half is deleted."""
     from moto import mock_aws
 
-    from ops.queues import plan_redrive, redrive_client, resolve
+    from pcelery.ops.queues import plan_redrive, redrive_client, resolve
 
     with mock_aws():
         sqs = sqs_client(None)
@@ -601,7 +601,7 @@ def test_client_redrive_handles_partial_send_failures_without_losing_messages():
 
 
 def test_parse_duration():
-    from ops.tasks import parse_duration
+    from pcelery.ops.tasks import parse_duration
 
     assert [parse_duration(t) for t in ("90s", "15m", "2h", "1d", "1.5h")] == [90, 900, 7200, 86400, 5400]
     for bad in ("", "15", "m", "2 weeks", "-1h"):
@@ -658,8 +658,8 @@ def ls_stack(localstack_endpoint, tmp_path):
         sqs.delete_queue(QueueUrl=url)
     queues = create_queues(sqs, DEMO_CATALOG, "local")
     db_url = f"sqlite:///{tmp_path / 'tasks.sqlite3'}"
-    engine = store.make_engine(db_url)
-    store.migrate(engine)
+    engine = schema.make_engine(db_url)
+    schema.migrate(engine)
     env = {**os.environ, **local_environ(localstack_endpoint, db_url)}
     yield Stack(localstack_endpoint, sqs, queues, db_url, engine, env)
     engine.dispose()
@@ -713,7 +713,7 @@ def test_native_redrive_on_localstack_cancels_on_ctrl_c(ls_stack):
 
 
 def test_replay_resets_rows_and_publishes_them_through_the_outbox(stack):
-    from app.messages import decode_body
+    from pcelery.messages import decode_body
 
     dead = [stack.dead_task("app.demo_tasks.flaky") for _ in range(2)]
     other = stack.dead_task("app.demo_tasks.always_fails")
@@ -724,7 +724,7 @@ def test_replay_resets_rows_and_publishes_them_through_the_outbox(stack):
 
     dry = stack.ops_json("replay", "--state", "dead", "--task", "app.demo_tasks.flaky", "--dry-run")
     assert sorted(dry["would_replay"]) == sorted(dead)
-    assert {store.get_task(stack.engine, t)["state"] for t in dead} == {"dead"}
+    assert {store.get_task(stack.engine, t).state for t in dead} == {"dead"}
     assert stack.counts(stack.url("default")) == (0, 0, 0)
 
     proc = stack.ops("replay", "--state", "dead")
@@ -732,15 +732,15 @@ def test_replay_resets_rows_and_publishes_them_through_the_outbox(stack):
 
     result = stack.ops_json("replay", "--state", "dead", "--task", "app.demo_tasks.flaky", "--yes")
     assert sorted(result["reset"]) == sorted(dead) == sorted(result["published"])
-    assert {store.get_task(stack.engine, t)["state"] for t in dead} == {"queued"}
-    assert store.get_task(stack.engine, other)["state"] == "dead"
+    assert {store.get_task(stack.engine, t).state for t in dead} == {"queued"}
+    assert store.get_task(stack.engine, other).state == "dead"
     msgs = stack.sqs.receive_message(QueueUrl=stack.url("default"), MaxNumberOfMessages=10)["Messages"]
     assert sorted(decode_body(m["Body"]).task_id for m in msgs) == sorted(dead)
 
     # By id: a running row with a live lease is not touched; an unknown id is an error.
     result = stack.ops_json("replay", other, live, "--yes")
     assert result["reset"] == [other] and result["skipped_running"] == [live]
-    assert store.get_task(stack.engine, live)["state"] == "running"
+    assert store.get_task(stack.engine, live).state == "running"
     proc = stack.ops("replay", "no-such-id", "--yes")
     assert proc.returncode == 3 and "no-such-id" in _error_line(proc)
     proc = stack.ops("replay", "--yes")
@@ -765,7 +765,7 @@ def test_local_up_is_idempotent_seeds_work_and_down_stops_everything_it_started(
         up = ops("up")
         assert up.returncode == 0, up.stderr
         exports = dict(line[len("export "):].split("=", 1) for line in up.stdout.splitlines())
-        assert exports["PCELERY_ENV"] == "local" and exports["PCELERY_CATALOG"] == "catalog:DEMO_CATALOG"
+        assert exports["PCELERY_ENV"] == "local" and exports["PCELERY_CATALOG"] == "devstack:DEMO_CATALOG"
         assert exports["AWS_ENDPOINT_URL_SQS"].startswith("http://127.0.0.1:")
         assert exports["DATABASE_URL"].startswith("sqlite:///") and str(tmp_path) in exports["DATABASE_URL"]
         stack = json.loads((tmp_path / "local" / "stack.json").read_text())
@@ -778,7 +778,7 @@ def test_local_up_is_idempotent_seeds_work_and_down_stops_everything_it_started(
         seeded = json.loads(ops("seed", "-o", "json").stdout)
         assert len(seeded["task_ids"]) == 10
         # The stack's own worker runs them: the adds succeed.
-        engine = store.make_engine(exports["DATABASE_URL"])
+        engine = schema.make_engine(exports["DATABASE_URL"])
         deadline = time.monotonic() + 90
         while store.count_by_state(engine)["succeeded"] < 5 and time.monotonic() < deadline:
             time.sleep(0.5)
@@ -798,7 +798,7 @@ def test_local_up_is_idempotent_seeds_work_and_down_stops_everything_it_started(
         fresh = ops("up")
         assert fresh.returncode == 0, fresh.stderr
         stack = json.loads((tmp_path / "local" / "stack.json").read_text())
-        engine = store.make_engine(exports["DATABASE_URL"])
+        engine = schema.make_engine(exports["DATABASE_URL"])
         assert sum(store.count_by_state(engine).values()) == 0
         engine.dispose()
     finally:
@@ -808,7 +808,7 @@ def test_local_up_is_idempotent_seeds_work_and_down_stops_everything_it_started(
 def test_oldest_age_comes_from_cloudwatch_on_aws_and_is_null_locally():
     import datetime as dt
 
-    from ops.queues import Aws, oldest_age
+    from pcelery.ops.queues import Aws, oldest_age
 
     now = dt.datetime.now(dt.UTC)
 
@@ -839,8 +839,8 @@ def test_oldest_age_comes_from_cloudwatch_on_aws_and_is_null_locally():
 
 def test_the_store_side_works_on_postgres_too(stack, pg_url):
     """The same commands with the claim-check store on the real Postgres (as in AWS)."""
-    engine = store.make_engine(pg_url)
-    store.migrate(engine)
+    engine = schema.make_engine(pg_url)
+    schema.migrate(engine)
     sqlite_engine, stack.engine = stack.engine, engine
     try:
         tid = stack.dead_task("demo.always_fail", error="RuntimeError: on postgres")
@@ -853,7 +853,7 @@ def test_the_store_side_works_on_postgres_too(stack, pg_url):
         assert peeked["task_row"]["state"] == "dead"
         summary = stack.ops_json("redrive", "default-dlq", "--yes", env=env)
         assert summary["moved"] == 1 and summary["tasks_requeued"] == 1
-        assert store.get_task(engine, tid)["state"] == "queued"
+        assert store.get_task(engine, tid).state == "queued"
     finally:
         stack.engine = sqlite_engine
         engine.dispose()
@@ -899,7 +899,7 @@ def test_confirmation_on_a_terminal(stack):
 def test_client_redrive_paces_itself_to_the_rate_and_stops_at_the_limit():
     from moto import mock_aws
 
-    from ops.queues import plan_redrive, redrive_client, resolve
+    from pcelery.ops.queues import plan_redrive, redrive_client, resolve
 
     with mock_aws():
         sqs = sqs_client(None)

@@ -8,16 +8,19 @@ from dataclasses import replace
 
 import pytest
 
-import catalog
-from catalog import (
+from devstack import DEMO_CATALOG
+from pcelery import catalog
+from pcelery.catalog import (
     CATALOG,
-    DEMO_CATALOG,
     Catalog,
     CatalogError,
     QueueContract,
+    QueueName,
     check_env,
     load_catalog,
+    parse_queue_name,
     queue_prefix,
+    resource_name,
     sqs_queue_name,
 )
 
@@ -127,17 +130,40 @@ def test_names_per_environment():
     assert queue_prefix("prod") == "pcelery-prod-"
     assert sqs_queue_name("dev", "long") == "pcelery-dev-long"
     assert sqs_queue_name("dev", "long", dlq=True) == "pcelery-dev-long-dlq"
+    assert resource_name("prod", "worker", "long") == "pcelery-prod-worker-long"
+    assert resource_name("dev") == "pcelery-dev"
     assert check_env("staging") == "staging"
     with pytest.raises(CatalogError, match="unknown environment 'qa': use one of local, dev, staging, prod"):
         sqs_queue_name("qa", "default")
 
 
+@pytest.mark.parametrize("name, expected", [
+    ("pcelery-prod-default", QueueName("prod", "default", dlq=False)),
+    ("pcelery-staging-long-dlq", QueueName("staging", "long", dlq=True)),
+    ("http://127.0.0.1:5000/123456789012/pcelery-local-long", QueueName("local", "long", dlq=False)),
+    ("https://sqs.eu-west-1.amazonaws.com/111111111111/pcelery-dev-default-dlq/", QueueName("dev", "default", True)),
+    ("default", QueueName(None, "default", dlq=False)),  # a Celery routing key
+    ("default-dlq", QueueName(None, "default", dlq=True)),
+])
+def test_parse_queue_name_inverts_sqs_queue_name(name, expected):
+    assert parse_queue_name(name) == expected
+    assert parse_queue_name(name, catalog=CATALOG) == expected
+    if expected.env:
+        assert sqs_queue_name(expected.env, expected.queue, dlq=expected.dlq) == name.rstrip("/").rsplit("/", 1)[-1]
+
+
+def test_parse_queue_name_with_a_catalog_refuses_queues_it_lacks():
+    assert parse_queue_name("pcelery-prod-bulk", catalog=CATALOG) is None
+    assert parse_queue_name("pcelery-prod-bulk") == QueueName("prod", "bulk", dlq=False)
+    assert parse_queue_name("-dlq") is None
+
+
 @pytest.mark.parametrize("spec, expected", [
-    ("catalog", "must look like 'module:ATTRIBUTE'"),
+    ("pcelery.catalog", "must look like 'module:ATTRIBUTE'"),
     (":DEMO_CATALOG", "must look like 'module:ATTRIBUTE'"),
     ("no_such_module:CATALOG", "cannot be loaded (No module named 'no_such_module')"),
-    ("catalog:NOPE", "cannot be loaded"),
-    ("catalog:APP_NAME", "names a str, not a Catalog"),
+    ("pcelery.catalog:NOPE", "cannot be loaded"),
+    ("pcelery.catalog:APP_NAME", "names a str, not a Catalog"),
 ])
 def test_load_catalog_explains_a_bad_spec(spec, expected):
     with pytest.raises(CatalogError) as caught:
@@ -148,4 +174,5 @@ def test_load_catalog_explains_a_bad_spec(spec, expected):
 def test_load_catalog_defaults_and_loads_by_name():
     assert load_catalog(None) is CATALOG
     assert load_catalog("") is CATALOG
-    assert load_catalog("catalog:DEMO_CATALOG") is DEMO_CATALOG
+    assert load_catalog("devstack:DEMO_CATALOG") is DEMO_CATALOG
+    assert load_catalog("pcelery.catalog:CATALOG") is CATALOG

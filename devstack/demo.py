@@ -1,9 +1,9 @@
 """`make demo`: the whole product on a laptop, in about a minute, with no AWS account.
 
-    python -m app.demo
+    python -m devstack.demo
 
 Starts a moto SQS server on a free loopback port, creates every catalog queue and its DLQ
-(catalog:DEMO_CATALOG: the real contracts with timings shrunk to seconds), migrates the task store
+(devstack:DEMO_CATALOG: the real contracts with timings shrunk to seconds), migrates the task store
 (a fresh SQLite file under var/, or the Postgres database DATABASE_URL names), starts a worker and
 the outbox relay, and then shows, step by step:
 
@@ -28,8 +28,12 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from app.local import (
+from pcelery.catalog import sqs_queue_name
+
+from . import DEMO_CATALOG_SPEC
+from .stack import (
     REPO_ROOT,
     create_queues,
     local_environ,
@@ -39,9 +43,10 @@ from app.local import (
     start_worker,
     stop_process_group,
 )
-from catalog import sqs_queue_name
 
-CATALOG_SPEC = "catalog:DEMO_CATALOG"
+if TYPE_CHECKING:
+    from pcelery.store import TaskRow
+
 ENV = "local"
 LOG_DIR = Path(REPO_ROOT) / "var" / "demo"
 DEADLINE = 90  # seconds any single step may take on a slow machine before it counts as failed
@@ -85,12 +90,14 @@ class Demo:
         self.say(f"local SQS (moto server, pid {self.moto.process.pid}) listening on {self.moto.endpoint}")
 
         database_url = os.environ.get("DATABASE_URL") or _fresh_sqlite_url()
-        self.environ = local_environ(self.moto.endpoint, database_url, catalog_spec=CATALOG_SPEC, env=ENV)
-        os.environ.update(self.environ)  # before app.* reads the settings below
+        self.environ = local_environ(self.moto.endpoint, database_url, catalog_spec=DEMO_CATALOG_SPEC, env=ENV)
+        os.environ.update(self.environ)  # before pcelery reads the settings below
 
-        from app import demo_tasks, store
-        from app.outbox import Outbox
-        from app.settings import Settings
+        from pcelery import schema
+        from pcelery.outbox import Outbox
+        from pcelery.settings import Settings
+
+        from . import tasks as demo_tasks
 
         settings = Settings.from_env()
         self.catalog = settings.catalog
@@ -100,8 +107,8 @@ class Demo:
             self.say(f"queue {sqs_queue_name(ENV, q.name)} + DLQ: visibility timeout {q.visibility_timeout} s, "
                      f"maxReceiveCount {q.max_receive_count}, heartbeat {'on' if q.heartbeat else 'off'}")
 
-        self.engine = store.make_engine(settings.database_url)
-        store.migrate(self.engine)
+        self.engine = schema.make_engine(settings.database_url)
+        schema.migrate(self.engine)
         demo_tasks.migrate(self.engine)
         self.say(f"task store {self.engine.url.render_as_string(hide_password=True)} migrated")
         self.outbox = Outbox.from_settings(settings, engine=self.engine)
@@ -144,15 +151,15 @@ class Demo:
         self.task_ids.append(task_id)
         return task_id
 
-    def row(self, task_id: str) -> dict:
-        from app import store
+    def row(self, task_id: str) -> TaskRow | None:
+        from pcelery import store
 
         return store.get_task(self.engine, task_id)
 
-    def wait_state(self, task_ids: list[str], states: set[str], timeout: float = DEADLINE) -> list[dict]:
+    def wait_state(self, task_ids: list[str], states: set[str], timeout: float = DEADLINE) -> list[TaskRow]:
         def done():
             rows = [self.row(t) for t in task_ids]
-            return rows if all(r and r["state"] in states for r in rows) else None
+            return rows if all(r and r.state in states for r in rows) else None
 
         return self.wait(done, timeout) or [self.row(t) for t in task_ids]
 
@@ -179,8 +186,9 @@ class Demo:
     # --- the script ---
 
     def run(self) -> None:
-        from app.demo_tasks import effect_rows
-        from app.messages import encode_body
+        from pcelery.messages import encode_body
+
+        from .tasks import effect_rows
 
         default, long_queue = self.catalog.get("default"), self.catalog.get("long")
         run_id = uuid.uuid4().hex[:6]
@@ -198,24 +206,24 @@ class Demo:
 
         self.say("step 1: 10 normal tasks (demo.add)")
         rows = self.wait_state(normal, {"succeeded"})
-        self.check(all(r["state"] == "succeeded" for r in rows) and [r["result"] for r in rows]
+        self.check(all(r.state == "succeeded" for r in rows) and [r.result for r in rows]
                    == [11 * i for i in range(10)], "10 normal tasks succeeded with the right results",
-                   f"states {[r['state'] for r in rows]}")
+                   f"states {[r.state for r in rows]}")
 
         self.say(f"step 2: a flaky task that fails on its first attempt (redelivered after {default.visibility_timeout} s)")
         row = self.wait_state([flaky], {"succeeded"})[0]
-        self.check(row["state"] == "succeeded" and row["attempts"] == 2,
+        self.check(row.state == "succeeded" and row.attempts == 2,
                    "flaky task failed once, then succeeded on attempt 2",
-                   f"state {row['state']}, attempts {row['attempts']}")
+                   f"state {row.state}, attempts {row.attempts}")
 
         self.say(f"step 3: an always-failing task and a poison message (expected in the DLQ after "
                  f"{default.max_receive_count} receives, about {default.max_receive_count * default.visibility_timeout} s)")
         in_dlq = self.wait(lambda: {failing, poison} <= self.dlq_task_ids("default"), timeout=DEADLINE + 30)
         row = self.row(failing)
-        self.check(row["state"] == "dead" and row["attempts"] == default.max_receive_count and bool(in_dlq),
+        self.check(row.state == "dead" and row.attempts == default.max_receive_count and bool(in_dlq),
                    f"always-failing task ran {default.max_receive_count} times, is dead "
-                   f"(\"{row['error']}\") and its message is in the DLQ",
-                   f"state {row['state']}, attempts {row['attempts']}, in DLQ: {bool(in_dlq)}")
+                   f"(\"{row.error}\") and its message is in the DLQ",
+                   f"state {row.state}, attempts {row.attempts}, in DLQ: {bool(in_dlq)}")
         self.check(bool(in_dlq) and self.row(poison) is None,
                    "poison message (an id with no row) is in the DLQ; the worker kept serving")
 
@@ -223,10 +231,10 @@ class Demo:
                  f"heartbeat every {long_queue.heartbeat_interval} s)")
         row = self.wait_state([long_task], {"succeeded"}, timeout=DEADLINE + long_seconds)[0]
         effects = effect_rows(self.engine, long_key)
-        self.check(row["state"] == "succeeded" and row["attempts"] == 1 and len(effects) == 1
+        self.check(row.state == "succeeded" and row.attempts == 1 and len(effects) == 1
                    and effects[0]["receive_count"] == 1,
                    "long task ran once: 1 attempt, 1 effect, its message received once",
-                   f"state {row['state']}, attempts {row['attempts']}, effects {len(effects)}, "
+                   f"state {row.state}, attempts {row.attempts}, effects {len(effects)}, "
                    f"receive counts {[e['receive_count'] for e in effects]}")
 
         self.say("step 5: a worker SIGKILLed mid-task")
@@ -234,25 +242,25 @@ class Demo:
         slow = self.submit("demo.slow", kill_key, 3.0)
         running = self.wait_state([slow], {"running", "succeeded"})[0]
         worker = next(p for n, p in self.processes if n == "worker-1")
-        if running["state"] == "running":
+        if running.state == "running":
             os.killpg(worker.pid, signal.SIGKILL)
             stop_process_group(worker, timeout=5)
             self.say(f"  worker-1 (pid {worker.pid}) and its pool SIGKILLed while running task {slow}")
         else:
-            self.say(f"  the task finished before it could be killed (state {running['state']})")
+            self.say(f"  the task finished before it could be killed (state {running.state})")
         self.start_worker("worker-2")
         row = self.wait_state([slow], {"succeeded"})[0]
         effects = effect_rows(self.engine, kill_key)
-        self.check(row["state"] == "succeeded" and row["attempts"] == 2 and len(effects) == 1,
+        self.check(row.state == "succeeded" and row.attempts == 2 and len(effects) == 1,
                    "the killed worker's task completed on worker-2 (attempt 2, effect once)",
-                   f"state {row['state']}, attempts {row['attempts']}, effects {len(effects)}")
+                   f"state {row.state}, attempts {row.attempts}, effects {len(effects)}")
 
         self.summary()
 
     def summary(self) -> None:
         from collections import Counter
 
-        states = Counter(self.row(t)["state"] for t in self.task_ids)
+        states = Counter(self.row(t).state for t in self.task_ids)
         self.say("this run's tasks by state: " + ", ".join(f"{s}={states.get(s, 0)}" for s in
                                                           ("pending", "queued", "running", "succeeded", "failed", "dead")))
         dlq = {q.name: self.depth(q.name, dlq=True) for q in self.catalog}
@@ -280,7 +288,7 @@ def _interrupt(signum, _frame):
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    argparse.ArgumentParser(prog="python -m app.demo", description=__doc__.split("\n\n")[0]).parse_args(argv)
+    argparse.ArgumentParser(prog="python -m devstack.demo", description=__doc__.split("\n\n")[0]).parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)
     demo = Demo()
     try:

@@ -29,7 +29,7 @@ from cdk_support import (
     synth_templates,
 )
 
-from catalog import CATALOG, DLQ_RETENTION, Catalog, QueueContract, sqs_queue_name
+from pcelery.catalog import CATALOG, DLQ_RETENTION, Catalog, QueueContract, sqs_queue_name
 from infra.config import (
     CONTEXT_KEY,
     ConfigError,
@@ -206,7 +206,6 @@ def test_app_py_fails_synth_naming_the_bad_key(tmp_path):
 # --------------------------------------------------------------------------- synth, nag, cfn-lint
 
 
-@pytest.mark.slow
 def test_every_environment_synthesizes_its_two_stacks():
     s = synth_all()
     assert sorted(s.stack_names()) == sorted(f"pcelery-{e}-{k}" for e in ENVS for k in ("stateful", "stateless"))
@@ -216,7 +215,6 @@ def test_every_environment_synthesizes_its_two_stacks():
     assert {n for n, on in s.termination_protection.items() if on} == {"pcelery-prod-stateful"}
 
 
-@pytest.mark.slow
 def test_nag_acknowledgments_are_scoped_to_resources_and_explained():
     """Synth ran with AwsSolutionsChecks; it fails on any unacknowledged finding, so what is
     left to check is that every acknowledgment sits on a resource (not a whole stack) and says why."""
@@ -234,7 +232,6 @@ def test_nag_acknowledgments_are_scoped_to_resources_and_explained():
     assert found >= 10
 
 
-@pytest.mark.slow
 def test_nag_fails_synth_on_an_unacknowledged_finding(tmp_path):
     """add_checks is really wired: an unencrypted queue without a DLQ does not synthesize."""
     import aws_cdk as cdk
@@ -252,7 +249,6 @@ def test_nag_fails_synth_on_an_unacknowledged_finding(tmp_path):
     assert "AwsSolutions-SQS3" in report or "AwsSolutions-SQS2" in report
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("env", ENVS)
 def test_cfn_lint_finds_no_errors_and_only_explained_warnings(env):
     from cfnlint.api import lint
@@ -269,7 +265,6 @@ def test_cfn_lint_finds_no_errors_and_only_explained_warnings(env):
 # --------------------------------------------------------------------------- queues
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("env", ENVS)
 def test_queues_and_dlqs_carry_the_catalog_contract(env):
     t = stateful(env)
@@ -297,7 +292,6 @@ def test_queues_and_dlqs_carry_the_catalog_contract(env):
             assert props["SqsManagedSseEnabled"] is True
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("env", ENVS)
 def test_every_queue_refuses_plain_http(env):
     t = stateful(env)
@@ -312,7 +306,6 @@ def test_every_queue_refuses_plain_http(env):
 # --------------------------------------------------------------------------- IAM
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("env", ENVS)
 def test_no_wildcard_actions_anywhere(env):
     for name, t in synth_templates(env).items():
@@ -326,7 +319,6 @@ def test_no_wildcard_actions_anywhere(env):
                         assert "*" not in action, f"{name}: wildcard action {action}"
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("env", ENVS)
 def test_worker_role_consumes_its_own_queue_publishes_work_and_never_touches_a_dlq(env):
     t, producer = stateless(env), stateful(env)
@@ -347,7 +339,6 @@ def test_worker_role_consumes_its_own_queue_publishes_work_and_never_touches_a_d
         assert set(grants) == work_names
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("env", ENVS)
 def test_relay_only_publishes_and_migration_has_no_sqs_access(env):
     t, producer = stateless(env), stateful(env)
@@ -363,7 +354,6 @@ def test_relay_only_publishes_and_migration_has_no_sqs_access(env):
 # --------------------------------------------------------------------------- containers
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("env", ENVS)
 def test_containers_get_the_runtime_contract_and_secrets_only_as_secrets(env):
     t = stateless(env)
@@ -410,7 +400,6 @@ def test_containers_get_the_runtime_contract_and_secrets_only_as_secrets(env):
             assert container["StopTimeout"] == stop_timeout(CATALOG.get(queue)) <= ECS_MAX_STOP_TIMEOUT
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("env", ENVS)
 def test_every_container_that_reaches_the_database_verifies_its_certificate(env):
     """DB_SSLROOTCERT makes app/settings.py use sslmode=verify-full against the image's RDS CA
@@ -458,7 +447,6 @@ def test_the_ops_cli_source_calls_what_the_reader_expects():
             "sqs:ChangeMessageVisibility", "cloudwatch:GetMetricStatistics"} <= calls
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("env", ENVS)
 def test_ops_task_runs_the_cli_in_the_vpc_with_the_relays_database_settings(env):
     t, producer = stateless(env), stateful(env)
@@ -502,7 +490,6 @@ def test_ops_task_runs_the_cli_in_the_vpc_with_the_relays_database_settings(env)
     assert {"ClusterName", "TaskSubnets"} <= set(t["Outputs"])
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("env", ENVS)
 def test_ops_role_has_exactly_what_the_cli_needs_on_this_environments_queues(env):
     t, producer = stateless(env), stateful(env)
@@ -565,7 +552,6 @@ def idle_scale_in(step_policies: dict[str, dict], alarms_) -> dict[str, tuple[di
     return found
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("env", ENVS)
 def test_worker_services_roll_back_and_scale_on_backlog_per_task(env):
     t = stateless(env)
@@ -644,7 +630,6 @@ def test_worker_services_roll_back_and_scale_on_backlog_per_task(env):
 # --------------------------------------------------------------------------- data stores and network
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("env", ENVS)
 def test_database_is_private_encrypted_tls_only_and_protected_per_env(env):
     t = stateful(env)
@@ -673,7 +658,6 @@ def test_database_is_private_encrypted_tls_only_and_protected_per_env(env):
         assert p["MultiAZ"] and p["DeletionProtection"] and rotations
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("env", ENVS)
 def test_redis_only_where_enabled_and_always_encrypted_with_auth(env):
     t = stateful(env)
@@ -689,7 +673,6 @@ def test_redis_only_where_enabled_and_always_encrypted_with_auth(env):
     assert all("isolated" in s["Ref"] for s in subnet_group["SubnetIds"])
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("env", ENVS)
 def test_network_matches_the_env(env):
     t = stateful(env)
@@ -722,7 +705,6 @@ def expected_alarms(env: str) -> dict[str, str]:
     return names
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("env", ENVS)
 def test_alarm_names_and_runbook_anchors_follow_the_contract(env):
     found = alarms(env)
@@ -752,7 +734,6 @@ def test_alarm_names_and_runbook_anchors_follow_the_contract(env):
         assert expr["Expression"] == "desired - running"
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("env", ENVS)
 def test_alarm_topic_is_encrypted_and_mail_only_where_configured(env):
     t = stateless(env)
@@ -768,7 +749,6 @@ def test_alarm_topic_is_encrypted_and_mail_only_where_configured(env):
         assert subs[0]["Endpoint"] == email and subs[0]["Protocol"] == "email"
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("env", ENVS)
 def test_dashboard_shows_depth_age_dlq_workers_and_throughput(env):
     [board] = resources({"t": stateless(env)}, "AWS::CloudWatch::Dashboard").values()
@@ -798,7 +778,6 @@ def _without_image(resource: dict) -> dict:
     return resource
 
 
-@pytest.mark.slow
 def test_adding_a_queue_adds_its_queue_dlq_permissions_and_alarms_and_nothing_else():
     three = synth(("dev",), catalog=Catalog(queues=(*CATALOG.queues, EXTRA))).templates["dev"]
     two = synth_templates("dev")
@@ -858,7 +837,6 @@ def test_adding_a_queue_adds_its_queue_dlq_permissions_and_alarms_and_nothing_el
 # --------------------------------------------------------------------------- drift and the real CLI
 
 
-@pytest.mark.slow
 def test_summary_matches_the_checked_in_file():
     current = {env: summary(synth_templates(env)) for env in ENVS}
     if os.environ.get("PCELERY_UPDATE_SUMMARY") == "1":
@@ -870,7 +848,6 @@ def test_summary_matches_the_checked_in_file():
     )
 
 
-@pytest.mark.slow
 def test_cdk_cli_synthesizes_every_environment_offline(tmp_path):
     out = tmp_path / "cdk.out"
     env = {**os.environ, "JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION": "20", "AWS_EC2_METADATA_DISABLED": "true",

@@ -1,36 +1,45 @@
-"""`python -m ops local up|down|status|demo`: a detached local stack to practise the runbook on.
+"""The detached local stack behind `python -m ops local up|down|status|seed|demo`, to practise
+the runbook on. Functions return data; progress goes to the `ops` logger; ops/cli.py renders.
 
 `up` starts a moto server, creates the DEMO_CATALOG queues (env local), migrates a SQLite store
-under var/local/, starts a worker and the outbox relay, records what it started in
-var/local/stack.json and prints `export` lines for `eval "$(python -m ops local up)"`.
-`down` stops exactly the processes recorded there.
+under the state directory (PCELERY_LOCAL_DIR, default ./var/local), starts a worker and the
+outbox relay, and records what it started in stack.json there; the CLI prints `export` lines for
+`eval "$(python -m ops local up)"`. `down` stops exactly the processes recorded there.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shlex
 import signal
-import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
-from app.settings import REPO_ROOT
+from pcelery.settings import local_dir
 
-from . import EXIT_OK, EXIT_UNREACHABLE, OpsError
+from . import DEMO_CATALOG, DEMO_CATALOG_SPEC
+from . import stack as local_stack
+from .stack import REPO_ROOT
 
-STACK_DIR = Path(os.environ.get("PCELERY_LOCAL_DIR", REPO_ROOT / "var" / "local"))
+log = logging.getLogger("ops")
+
+STACK_DIR = local_dir()
 STACK_FILE = STACK_DIR / "stack.json"
-CATALOG_SPEC = "catalog:DEMO_CATALOG"
 # What each recorded process's command line must contain, so `down` never signals a pid that
 # has since been reused by something else.
-SIGNATURES = {"moto": "moto.server", "worker": "celery", "relay": "app.outbox"}
+SIGNATURES = {"moto": "moto.server", "worker": "celery", "relay": "pcelery-relay"}
+
+
+class NotUp(Exception):
+    """The local stack is not running (seed needs it)."""
 
 
 def _say(text: str) -> None:
-    print(f"ops: {text}", file=sys.stderr)
+    log.info("%s", text)
 
 
 def _alive(name: str, pid: int) -> bool:
@@ -71,16 +80,13 @@ def status() -> dict:
 
 
 def exports(environ: dict[str, str]) -> str:
-    import shlex
-
     return "".join(f"export {k}={shlex.quote(v)}\n" for k, v in environ.items())
 
 
 def up() -> dict:
-    from app import demo_tasks
-    from app import local as app_local
-    from app.store import make_engine, migrate
-    from catalog import DEMO_CATALOG
+    from pcelery.schema import make_engine, migrate
+
+    from . import tasks as demo_tasks
 
     current = status()
     if current["up"]:
@@ -93,9 +99,9 @@ def up() -> dict:
     logs = {name: open(STACK_DIR / f"{name}.log", "ab") for name in ("moto", "worker", "relay")}  # noqa: SIM115 - closed below
     pids: dict[str, int] = {}
     try:
-        server = app_local.start_moto_server(log=logs["moto"])
+        server = local_stack.start_moto_server(log=logs["moto"])
         pids["moto"] = server.process.pid
-        app_local.create_queues(app_local.sqs_client(server.endpoint), DEMO_CATALOG, "local")
+        local_stack.create_queues(local_stack.sqs_client(server.endpoint), DEMO_CATALOG, "local")
         # moto keeps its queues in memory, so a new stack starts with empty queues; rows left in an
         # old store would name messages that exist nowhere. Start the store afresh with them.
         db_file = STACK_DIR / "tasks.sqlite3"
@@ -106,9 +112,9 @@ def up() -> dict:
         migrate(engine)
         demo_tasks.migrate(engine)  # the demo tasks keep their effects in a table of their own
         engine.dispose()
-        environ = app_local.local_environ(server.endpoint, database_url, catalog_spec=CATALOG_SPEC)
-        pids["worker"] = app_local.start_worker(environ, log=logs["worker"]).pid
-        pids["relay"] = app_local.start_relay(environ, log=logs["relay"]).pid
+        environ = local_stack.local_environ(server.endpoint, database_url, catalog_spec=DEMO_CATALOG_SPEC)
+        pids["worker"] = local_stack.start_worker(environ, log=logs["worker"]).pid
+        pids["relay"] = local_stack.start_relay(environ, log=logs["relay"]).pid
         stack = {"endpoint": server.endpoint, "database_url": database_url, "pids": pids, "environ": environ,
                  "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         STACK_FILE.write_text(json.dumps(stack, indent=2))
@@ -165,12 +171,12 @@ SEED = (("demo.add", 5), ("demo.always_fail", 3), ("demo.flaky", 2))
 
 def seed() -> dict:
     """Submit demo tasks to the running stack through the outbox, as application code does."""
-    from app.outbox import Outbox
-    from app.settings import Settings
+    from pcelery.outbox import Outbox
+    from pcelery.settings import Settings
 
     stack = read_stack()
     if not stack or not status()["up"]:
-        raise OpsError("the local stack is not up: run `eval \"$(python -m ops local up)\"` first", EXIT_UNREACHABLE)
+        raise NotUp("the local stack is not up: run `eval \"$(python -m ops local up)\"` first")
     box = Outbox.from_settings(Settings.from_env({**os.environ, **stack["environ"]}))
     ids: list[str] = []
     with box.transaction() as conn:
@@ -187,43 +193,10 @@ def seed() -> dict:
     return {"task_ids": ids, "by_task": dict(SEED)}
 
 
-def run(action: str, *, output: str = "table") -> int:
-    if action == "up":
-        data = up()
-        if output == "json":
-            print(json.dumps(data, indent=2))
-        else:
-            sys.stdout.write(exports(data["environ"]))
-        return EXIT_OK
-    if action == "down":
-        data = down()
-        if output == "json":
-            print(json.dumps(data, indent=2))
-        return EXIT_OK
-    if action == "status":
-        data = status()
-        if output == "json":
-            print(json.dumps(data, indent=2))
-        elif data["up"]:
-            print(f"up: SQS {data['endpoint']}, store {data['database_url']}")
-            for name, p in data["processes"].items():
-                print(f"  {name:<7} pid {p['pid']}  {'running' if p['alive'] else 'NOT running'}")
-        else:
-            print("down" if not data["processes"] else "partly down: `python -m ops local down` then `up`")
-        return EXIT_OK if data["up"] else EXIT_UNREACHABLE
-    if action == "seed":
-        data = seed()
-        if output == "json":
-            print(json.dumps(data, indent=2))
-        else:
-            print(f"submitted {len(data['task_ids'])} task(s): {', '.join(f'{n} {k}' for k, n in data['by_task'].items())}; "
-                  "the failing ones reach the DLQ in about a minute (`python -m ops depth`)")
-        return EXIT_OK
-    if action == "demo":
-        # The product demo is self-contained (its own moto server and store): the stack's exports
-        # must not leak into it, or it would mix its rows into the stack's database.
-        stack = read_stack() or {}
-        drop = set(stack.get("environ", {})) | {"AWS_ENDPOINT_URL_SQS", "AWS_ENDPOINT_URL", "DATABASE_URL"}
-        env = {k: v for k, v in os.environ.items() if k not in drop}
-        return subprocess.call([sys.executable, "-m", "app.demo"], env=env, cwd=REPO_ROOT)
-    raise OpsError(f"unknown action {action!r}: use up, down, status, seed or demo")
+def demo_command() -> tuple[list[str], dict[str, str]]:
+    """The command and environment of the self-contained product demo (`make demo`). The stack's
+    exports must not leak into it, or it would mix its rows into the stack's database."""
+    stack = read_stack() or {}
+    drop = set(stack.get("environ", {})) | {"AWS_ENDPOINT_URL_SQS", "AWS_ENDPOINT_URL", "DATABASE_URL"}
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    return [sys.executable, "-m", "devstack.demo"], env

@@ -1,8 +1,9 @@
-"""The queue catalog: every Celery queue and its operating contract, in one place.
+"""The queue catalog: every Celery queue and its operating contract, in one place, and the one
+mapping between catalog names and AWS resource names.
 
-Pure data and the standard library only, so infra/ (CDK), app/ (Celery) and ops/ (on-call CLI)
-can all import it without dragging each other's dependencies along. Data flows one way: from
-here into infra, app and ops; nothing here imports them.
+Pure data and the standard library only, so infra/ (CDK), the runtime (Celery) and ops (on-call
+CLI) can all import it without dragging each other's dependencies along. Data flows one way: from
+here into infra, the runtime and ops; nothing here imports them.
 
 The contract of a queue is checked when the catalog is built (import time for the default
 catalog), so a contract that cannot hold fails synth, worker start and the tests alike.
@@ -10,7 +11,10 @@ catalog), so a contract that cannot hold fails synth, worker start and the tests
 
 from __future__ import annotations
 
+import importlib
+import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 APP_NAME = "pcelery"  # prefix of every stack, queue and alarm name: <app>-<env>-<resource>
@@ -171,8 +175,6 @@ class QueueContract:
     def sqs_attributes(self, dlq_arn: str) -> dict[str, str]:
         """CreateQueue/SetQueueAttributes attributes of the work queue (the local stack uses
         these verbatim; the CDK construct asserts its numbers against the same properties)."""
-        import json
-
         return {
             "VisibilityTimeout": str(self.visibility_timeout),
             "MessageRetentionPeriod": str(self.retention),
@@ -183,8 +185,6 @@ class QueueContract:
         }
 
     def dlq_attributes(self, source_arn: str | None = None) -> dict[str, str]:
-        import json
-
         attrs = {"MessageRetentionPeriod": str(DLQ_RETENTION)}
         if source_arn:
             attrs["RedriveAllowPolicy"] = json.dumps(
@@ -220,10 +220,10 @@ class Catalog:
                 f"({sorted(self._by_name)}): set it to one of them"
             )
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[QueueContract]:
         return iter(self.queues)
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.queues)
 
     def names(self) -> list[str]:
@@ -244,13 +244,49 @@ def check_env(env: str) -> str:
     return env
 
 
+# --- Names: the one mapping between catalog names and AWS resource names ----------------------
+
+def resource_name(env: str, *parts: str) -> str:
+    """`<app>-<env>[-<part>...]`: the name of every stack, queue, service, alarm and secret."""
+    return "-".join((APP_NAME, check_env(env), *parts))
+
+
 def queue_prefix(env: str) -> str:
     """kombu's queue_name_prefix: Celery queue 'default' in prod is SQS queue 'pcelery-prod-default'."""
-    return f"{APP_NAME}-{check_env(env)}-"
+    return resource_name(env) + "-"
+
+
+DLQ_SUFFIX = "-dlq"
 
 
 def sqs_queue_name(env: str, queue: str, *, dlq: bool = False) -> str:
-    return f"{queue_prefix(env)}{queue}" + ("-dlq" if dlq else "")
+    return f"{queue_prefix(env)}{queue}" + (DLQ_SUFFIX if dlq else "")
+
+
+@dataclass(frozen=True)
+class QueueName:
+    """What an SQS queue name (or URL) says about itself: see `parse_queue_name`."""
+
+    env: str | None  # None when the name carries no environment prefix
+    queue: str  # the catalog (Celery) queue name
+    dlq: bool
+
+
+def parse_queue_name(name: str, *, catalog: Catalog | None = None) -> QueueName | None:
+    """The inverse of `sqs_queue_name`, for an SQS name, a queue URL or a bare catalog name
+    (`default`, `default-dlq`): "pcelery-prod-long-dlq" -> QueueName("prod", "long", dlq=True).
+    With a catalog, a name whose queue is not in it gives None; without one, any name parses."""
+    name = name.rstrip("/").rsplit("/", 1)[-1]
+    env = None
+    for candidate in ENVIRONMENTS:
+        prefix = queue_prefix(candidate)
+        if name.startswith(prefix):
+            env, name = candidate, name[len(prefix):]
+            break
+    queue, dlq = (name[: -len(DLQ_SUFFIX)], True) if name.endswith(DLQ_SUFFIX) else (name, False)
+    if not queue or (catalog is not None and queue not in catalog.names()):
+        return None
+    return QueueName(env, queue, dlq)
 
 
 # The default catalog. Two contracts, so multi-queue paths (routing, per-queue workers,
@@ -291,26 +327,6 @@ CATALOG = Catalog(
 )
 
 
-def _fast(q: QueueContract, **timings) -> QueueContract:
-    from dataclasses import replace
-
-    return replace(q, **timings)
-
-
-# The same queues with timings shrunk so the local demo and the integration tests see
-# redeliveries, dead-lettering and heartbeats within seconds instead of minutes. Only the
-# numbers differ; the code paths that turn a contract into SQS attributes are the same.
-DEMO_CATALOG = Catalog(
-    queues=(
-        _fast(CATALOG.get("default"), visibility_timeout=8, soft_time_limit=4, hard_time_limit=5,
-              max_countdown=5, max_receive_count=3, concurrency=2, visibility_margin=2),
-        _fast(CATALOG.get("long"), visibility_timeout=6, soft_time_limit=50, hard_time_limit=60,
-              max_countdown=4, max_receive_count=2, concurrency=2, visibility_margin=2),
-    ),
-    default_queue="default",
-)
-
-
 def load_catalog(spec: str | None = None) -> Catalog:
     """The catalog named by ``module:attribute`` (the PCELERY_CATALOG setting), else CATALOG.
 
@@ -319,11 +335,9 @@ def load_catalog(spec: str | None = None) -> Catalog:
     """
     if not spec:
         return CATALOG
-    import importlib
-
     module_name, _, attr = spec.partition(":")
     if not attr or not module_name:
-        raise CatalogError(f"catalog spec {spec!r} must look like 'module:ATTRIBUTE', e.g. 'catalog:DEMO_CATALOG'")
+        raise CatalogError(f"catalog spec {spec!r} must look like 'module:ATTRIBUTE', e.g. 'myproject.queues:CATALOG'")
     try:
         found = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:

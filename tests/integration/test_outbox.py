@@ -1,5 +1,5 @@
-"""The wire format, the submit API, the publisher and the relay against a real moto server and
-both databases."""
+"""The submit API, the publisher and the relay against a real moto server and both databases.
+(The wire format's and the submit validation's unit tests are in tests/unit.)"""
 
 from __future__ import annotations
 
@@ -13,16 +13,20 @@ import subprocess
 import sys
 import threading
 import uuid
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
-from app import store
-from app.local import create_queues, free_port, local_environ, sqs_client
-from app.messages import decode_body, encode_body
-from app.outbox import Outbox, Publisher, SubmitError, emf_line, relay_pass
-from app.settings import REPO_ROOT
-from catalog import DEMO_CATALOG, queue_prefix, sqs_queue_name
+from conftest import run_console_script
+
+from devstack import DEMO_CATALOG
+from devstack.stack import create_queues, free_port, local_environ, sqs_client
+from pcelery import schema, store
+from pcelery.catalog import queue_prefix, sqs_queue_name
+from pcelery.messages import decode_body, encode_body
+from pcelery.outbox import Outbox, Publisher, SubmitError
+from pcelery.relay import relay_pass
 
 # --- fixtures and helpers -------------------------------------------------------------------
 
@@ -48,22 +52,12 @@ def queues(sqs):
 
 
 @pytest.fixture
-def engine(db_url):
-    eng = store.make_engine(db_url)
-    store.migrate(eng)
-    with eng.begin() as conn:
-        conn.execute(store.tasks.delete())
-    yield eng
-    eng.dispose()
-
-
-@pytest.fixture
-def outbox(engine, sqs_endpoint, queues):
-    return Outbox(engine, DEMO_CATALOG, "local", endpoint_url=sqs_endpoint)
+def outbox(engine, sqs, queues):
+    return Outbox(engine, DEMO_CATALOG, "local", sqs[0])
 
 
 def closed_port_outbox(engine) -> Outbox:
-    return Outbox(engine, DEMO_CATALOG, "local", endpoint_url=f"http://127.0.0.1:{free_port()}")
+    return Outbox(engine, DEMO_CATALOG, "local", sqs_client(f"http://127.0.0.1:{free_port()}"))
 
 
 def take_messages(sqs, url: str, expected: int, *, deadline_polls: int = 30) -> list:
@@ -84,69 +78,15 @@ def take_messages(sqs, url: str, expected: int, *, deadline_polls: int = 30) -> 
 
 
 def pending_ids(engine) -> list[str]:
-    return [r["id"] for r in store.list_tasks(engine, state="pending", limit=1000)]
+    return [r.id for r in store.list_tasks(engine, state="pending", limit=1000)]
 
 
 def run_relay(sqs_endpoint, db_url, *args, extra_env=None, timeout=60):
-    env = {**os.environ, **local_environ(sqs_endpoint, db_url), **(extra_env or {})}
-    return subprocess.run([sys.executable, "-m", "app.outbox", "relay", *args], cwd=REPO_ROOT, env=env, check=False,
-                          capture_output=True, text=True, timeout=timeout)
+    return run_console_script("pcelery-relay", *args, env={**local_environ(sqs_endpoint, db_url), **(extra_env or {})},
+                              timeout=timeout)
 
 
-# --- the wire format ------------------------------------------------------------------------
-
-def test_body_round_trips():
-    body = encode_body("task-1", "demo.add", queue="long")
-    decoded = decode_body(body)
-    assert (decoded.task, decoded.task_id, decoded.args, decoded.kwargs) == ("demo.add", "task-1", [], {})
-    assert decoded.queue == "long" and decoded.content_type == "application/json"
-    assert decoded.headers["root_id"] == "task-1" and decoded.headers["eta"] is None
-
-
-def test_sqs_queue_name_becomes_the_celery_routing_key():
-    # kombu acks through predefined_queues[prefix + routing_key]: a prefixed key would break acks.
-    by_sqs_name = decode_body(encode_body("t", "demo.add", queue_sqs_name=sqs_queue_name("prod", "long")))
-    assert by_sqs_name.queue == "long"
-
-
-def test_kombu_sqs_channel_and_celery_request_accept_our_body():
-    """What a worker does with a received SQS message, without the network: kombu's SQS channel
-    turns it into a payload, Celery's protocol-2 Request parses it."""
-    from celery import Celery
-    from celery.worker.request import Request
-    from kombu import Connection
-    from kombu.transport.virtual import Message
-
-    url = "http://127.0.0.1:1/123456789012/pcelery-local-default"
-    conn = Connection("sqs://local:local@127.0.0.1:1", transport_options={
-        "region": "us-east-1", "queue_name_prefix": queue_prefix("local"),
-        "predefined_queues": {sqs_queue_name("local", "default"): {
-            "url": url, "access_key_id": "local", "secret_access_key": "local"}},
-    })
-    try:
-        channel = conn.channel()
-        body = encode_body("task-42", "demo.add", queue="default")
-        payload = channel._message_to_python(
-            {"Body": body, "ReceiptHandle": "receipt-1", "MessageId": "m-1",
-             "Attributes": {"ApproximateReceiveCount": "1"}}, "default", url)
-        message = Message(payload, channel=channel)
-        assert message.content_type == "application/json"
-        assert message.delivery_tag == "receipt-1"
-        # The ack path: kombu finds the queue's client by prefix + routing key.
-        assert channel.canonical_queue_name(message.delivery_info["routing_key"]) in channel.predefined_queues
-
-        app = Celery("wire-check", set_as_current=False)
-
-        @app.task(name="demo.add")
-        def add():
-            pass
-
-        request = Request(message, app=app)
-        assert (request.id, request.name, request.args, request.kwargs, request.eta) == \
-            ("task-42", "demo.add", [], {}, None)
-    finally:
-        conn.release()
-
+# --- Celery's own producer ------------------------------------------------------------------
 
 def test_our_envelope_has_the_fields_celerys_own_producer_sends(sqs, queues, sqs_endpoint, monkeypatch):
     """Send one task with Celery's producer through kombu to moto and compare envelopes, so a
@@ -179,35 +119,6 @@ def test_our_envelope_has_the_fields_celerys_own_producer_sends(sqs, queues, sqs
     assert (decoded.task, decoded.task_id, decoded.queue) == ("demo.add", "celery-sent", "default")
 
 
-@pytest.mark.parametrize("garbage", [
-    "", "hello", "not base64 at all!", base64.b64encode(b"[1, 2]").decode(), base64.b64encode(b"\xff\xfe").decode(),
-    json.dumps({"headers": {"task": "x"}}), json.dumps({"body": "e30=", "headers": "nope"}), b"\xff\xfe", None,
-])
-def test_decode_body_returns_none_for_anything_but_a_celery_message(garbage):
-    assert decode_body(garbage) is None
-
-
-@pytest.mark.parametrize("inner", [
-    base64.b64encode(b"[[1, 2], {").decode(),  # cut-off JSON
-    base64.b64encode(b'{"args": [1]}').decode(),  # JSON, but not [args, kwargs, embed]
-    base64.b64encode(b"\xff\xfe not utf-8").decode(),
-    "%%% not base64 %%%",
-])
-def test_decode_body_names_the_task_of_a_json_message_whose_inner_body_is_damaged(inner):
-    envelope = json.loads(base64.b64decode(encode_body("d-1", "demo.add", queue="long")))
-    envelope["body"] = inner
-    decoded = decode_body(base64.b64encode(json.dumps(envelope).encode()).decode())
-    assert (decoded.task, decoded.task_id, decoded.queue) == ("demo.add", "d-1", "long")
-    assert (decoded.args, decoded.kwargs, decoded.content_type) == (None, None, "application/json")
-
-
-def test_decode_body_keeps_headers_of_a_non_json_celery_message():
-    envelope = {"body": "gAN9cQAu", "content-type": "application/x-python-serialize", "headers":
-                {"task": "legacy.task", "id": "p-1"}, "properties": {"body_encoding": "base64"}}
-    decoded = decode_body(base64.b64encode(json.dumps(envelope).encode()).decode())
-    assert (decoded.task, decoded.task_id, decoded.args, decoded.kwargs) == ("legacy.task", "p-1", None, None)
-
-
 # --- submit ---------------------------------------------------------------------------------
 
 def test_commit_publishes_exactly_once_and_marks_the_row_queued(outbox, engine, sqs, queues):
@@ -218,8 +129,8 @@ def test_commit_publishes_exactly_once_and_marks_the_row_queued(outbox, engine, 
         early = sqs[0].receive_message(QueueUrl=queues["default"]["url"], WaitTimeSeconds=0)
         assert early.get("Messages", []) == []  # and nothing is on SQS before COMMIT
     row = store.get_task(engine, task_id)
-    assert row["state"] == "queued" and row["message_id"]
-    assert row["payload"] == {"args": [2, 3], "kwargs": {"scale": 10}}
+    assert row.state == "queued" and row.message_id
+    assert row.payload == {"args": [2, 3], "kwargs": {"scale": 10}}
     messages = take_messages(sqs, queues["default"]["url"], 1)
     assert [(m.task_id, m.task, m.args, m.kwargs) for m in messages] == [(task_id, "demo.add", [], {})]
 
@@ -232,13 +143,6 @@ def test_rollback_publishes_nothing(outbox, engine, sqs, queues):
     assert take_messages(sqs, queues["default"]["url"], 0, deadline_polls=2) == []
 
 
-def test_submit_on_a_plain_connection_is_refused(outbox, engine):
-    refused = pytest.raises(SubmitError, match=r"not a transaction of this outbox: open it with `with outbox.transaction\(\)")
-    with engine.begin() as conn, refused:
-        outbox.submit(conn, "demo.add")
-    assert store.count_by_state(engine)["pending"] == 0
-
-
 def test_transaction_on_the_callers_connection(outbox, engine, sqs, queues):
     with engine.connect() as conn:
         with outbox.transaction(conn) as same:
@@ -248,7 +152,7 @@ def test_transaction_on_the_callers_connection(outbox, engine, sqs, queues):
         with pytest.raises(SubmitError, match="already in a transaction"), outbox.transaction(conn):
             pass
         conn.rollback()
-    assert store.get_task(engine, task_id)["state"] == "queued"
+    assert store.get_task(engine, task_id).state == "queued"
     assert [m.task_id for m in take_messages(sqs, queues["default"]["url"], 1)] == [task_id]
 
 
@@ -266,7 +170,7 @@ def test_bulk_submit_inserts_once_and_publishes_in_batches_of_ten(outbox, engine
     messages = take_messages(sqs, queues["default"]["url"], 25)
     assert sorted(m.task_id for m in messages) == sorted(ids)
     assert {m.task for m in messages} == {"demo.add"}
-    assert store.get_task(engine, ids[7])["payload"] == {"args": [7], "kwargs": {"n": 7}}
+    assert store.get_task(engine, ids[7]).payload == {"args": [7], "kwargs": {"n": 7}}
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # SQS behaviour, not the DB
@@ -274,7 +178,7 @@ def test_queue_and_countdown_reach_sqs(outbox, engine, sqs, queues):
     client, _ = sqs
     with outbox.transaction() as conn:
         task_id = outbox.submit(conn, "demo.report", queue="long", countdown=2.2)
-    assert store.get_task(engine, task_id)["delay_seconds"] == 3  # whole seconds, rounded up
+    assert store.get_task(engine, task_id).delay_seconds == 3  # whole seconds, rounded up
     first = client.receive_message(QueueUrl=queues["long"]["url"], WaitTimeSeconds=0)
     assert first.get("Messages", []) == []  # held by DelaySeconds, not by a Celery ETA
     messages = take_messages(sqs, queues["long"]["url"], 1)
@@ -283,7 +187,7 @@ def test_queue_and_countdown_reach_sqs(outbox, engine, sqs, queues):
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_a_task_goes_to_the_queue_it_was_declared_for(engine, sqs_endpoint, sqs, queues):
-    ob = Outbox(engine, DEMO_CATALOG, "local", endpoint_url=sqs_endpoint, task_queues={"reports.build": "long"})
+    ob = Outbox(engine, DEMO_CATALOG, "local", sqs[0], task_queues={"reports.build": "long"})
     with ob.transaction() as conn:
         task_id = ob.submit(conn, "reports.build", 1)
         other = ob.submit(conn, "demo.add", 1)  # undeclared: the catalog's default queue
@@ -292,15 +196,6 @@ def test_a_task_goes_to_the_queue_it_was_declared_for(engine, sqs_endpoint, sqs,
     with pytest.raises(SubmitError, match="queue='default' but 'reports.build' is declared for queue 'long': "
                                           "drop queue= or pass queue='long'"), ob.transaction() as conn:
         ob.submit(conn, "reports.build", queue="default")
-
-
-def test_declarations_imported_by_the_process_are_honoured(tmp_path):
-    import app.demo_tasks  # noqa: F401 - declares demo.long for the long queue via @persistent_task
-
-    eng = store.make_engine(f"sqlite:///{tmp_path / 'd.sqlite3'}")
-    ob = closed_port_outbox(eng)
-    assert (ob.declared_queue("demo.long"), ob.declared_queue("unknown.task")) == ("long", None)
-    eng.dispose()
 
 
 def test_idempotent_task_id(outbox, engine, sqs, queues):
@@ -312,7 +207,7 @@ def test_idempotent_task_id(outbox, engine, sqs, queues):
     with conflict, outbox.transaction() as conn:
         outbox.submit(conn, "demo.add", 2, task_id="order-42")
     assert [m.task_id for m in take_messages(sqs, queues["default"]["url"], 1)] == ["order-42"]
-    assert store.get_task(engine, "order-42")["payload"]["args"] == [1]
+    assert store.get_task(engine, "order-42").payload["args"] == [1]
 
 
 def test_rows_of_a_rolled_back_savepoint_are_not_published(outbox, engine, sqs, queues):
@@ -328,53 +223,23 @@ def test_rows_of_a_rolled_back_savepoint_are_not_published(outbox, engine, sqs, 
     assert store.count_by_state(engine)["queued"] == 2
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda ob, c: ob.submit(c, ""), "task_name='' is empty or not a string"),
-    (lambda ob, c: ob.submit(c, "demo.add", queue="urgent"),
-     "queue='urgent' is not in the catalog: use one of ['default', 'long']"),
-    (lambda ob, c: ob.submit(c, "demo.add", countdown=-1), "countdown=-1 is negative: pass 0 or more seconds"),
-    (lambda ob, c: ob.submit(c, "demo.add", countdown=6),
-     "countdown=6 exceeds queue 'default''s max_countdown of 5 s"),
-    (lambda ob, c: ob.submit(c, "demo.add", countdown="soon"), "countdown='soon' is not a number of seconds"),
-    (lambda ob, c: ob.submit(c, "demo.add", 1, {"when": object()}),
-     "args[1]['when'] of 'demo.add' has type object, which JSON cannot hold"),
-    (lambda ob, c: ob.submit(c, "demo.add", at=__import__("datetime").datetime(2026, 1, 1)),
-     "kwargs['at'] of 'demo.add' has type datetime, which JSON cannot hold"),
-    (lambda ob, c: ob.submit(c, "demo.add", task_id="x" * 37), "must be a non-empty string of at most 36 characters"),
-    (lambda ob, c: ob.submit_many(c, [("demo.add", [1], {}), ("demo.add", [1])]),
-     "item 1 of submit_many is ('demo.add', [1]): each item must be (task_name, args, kwargs)"),
-    (lambda ob, c: ob.submit_many(c, [("demo.add", [1], {}), ("demo.add", [{1, 2}], {})]),
-     "args[0] of 'demo.add' has type set"),
-])
-def test_validation_errors_name_the_argument_and_the_fix(tmp_path, call, message):
-    eng = store.make_engine(f"sqlite:///{tmp_path / 'v.sqlite3'}")
-    store.migrate(eng)
-    ob = closed_port_outbox(eng)
-    with ob.transaction() as conn, pytest.raises(SubmitError) as caught:
-        call(ob, conn)
-    assert message in str(caught.value)
-    assert isinstance(caught.value, ValueError)
-    assert sum(store.count_by_state(eng).values()) == 0  # nothing half-submitted
-    eng.dispose()
-
-
 # --- SQS trouble and the relay --------------------------------------------------------------
 
 def test_sqs_down_leaves_rows_pending_then_the_relay_publishes_them_once(engine, db_url, sqs_endpoint, sqs, queues):
     down = closed_port_outbox(engine)
     with down.transaction() as conn:
         task_id = down.submit(conn, "demo.add", 7)
-    assert store.get_task(engine, task_id)["state"] == "pending"
+    assert store.get_task(engine, task_id).state == "pending"
 
     young = run_relay(sqs_endpoint, db_url, "--once", extra_env={"PCELERY_RELAY_MIN_AGE": "3600"})
     assert young.returncode == 0, young.stderr
-    assert store.get_task(engine, task_id)["state"] == "pending"  # younger than min-age: left alone
+    assert store.get_task(engine, task_id).state == "pending"  # younger than min-age: left alone
 
     first = run_relay(sqs_endpoint, db_url, "--once", "--min-age", "0")
     assert first.returncode == 0, first.stderr
     assert "published 1 pending task(s)" in first.stderr
     row = store.get_task(engine, task_id)
-    assert row["state"] == "queued" and row["message_id"]
+    assert row.state == "queued" and row.message_id
     metrics = json.loads(first.stdout.strip().splitlines()[-1])
     assert (metrics["OutboxPendingCount"], metrics["OutboxPublished"], metrics["Environment"]) == (0, 1, "local")
 
@@ -388,12 +253,12 @@ def test_relays_running_together_publish_each_row_exactly_once(engine, db_url, s
     with engine.begin() as conn:
         store.insert_tasks(conn, [store.task_row(task_id=str(uuid.uuid4()), task_name="demo.add", queue="default",
                                                  args=[i], kwargs={}) for i in range(120)])
-    engines = [store.make_engine(db_url) for _ in range(3)]
+    engines = [schema.make_engine(db_url) for _ in range(3)]
     start = threading.Barrier(len(engines))
     counts = [0] * len(engines)
 
     def relay(i):
-        publisher = Publisher(DEMO_CATALOG, "local", endpoint_url=sqs_endpoint)
+        publisher = Publisher(DEMO_CATALOG, "local", sqs_client(sqs_endpoint))
         publisher.queue_url("default")  # resolve first so the passes really overlap
         start.wait(timeout=30)
         counts[i] = relay_pass(engines[i], publisher, min_age=0)
@@ -419,15 +284,15 @@ def test_entries_sqs_refuses_stay_pending_and_do_not_stall_the_pass(engine, sqs_
         rows.append(store.task_row(task_id="bad-delay", task_name="demo.add", queue="default", args=[], kwargs={},
                                    delay_seconds=1000))
         store.insert_tasks(conn, rows)
-    published = relay_pass(engine, Publisher(DEMO_CATALOG, "local", endpoint_url=sqs_endpoint), min_age=0)
+    published = relay_pass(engine, Publisher(DEMO_CATALOG, "local", sqs_client(sqs_endpoint)), min_age=0)
     assert published == 12
     assert pending_ids(engine) == ["bad-delay"]
     assert len(take_messages(sqs, queues["default"]["url"], 12)) == 12
 
 
 def test_a_queue_missing_in_sqs_leaves_its_rows_pending(engine, sqs_endpoint, caplog):
-    unmade = Outbox(engine, DEMO_CATALOG, "dev", endpoint_url=sqs_endpoint)  # no dev queues exist
-    with caplog.at_level(logging.WARNING, logger="app.outbox"), unmade.transaction() as conn:
+    unmade = Outbox(engine, DEMO_CATALOG, "dev", sqs_client(sqs_endpoint))  # no dev queues exist
+    with caplog.at_level(logging.WARNING, logger="pcelery.outbox"), unmade.transaction() as conn:
         task_id = unmade.submit(conn, "demo.add")
     assert pending_ids(engine) == [task_id]
     assert "SQS refused publishing to queue 'default'" in caplog.text
@@ -445,28 +310,16 @@ def test_publish_ids_sends_replayed_rows_now(outbox, engine, sqs, queues):
     assert store.reset_for_replay(engine, [task_id, "no-such-task"]) == [task_id]
     sent = outbox.publish_ids([task_id, "no-such-task"])
     assert list(sent) == [task_id]
-    assert store.get_task(engine, task_id)["state"] == "queued"
+    assert store.get_task(engine, task_id).state == "queued"
     assert [m.task_id for m in take_messages(sqs, queues["default"]["url"], 1)] == [task_id]
-
-
-def test_emf_line_carries_the_alarmed_metric_names():
-    record = json.loads(emf_line("prod", {"count": 3, "oldest_age_seconds": 42.12345}, published=7, now=1_700_000_000))
-    directive = record["_aws"]["CloudWatchMetrics"][0]
-    assert record["_aws"]["Timestamp"] == 1_700_000_000_000
-    assert directive["Namespace"] == "PersistentCelery"
-    assert directive["Dimensions"] == [["Environment"]]
-    assert {(m["Name"], m["Unit"]) for m in directive["Metrics"]} == {
-        ("OutboxPendingCount", "Count"), ("OutboxOldestPendingAgeSeconds", "Seconds")}
-    assert (record["Environment"], record["OutboxPendingCount"], record["OutboxOldestPendingAgeSeconds"]) == \
-        ("prod", 3, 42.123)
 
 
 def test_relay_loop_reports_each_pass_and_exits_0_on_sigterm(tmp_path, sqs_endpoint, queues):
     db_url = f"sqlite:///{tmp_path / 'relay.sqlite3'}"
-    store.migrate(store.make_engine(db_url))
+    schema.migrate(schema.make_engine(db_url))
     env = {**os.environ, **local_environ(sqs_endpoint, db_url)}
-    proc = subprocess.Popen([sys.executable, "-m", "app.outbox", "relay", "--interval", "60", "--min-age", "0"],
-                            cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "pcelery-relay"), "--interval", "60", "--min-age", "0"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
         ready, _, _ = select.select([proc.stdout], [], [], 60)
@@ -486,4 +339,4 @@ def test_relay_rejects_a_malformed_min_age_setting(tmp_path, sqs_endpoint):
     done = run_relay(sqs_endpoint, f"sqlite:///{tmp_path / 'x.sqlite3'}", "--once",
                      extra_env={"PCELERY_RELAY_MIN_AGE": "half a minute"})
     assert done.returncode == 2
-    assert "error: PCELERY_RELAY_MIN_AGE='half a minute' is not a number of seconds" in done.stderr
+    assert "pcelery-relay: error: PCELERY_RELAY_MIN_AGE='half a minute' is not a number of seconds" in done.stderr

@@ -1,4 +1,5 @@
-"""Demo tasks: one per behaviour the demo and the integration tests show.
+"""Demo tasks (PCELERY_TASK_MODULES=devstack.tasks): one per behaviour the demo and the
+integration tests show.
 
 Every visible effect goes into `pcelery_demo_effects` (created by `migrate`), so "the effect
 happened exactly once" is a row count, and each row says which attempt and which SQS receive
@@ -12,7 +13,7 @@ import time
 
 import sqlalchemy as sa
 
-from app.worker import current_run, persistent_task
+from pcelery.worker import current_run, persistent_task
 
 metadata = sa.MetaData()
 

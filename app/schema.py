@@ -1,0 +1,265 @@
+"""The claim-check database: how to connect to it, its tables, and their migrations.
+
+SQLAlchemy Core 2.x serves Postgres (psycopg 3, production) and SQLite (the embedded default) from
+one code path. pcelery.store holds every statement on these tables; this module holds what they
+are and how a database gets to the current version (`pcelery-migrate`).
+
+Times are taken from the Python clock in UTC and read back timezone-aware on both databases.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+
+SQLITE_BUSY_SECONDS = 30  # worker pool processes, relay and ops share one SQLite file
+POSTGRES_CONNECT_TIMEOUT = 10  # a down RDS fails a start-up quickly instead of hanging
+UTC = dt.UTC
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(UTC)
+
+
+class UTCDateTime(sa.TypeDecorator):
+    """Timezone-aware UTC datetimes on both databases. SQLite has no time zones: values are stored
+    as naive UTC and given their zone back on read."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: sa.Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: dt.datetime | None, dialect: sa.Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+# --- Engine ---------------------------------------------------------------------------------
+
+# Execution option for read-only work on SQLite: a deferred BEGIN, so reads never queue
+# behind writers for the write lock.
+SQLITE_READ_ONLY = "pcelery_read_only"
+
+
+def make_engine(url: str, **engine_kwargs: Any) -> sa.Engine:
+    """Engine for a SQLAlchemy URL. SQLite gets WAL and a busy timeout so a worker's pool
+    processes and the relay can share the file; Postgres gets pool_pre_ping (RDS failover)."""
+    parsed = sa.make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(parsed, connect_args={"timeout": SQLITE_BUSY_SECONDS}, **engine_kwargs)
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
+            # pysqlite's own implicit BEGIN is deferred; a deferred transaction that reads and then
+            # writes can fail with "database is locked" without waiting. We issue BEGIN ourselves.
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_SECONDS * 1000}")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn: sa.Connection) -> None:
+            # IMMEDIATE takes the write lock up front, so two processes cannot both decide they
+            # won a claim; the busy timeout makes the loser wait instead of failing.
+            read_only = conn.get_execution_options().get(SQLITE_READ_ONLY)
+            conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+        return engine
+    if parsed.get_backend_name() == "postgresql":
+        connect_args = {} if "connect_timeout" in parsed.query else {"connect_timeout": POSTGRES_CONNECT_TIMEOUT}
+        return sa.create_engine(parsed, pool_pre_ping=True, connect_args=connect_args, **engine_kwargs)
+    return sa.create_engine(parsed, pool_pre_ping=True, **engine_kwargs)
+
+
+@contextlib.contextmanager
+def begin(target: sa.Engine | sa.Connection, *, read_only: bool = False) -> Iterator[sa.Connection]:
+    """A transaction on an engine, or the caller's own connection (whose transaction it joins)."""
+    if isinstance(target, sa.Connection):
+        yield target
+        return
+    if read_only:
+        with target.connect() as conn:
+            conn = conn.execution_options(**{SQLITE_READ_ONLY: True})
+            with conn.begin():
+                yield conn
+        return
+    with target.begin() as conn:
+        yield conn
+
+
+# --- Tables ---------------------------------------------------------------------------------
+
+metadata = sa.MetaData()
+
+tasks = sa.Table(
+    "pcelery_tasks",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),  # also the Celery task id on the wire
+    sa.Column("task_name", sa.String(200), nullable=False),
+    sa.Column("queue", sa.String(80), nullable=False),  # catalog queue name
+    sa.Column("payload", sa.Text, nullable=False),  # JSON: {"args": [...], "kwargs": {...}}
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("delay_seconds", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("lease_until", UTCDateTime),
+    sa.Column("worker", sa.String(200)),  # hostname/pid of the claiming worker process
+    sa.Column("result", sa.Text),  # JSON
+    sa.Column("error", sa.Text),  # last error: "ExcType: message"
+    sa.Column("message_id", sa.String(100)),  # last SQS MessageId it was published as
+    # The SQS MessageId of the delivery that holds the running claim: a second message for a
+    # running task (a duplicate publish, a redrive) can then be told apart from SQS handing the
+    # running message itself out again. Like lease_until it describes the live claim only and is
+    # cleared when the row leaves `running`: during a rolling deploy, v1 code's claims (which do
+    # not set it) then read as "unknown" rather than as an earlier run's message (v2).
+    sa.Column("claimed_message_id", sa.String(100)),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),  # for `pending` rows: pending since
+    sa.Column("queued_at", UTCDateTime),
+    sa.Column("started_at", UTCDateTime),
+    sa.Column("finished_at", UTCDateTime),
+    sa.Index("ix_pcelery_tasks_state_created", "state", "created_at"),
+    sa.Index("ix_pcelery_tasks_name_state", "task_name", "state"),
+)
+
+# One row per applied migration step, so an upgrade is "apply the steps above the highest row".
+schema_versions = sa.Table(
+    "pcelery_schema_version",
+    metadata,
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("description", sa.String(200), nullable=False),
+    sa.Column("applied_at", UTCDateTime, nullable=False),
+)
+
+
+# --- Migrations -----------------------------------------------------------------------------
+
+def _create_tasks_v1(conn: sa.Connection) -> None:
+    # The table as version 1 shipped it, spelled out rather than taken from `tasks` (which always
+    # describes the newest schema): a fresh database then climbs the same steps as an old one.
+    v1 = sa.Table(
+        tasks.name, sa.MetaData(),
+        sa.Column("id", sa.String(36), primary_key=True),
+        sa.Column("task_name", sa.String(200), nullable=False),
+        sa.Column("queue", sa.String(80), nullable=False),
+        sa.Column("payload", sa.Text, nullable=False),
+        sa.Column("state", sa.String(16), nullable=False),
+        sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+        sa.Column("delay_seconds", sa.Integer, nullable=False, server_default="0"),
+        sa.Column("lease_until", UTCDateTime),
+        sa.Column("worker", sa.String(200)),
+        sa.Column("result", sa.Text),
+        sa.Column("error", sa.Text),
+        sa.Column("message_id", sa.String(100)),
+        sa.Column("created_at", UTCDateTime, nullable=False),
+        sa.Column("updated_at", UTCDateTime, nullable=False),
+        sa.Column("queued_at", UTCDateTime),
+        sa.Column("started_at", UTCDateTime),
+        sa.Column("finished_at", UTCDateTime),
+        sa.Index("ix_pcelery_tasks_state_created", "state", "created_at"),
+        sa.Index("ix_pcelery_tasks_name_state", "task_name", "state"),
+    )
+    v1.create(conn, checkfirst=True)
+
+
+def _add_claimed_message_id(conn: sa.Connection) -> None:
+    # A nullable column without a default: instant on Postgres (no table rewrite) and on SQLite.
+    conn.execute(sa.text(f"ALTER TABLE {tasks.name} ADD COLUMN claimed_message_id VARCHAR(100)"))
+
+
+MIGRATIONS: list[tuple[int, str, Callable[[sa.Connection], None]]] = [
+    (1, "create table pcelery_tasks with its state indexes", _create_tasks_v1),
+    (2, "add pcelery_tasks.claimed_message_id (the SQS message a claim was made for)", _add_claimed_message_id),
+]
+LATEST_SCHEMA_VERSION = MIGRATIONS[-1][0]
+_PG_MIGRATION_LOCK = 0x70636C72  # "pclr": serializes concurrent `migrate` runs (two tasks starting)
+
+
+def migrate(engine: sa.Engine, *, up_to: int | None = None) -> list[str]:
+    """Create or upgrade the schema; idempotent. Returns the steps applied (empty when current).
+    up_to: stop after that version (tests build an old database with it)."""
+    applied = []
+    with engine.begin() as conn:  # DDL is transactional on both databases: all steps or none
+        if conn.dialect.name == "postgresql":
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK})
+        schema_versions.create(conn, checkfirst=True)
+        current = conn.execute(sa.select(sa.func.max(schema_versions.c.version))).scalar() or 0
+        for version, description, step in MIGRATIONS:
+            if version <= current or (up_to is not None and version > up_to):
+                continue
+            step(conn)
+            conn.execute(schema_versions.insert().values(version=version, description=description,
+                                                         applied_at=utcnow()))
+            applied.append(f"{version}: {description}")
+    return applied
+
+
+def schema_version(engine: sa.Engine) -> int:
+    """Highest applied migration (0 for an empty database); entry points compare it with
+    LATEST_SCHEMA_VERSION to refuse running against an old schema."""
+    with begin(engine, read_only=True) as conn:
+        if not sa.inspect(conn).has_table(schema_versions.name):
+            return 0
+        return conn.execute(sa.select(sa.func.max(schema_versions.c.version))).scalar() or 0
+
+
+def unreachable_reason(exc: BaseException) -> str:
+    """The first line of a driver error, for one-line messages."""
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# --- CLI: pcelery-migrate -------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    """`pcelery-migrate`: exit 0 migrated or current, 2 bad settings or database unreachable."""
+    parser = argparse.ArgumentParser(
+        prog="pcelery-migrate",
+        description="Create or upgrade the claim-check store's schema (idempotent, safe to run concurrently). "
+                    "Reads DATABASE_URL, or DB_HOST/DB_PORT/DB_NAME/DB_USER/DB_PASSWORD.",
+        epilog="exit codes: 0 migrated or already current; 2 bad settings or the database is unreachable")
+    parser.parse_args(argv)
+
+    from pcelery.settings import Settings, SettingsError
+
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"pcelery-migrate: error: {exc}", file=sys.stderr)
+        return 2
+    engine = make_engine(settings.database_url)
+    where = engine.url.render_as_string(hide_password=True)
+    try:
+        steps = migrate(engine)
+        for step in steps:
+            print(f"applied {step}", file=sys.stderr)
+        if not steps:
+            print(f"schema is current (version {LATEST_SCHEMA_VERSION}) on {where}", file=sys.stderr)
+    except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+        print(f"pcelery-migrate: error: cannot reach the database at {where}: {unreachable_reason(exc)}; check "
+              "DATABASE_URL (or DB_HOST...) and that the server is up", file=sys.stderr)
+        return 2
+    finally:
+        engine.dispose()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
