@@ -110,7 +110,8 @@ class PersistentRequest(Request):
         if not child:
             return
         info = self.message.delivery_info or {}
-        receive_count = int(((info.get("sqs_message") or {}).get("Attributes") or {}).get("ApproximateReceiveCount") or 0)
+        attributes = (info.get("sqs_message") or {}).get("Attributes") or {}
+        receive_count = int(attributes.get("ApproximateReceiveCount") or 0)
         contract = contract_of(info.get("sqs_queue"), info.get("routing_key"), self.task.queue)
         try:
             store.finish_failure(
@@ -154,7 +155,8 @@ class PersistentConsumer(Consumer):
         request = Bunch(name=name, chord=None, root_id=headers.get("root_id"), errbacks=None,
                         correlation_id=message.properties.get("correlation_id"),
                         reply_to=message.properties.get("reply_to"))
-        self.app.backend.mark_as_failure(task_id, NotRegistered(name), request=request)  # an AsyncResult waiter learns why
+        # An AsyncResult waiter learns why instead of waiting forever.
+        self.app.backend.mark_as_failure(task_id, NotRegistered(name), request=request)
         signals.task_unknown.send(sender=self, message=message, exc=exc, name=name, id=task_id)
 
 

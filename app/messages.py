@@ -138,8 +138,10 @@ def decode_body(body: str | bytes) -> DecodedMessage | None:
         headers = envelope.get("headers")
         if not isinstance(headers, dict) or not headers.get("task") or not headers.get("id"):
             return None
-        properties = envelope.get("properties") if isinstance(envelope.get("properties"), dict) else {}
-        delivery_info = properties.get("delivery_info") if isinstance(properties.get("delivery_info"), dict) else {}
+        raw_properties = envelope.get("properties")
+        properties: dict[str, Any] = raw_properties if isinstance(raw_properties, dict) else {}
+        raw_info = properties.get("delivery_info")
+        delivery_info: dict[str, Any] = raw_info if isinstance(raw_info, dict) else {}
         content_type = envelope.get("content-type")
         args, kwargs = _task_arguments(envelope, properties) if content_type == CONTENT_TYPE else (None, None)
         return DecodedMessage(
@@ -155,7 +157,8 @@ def decode_body(body: str | bytes) -> DecodedMessage | None:
         return None
 
 
-def _task_arguments(envelope: dict[str, Any], properties: dict[str, Any]) -> tuple[list[Any] | None, dict[str, Any] | None]:
+def _task_arguments(envelope: dict[str, Any],
+                    properties: dict[str, Any]) -> tuple[list[Any] | None, dict[str, Any] | None]:
     """(args, kwargs) from a JSON envelope's inner body, or (None, None) when it is not what it
     claims to be."""
     inner = envelope.get("body")

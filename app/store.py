@@ -24,6 +24,7 @@ first commits; SQLite transactions start with BEGIN IMMEDIATE, one writer at a t
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 from collections.abc import Iterable, Sequence
@@ -103,11 +104,11 @@ class TaskRow:
         values = dict(row._mapping)
         for key in ("payload", "result"):
             if values.get(key) is not None:
-                try:
+                # A value that does not decode is shown raw: ops must still be able to look at it.
+                with contextlib.suppress(TypeError, ValueError):
                     values[key] = json.loads(values[key])
-                except (TypeError, ValueError):
-                    pass  # shown raw: ops must still be able to look at a damaged row
-        return cls(**{f.name: values.get(f.name) for f in fields(cls)})
+        known: dict[str, Any] = {f.name: values.get(f.name) for f in fields(cls)}
+        return cls(**known)
 
     def as_json(self) -> dict[str, Any]:
         """JSON-ready data: datetimes as ISO 8601 with a Z."""
@@ -381,7 +382,8 @@ def get_tasks(engine: sa.Engine, task_ids: Sequence[str]) -> dict[str, TaskRow]:
     found: dict[str, TaskRow] = {}
     with begin(engine, read_only=True) as conn:
         for chunk in _chunks(list(dict.fromkeys(task_ids))):
-            found.update((r.id, TaskRow.from_db(r)) for r in conn.execute(sa.select(tasks).where(tasks.c.id.in_(chunk))))
+            rows = conn.execute(sa.select(tasks).where(tasks.c.id.in_(chunk)))
+            found.update((r.id, TaskRow.from_db(r)) for r in rows)
     return found
 
 

@@ -368,13 +368,14 @@ class PersistentTask(Task):
         return contract.heartbeat or own_limit + contract.visibility_margin > contract.visibility_timeout
 
     def _run_claimed(self, db: sa.Engine, task_id: str, worker: str, claim: store.Claim) -> Any:
+        args, kwargs = claim.args or [], claim.kwargs or {}
         if self.transactional:
             # The transaction begins at the task's first statement (SQLAlchemy's autobegin), not
             # before it runs: on SQLite a transaction holds the database's write lock, which a
             # task that first computes for a while must not keep from every other claim.
             with db.connect() as conn:
                 try:
-                    result = self.run(*claim.args, db=conn, **claim.kwargs)
+                    result = self.run(*args, db=conn, **kwargs)
                     if not store.finish_success(conn, task_id, worker=worker, result=result):
                         raise _LostOwnership()
                     conn.commit()
@@ -382,7 +383,7 @@ class PersistentTask(Task):
                     conn.rollback()
                     raise
             return result
-        result = self.run(*claim.args, **claim.kwargs)
+        result = self.run(*args, **kwargs)
         with db.begin() as conn:
             if not store.finish_success(conn, task_id, worker=worker, result=result):
                 # The effect already happened (not transactional); the owner records its own verdict.

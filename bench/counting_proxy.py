@@ -132,7 +132,8 @@ class FrontendCounter:
             kind, body = bytes(self.buffer[:1]), bytes(self.buffer[5:total])
             del self.buffer[:total]
             if kind == b"Q":  # psycopg sends BEGIN/COMMIT/ROLLBACK this way: they name the transactions
-                verb = body.split(None, 1)[0].rstrip(b";\0").upper().decode(errors="replace") if body.strip(b"\0 ") else ""
+                verb = (body.split(None, 1)[0].rstrip(b";\0").upper().decode(errors="replace")
+                        if body.strip(b"\0 ") else "")
                 if verb in ("BEGIN", "COMMIT", "ROLLBACK"):
                     name = f"pg {verb}"
                 else:  # an empty statement is SQLAlchemy's pool_pre_ping (";" in autocommit)

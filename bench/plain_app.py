@@ -37,7 +37,8 @@ def make_app(queue_url: str, broker_url: str = "sqs://") -> Celery:
             "region": os.environ.get("AWS_REGION", "us-east-1"),
             # The product's values (app/celeryconfig.py) for the real catalog.
             "wait_time_seconds": min(LONG_POLL_SECONDS, *(q.visibility_timeout for q in CATALOG)),
-            # The product's 0.05 s (app/celeryconfig.py) unless BENCH_PLAIN_POLLING_INTERVAL says otherwise (an experiment:
+            # The product's 0.05 s (app/celeryconfig.py) unless BENCH_PLAIN_POLLING_INTERVAL says
+            # otherwise (an experiment:
             # how much of a worker's rate under a backlog this one setting decides).
             "polling_interval": float(os.environ.get("BENCH_PLAIN_POLLING_INTERVAL", "0.05")),
         },

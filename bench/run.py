@@ -53,7 +53,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # `python bench/run.py` as well as `python -m bench.run`
     sys.path.insert(0, str(REPO_ROOT))
 
-from devstack.stack import (
+from devstack.stack import (  # noqa: E402 - after the sys.path line above
     LOCAL_CREDENTIALS,
     LOCAL_REGION,
     create_queues,
@@ -64,7 +64,7 @@ from devstack.stack import (
     start_worker,
     stop_process_group,
 )
-from pcelery.catalog import CATALOG, sqs_queue_name
+from pcelery.catalog import CATALOG, sqs_queue_name  # noqa: E402
 
 ENV = "local"
 QUEUE = CATALOG.default_queue
@@ -112,7 +112,7 @@ class OutboxSubmitter:
     """The product's submit API: rows in the caller's transaction, ids sent to SQS after COMMIT."""
 
     def __init__(self, endpoint: str, db_url: str):
-        from pcelery import schema, store
+        from pcelery import schema
         from pcelery.outbox import Outbox
 
         self.engine = schema.make_engine(db_url)
@@ -136,7 +136,7 @@ class OutboxSubmitter:
     def succeeded(self, ids: list[str]) -> int:
         import sqlalchemy as sa
 
-        from pcelery import schema, store
+        from pcelery import schema
 
         with self.engine.connect() as conn:
             n = 0
@@ -358,7 +358,7 @@ def latency(stack: Stack, rounds: int, singles_per_round: int, batch_size: int) 
     submitters = {case.name: submitter_for(stack, case, counted=False) for case in stack.cases}
     samples: dict[str, list[float]] = {}
     try:
-        for name, submitter in submitters.items():  # connections, queue URL lookup, statement caches
+        for submitter in submitters.values():  # connections, queue URL lookup, statement caches
             for _ in range(5):
                 submitter.single()
             if hasattr(submitter, "batch"):
@@ -434,7 +434,8 @@ def report(results: dict) -> str:
     p = results["parameters"]
     lines.append(f"parameters: N={p['tasks']} tasks per throughput run, {p['repeats_done']} of {p['repeats']} repeats, "
                  f"concurrency {p['concurrency']}, prefetch multiplier 1, plain polling_interval "
-                 f"{p['plain_polling_interval']} s (the product's: 0.05 s, app/celeryconfig.py), warm-up {WARM_UP_TASKS} tasks per worker start")
+                 f"{p['plain_polling_interval']} s (the product's: 0.05 s, app/celeryconfig.py), "
+                 f"warm-up {WARM_UP_TASKS} tasks per worker start")
     lines.append("")
     lines.append("### Throughput (median of repeats; each run: first submit to queue empty)")
     lines.append("")
@@ -504,7 +505,8 @@ def run(args) -> dict:
     started = time.monotonic()
     results: dict = {"machine": machine(), "throughput": {}, "backlog": {}, "counted": {}, "latency": {},
                      "parameters": {"tasks": args.tasks, "counted_tasks": args.counted_tasks, "backlog": args.backlog,
-                                    "plain_polling_interval": os.environ.get("BENCH_PLAIN_POLLING_INTERVAL", "0.05"), "repeats": args.repeats, "concurrency": args.concurrency}}
+                                    "plain_polling_interval": os.environ.get("BENCH_PLAIN_POLLING_INTERVAL", "0.05"),
+                                    "repeats": args.repeats, "concurrency": args.concurrency}}
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as exit_stack:
         stack = Stack(exit_stack, args.concurrency)
@@ -520,7 +522,7 @@ def run(args) -> dict:
 
         import psycopg
 
-        from pcelery import schema, store
+        from pcelery import schema
 
         db_name = f"pcelery_bench_{uuid.uuid4().hex[:10]}"
         with psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=10) as conn:
@@ -546,7 +548,8 @@ def run(args) -> dict:
             raise BenchError(f"the counting proxy did not start; see {LOG_DIR / 'proxy.log'}")
 
         user_host = admin.rsplit(":", 1)[0]  # the worker side reaches Postgres through its own proxy port
-        counted_pg = {side: f"postgresql+psycopg://{user_host}:{stack.proxy_ports['pg:' + side]}/{db_name}?sslmode=disable"
+        counted_pg = {side: f"postgresql+psycopg://{user_host}:{stack.proxy_ports['pg:' + side]}/{db_name}"
+                            "?sslmode=disable"
                       for side in ("submit", "worker")}
         sqlite_path = LOG_DIR / f"bench-{uuid.uuid4().hex[:8]}.sqlite3"
         exit_stack.callback(lambda: [p.unlink(missing_ok=True) for p in LOG_DIR.glob(f"{sqlite_path.name}*")])
@@ -583,7 +586,8 @@ def run(args) -> dict:
 
         for case in stack.cases:
             results["backlog"][case.label] = timing = backlog_drain(stack, case, args.backlog)
-            say(f"backlog {case.name}: {timing['tasks_per_s']:.1f} tasks/s ({args.backlog} tasks in {timing['drain_s']:.2f} s)")
+            say(f"backlog {case.name}: {timing['tasks_per_s']:.1f} tasks/s "
+                f"({args.backlog} tasks in {timing['drain_s']:.2f} s)")
 
         for case in stack.cases:
             timing, counts = throughput(stack, case, args.counted_tasks, counted=True)
@@ -612,7 +616,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=LOG_DIR / "results.json",
                         help="where the raw results go (default var/bench/results.json)")
     args = parser.parse_args(argv)
-    if min(args.tasks, args.counted_tasks, args.backlog, args.repeats, args.concurrency, args.latency_rounds, args.singles_per_round, args.batch) < 1:
+    if min(args.tasks, args.counted_tasks, args.backlog, args.repeats, args.concurrency, args.latency_rounds,
+           args.singles_per_round, args.batch) < 1:
         parser.error("every size must be at least 1")
 
     def on_sigterm(signum, _frame):

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pcelery.catalog import sqs_queue_name
+from pcelery.store import STATES
 
 from . import DEMO_CATALOG_SPEC
 from .stack import (
@@ -134,7 +135,7 @@ class Demo:
         return handle
 
     def stop(self) -> None:
-        for name, proc in reversed(self.processes):
+        for _name, proc in reversed(self.processes):
             stop_process_group(proc, timeout=15)
         if self.moto:
             self.moto.stop()
@@ -156,12 +157,19 @@ class Demo:
 
         return store.get_task(self.engine, task_id)
 
-    def wait_state(self, task_ids: list[str], states: set[str], timeout: float = DEADLINE) -> list[TaskRow]:
-        def done():
-            rows = [self.row(t) for t in task_ids]
-            return rows if all(r and r.state in states for r in rows) else None
+    def submitted(self, task_id: str) -> TaskRow:
+        """The row of a task this demo submitted (committed, so it exists)."""
+        row = self.row(task_id)
+        if row is None:
+            raise DemoAbort(f"the row of submitted task {task_id} is missing from the store")
+        return row
 
-        return self.wait(done, timeout) or [self.row(t) for t in task_ids]
+    def wait_state(self, task_ids: list[str], states: set[str], timeout: float = DEADLINE) -> list[TaskRow]:
+        def done() -> list[TaskRow] | None:
+            rows = [self.submitted(t) for t in task_ids]
+            return rows if all(r.state in states for r in rows) else None
+
+        return self.wait(done, timeout) or [self.submitted(t) for t in task_ids]
 
     def dlq_task_ids(self, queue: str) -> set[str]:
         """Task ids of the messages in a DLQ (peeked with a zero visibility timeout: left there)."""
@@ -210,16 +218,18 @@ class Demo:
                    == [11 * i for i in range(10)], "10 normal tasks succeeded with the right results",
                    f"states {[r.state for r in rows]}")
 
-        self.say(f"step 2: a flaky task that fails on its first attempt (redelivered after {default.visibility_timeout} s)")
+        self.say("step 2: a flaky task that fails on its first attempt "
+                 f"(redelivered after {default.visibility_timeout} s)")
         row = self.wait_state([flaky], {"succeeded"})[0]
         self.check(row.state == "succeeded" and row.attempts == 2,
                    "flaky task failed once, then succeeded on attempt 2",
                    f"state {row.state}, attempts {row.attempts}")
 
         self.say(f"step 3: an always-failing task and a poison message (expected in the DLQ after "
-                 f"{default.max_receive_count} receives, about {default.max_receive_count * default.visibility_timeout} s)")
+                 f"{default.max_receive_count} receives, "
+                 f"about {default.max_receive_count * default.visibility_timeout} s)")
         in_dlq = self.wait(lambda: {failing, poison} <= self.dlq_task_ids("default"), timeout=DEADLINE + 30)
-        row = self.row(failing)
+        row = self.submitted(failing)
         self.check(row.state == "dead" and row.attempts == default.max_receive_count and bool(in_dlq),
                    f"always-failing task ran {default.max_receive_count} times, is dead "
                    f"(\"{row.error}\") and its message is in the DLQ",
@@ -227,7 +237,8 @@ class Demo:
         self.check(bool(in_dlq) and self.row(poison) is None,
                    "poison message (an id with no row) is in the DLQ; the worker kept serving")
 
-        self.say(f"step 4: a {long_seconds} s task on queue 'long' (visibility timeout {long_queue.visibility_timeout} s, "
+        self.say(f"step 4: a {long_seconds} s task on queue 'long' "
+                 f"(visibility timeout {long_queue.visibility_timeout} s, "
                  f"heartbeat every {long_queue.heartbeat_interval} s)")
         row = self.wait_state([long_task], {"succeeded"}, timeout=DEADLINE + long_seconds)[0]
         effects = effect_rows(self.engine, long_key)
@@ -260,9 +271,8 @@ class Demo:
     def summary(self) -> None:
         from collections import Counter
 
-        states = Counter(self.row(t).state for t in self.task_ids)
-        self.say("this run's tasks by state: " + ", ".join(f"{s}={states.get(s, 0)}" for s in
-                                                          ("pending", "queued", "running", "succeeded", "failed", "dead")))
+        states = Counter(self.submitted(t).state for t in self.task_ids)
+        self.say("this run's tasks by state: " + ", ".join(f"{s}={states.get(s, 0)}" for s in STATES))
         dlq = {q.name: self.depth(q.name, dlq=True) for q in self.catalog}
         self.say("DLQ depth: " + ", ".join(f"{sqs_queue_name(ENV, name, dlq=True)}={n}" for name, n in dlq.items()))
         self.check(dlq == {"default": 2, "long": 0}, "only the failing task and the poison message are dead-lettered",

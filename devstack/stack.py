@@ -8,6 +8,7 @@ queues construct is tested against the same `QueueContract.sqs_attributes` numbe
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -177,19 +178,13 @@ def stop_process_group(proc: subprocess.Popen, *, sig: int = signal.SIGTERM, tim
     """Signal a process started by start_worker/start_relay and its children; SIGKILL the group
     if it has not exited within `timeout`. Returns the exit code."""
     if proc.poll() is None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            pass
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
     # Pool children may outlive a killed parent: always sweep the group.
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     try:
         return proc.wait(5)
     except subprocess.TimeoutExpired:

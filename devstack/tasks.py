@@ -72,7 +72,8 @@ def effect(key, *, db):
 @persistent_task(name="demo.flaky", transactional=True)
 def flaky(key, failures=1, *, db):
     """Fails on its first `failures` attempts, then records its effect and succeeds."""
-    attempt = current_run().attempt
+    run = current_run()
+    attempt = run.attempt if run else 1  # called directly, outside a worker: a first attempt
     if attempt <= failures:
         raise RuntimeError(f"flaky {key}: failing on purpose (attempt {attempt} of {failures} planned failures)")
     _record_effect(db, key)

@@ -14,12 +14,10 @@ import os
 import re
 import subprocess
 import sys
-import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
-
 from conftest import dead_task, reset_moto
 
 from devstack import DEMO_CATALOG
@@ -228,7 +226,8 @@ def runbook_stack(sqs_endpoint, tmp_path):
 
     def dead(task_name, error):
         tid = dead_task(engine, task_name, args=["x"], error=error)
-        sqs.send_message(QueueUrl=queues["default"]["dlq_url"], MessageBody=encode_body(tid, task_name, queue="default"))
+        sqs.send_message(QueueUrl=queues["default"]["dlq_url"],
+                         MessageBody=encode_body(tid, task_name, queue="default"))
         return tid
 
     flaky = [dead("demo.flaky", "RuntimeError: flaky") for _ in range(2)]

@@ -24,7 +24,8 @@ def closed_port_outbox(engine) -> Outbox:
 
 def test_submit_on_a_plain_connection_is_refused(engine):
     outbox = closed_port_outbox(engine)
-    refused = pytest.raises(SubmitError, match=r"not a transaction of this outbox: open it with `with outbox.transaction\(\)")
+    refused = pytest.raises(SubmitError,
+                            match=r"not a transaction of this outbox: open it with `with outbox.transaction\(\)")
     with engine.begin() as conn, refused:
         outbox.submit(conn, "demo.add")
     assert store.count_by_state(engine)["pending"] == 0

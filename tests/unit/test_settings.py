@@ -33,10 +33,13 @@ def worker(**environ: str) -> WorkerSettings:
 
 
 def error(**environ: str) -> str:
-    with pytest.raises(SettingsError) as caught:
-        Settings.from_env(environ)
+    """The message of the first process settings (common, worker, relay) that refuse environ."""
+    def parse_all() -> None:
         WorkerSettings.from_env(Settings.from_env(environ), environ)
         RelaySettings.from_env(environ)
+
+    with pytest.raises(SettingsError) as caught:
+        parse_all()
     return str(caught.value)
 
 
@@ -113,7 +116,8 @@ def test_worker_only_variables_do_not_stop_the_other_processes():
      "DB_PORT='54x' is not a port number"),
     ({"PCELERY_RESULT_BACKEND": "amqp://guest@localhost"}, "is not a redis:// or rediss:// URL: fix it or unset it"),
     ({"REDIS_HOST": "cache.internal"}, "REDIS_HOST is set but REDIS_AUTH_TOKEN is not"),
-    ({"REDIS_HOST": "cache.internal", "REDIS_AUTH_TOKEN": "t", "REDIS_PORT": "0"}, "REDIS_PORT='0' is not a port number"),
+    ({"REDIS_HOST": "cache.internal", "REDIS_AUTH_TOKEN": "t", "REDIS_PORT": "0"},
+     "REDIS_PORT='0' is not a port number"),
 ])
 def test_each_bad_setting_is_named_with_its_fix(environ, expected):
     assert expected in error(**environ)

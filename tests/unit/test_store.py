@@ -190,9 +190,14 @@ def test_expired_lease_can_be_claimed_again_and_the_old_owner_loses(engine):
 def test_finish_success_joins_the_callers_transaction(engine):
     task_id = new_task(engine)
     store.claim(engine, task_id, worker="w1", lease_seconds=60)
-    with pytest.raises(RuntimeError), engine.begin() as conn:
-        store.finish_success(conn, task_id, worker="w1", result=1)
-        raise RuntimeError("the task's own write failed")
+
+    def succeed_then_fail():
+        with engine.begin() as conn:
+            store.finish_success(conn, task_id, worker="w1", result=1)
+            raise RuntimeError("the task's own write failed")
+
+    with pytest.raises(RuntimeError, match="the task's own write failed"):
+        succeed_then_fail()
     assert state_of(engine, task_id) == "running"
 
 
