@@ -12,7 +12,8 @@ os.environ.setdefault("JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION", "20")
 import aws_cdk as cdk
 
 from infra.config import ConfigError, load_configs
-from infra.stacks import add_checks, build_app
+from infra.nag import add_checks
+from infra.stacks import build_app
 
 
 def main() -> None:

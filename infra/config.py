@@ -180,7 +180,8 @@ def parse_env(name: str, raw: Any) -> EnvConfig:
 
     account = r.get("account", str, check=_ACCOUNT_RE.match, hint="a 12-digit AWS account id as a string")
     region = r.get("region", str, check=_REGION_RE.match, hint="an AWS region such as eu-west-1")
-    azs = r.get("availability_zones", list, hint="two or more AZ names of the region, e.g. [\"eu-west-1a\", \"eu-west-1b\"]")
+    azs = r.get("availability_zones", list,
+                hint="two or more AZ names of the region, e.g. [\"eu-west-1a\", \"eu-west-1b\"]")
     if azs is not None:
         if len(azs) < 2 or len(set(azs)) != len(azs) or not all(isinstance(a, str) for a in azs):
             r._bad("availability_zones", f"{azs!r}: give two or more distinct AZ names (RDS needs two)")
@@ -223,16 +224,19 @@ def parse_env(name: str, raw: Any) -> EnvConfig:
     c.unknown_keys({"enabled", "node_type", "replicas"})
     cache = {
         "enabled": c.get("enabled", bool),
-        "node_type": c.get("node_type", str, check=_CACHE_NODE_RE.match, hint="an ElastiCache node type such as cache.t4g.micro"),
+        "node_type": c.get("node_type", str, check=_CACHE_NODE_RE.match,
+                           hint="an ElastiCache node type such as cache.t4g.micro"),
         "replicas": c.get("replicas", int, check=lambda v: 0 <= v <= 5, hint="0 to 5 read replicas"),
     }
 
     w = r.section("workers")
     w.unknown_keys({"cpu", "memory_mib", "min_tasks", "max_tasks"})
     workers = {
-        "cpu": w.get("cpu", int, check=lambda v: v in FARGATE_MEMORY, hint=f"Fargate CPU units, one of {list(FARGATE_MEMORY)}"),
+        "cpu": w.get("cpu", int, check=lambda v: v in FARGATE_MEMORY,
+                     hint=f"Fargate CPU units, one of {list(FARGATE_MEMORY)}"),
         "memory_mib": w.get("memory_mib", int),
-        "min_tasks": w.get("min_tasks", int, check=lambda v: 0 <= v <= 100, hint="0 to 100 (0 lets idle workers scale to zero)"),
+        "min_tasks": w.get("min_tasks", int, check=lambda v: 0 <= v <= 100,
+                           hint="0 to 100 (0 lets idle workers scale to zero)"),
         "max_tasks": w.get("max_tasks", int, check=lambda v: 1 <= v <= 100, hint="1 to 100"),
     }
     if workers["cpu"] in FARGATE_MEMORY and workers["memory_mib"] is not None \

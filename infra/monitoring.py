@@ -1,7 +1,7 @@
 """Alarms (the contract RUNBOOK.md documents), their SNS topic, and the dashboard.
 
-Alarm names are `pcelery-<env>-<resource>-<signal>`; every description ends with
-`RUNBOOK.md#<anchor>`, the section on-call opens when paged.
+Alarm names are `<app>-<env>-<resource>-<signal>` (`catalog.resource_name`); every description
+ends with `RUNBOOK.md#<anchor>`, the section on-call opens when paged.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from aws_cdk import aws_sns_subscriptions as subscriptions
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
-from pcelery.catalog import Catalog
+from pcelery.catalog import APP_NAME, Catalog, resource_name
 
 from .workers import insights_metric
 
@@ -63,14 +63,14 @@ class Monitoring(Construct):
         # policy lets it use the key; the AWS-managed aws/sns key does not.
         key = kms.Key(
             self, "TopicKey", enable_key_rotation=True,
-            description=f"pcelery-{env_name} alarm topic",
+            description=f"{resource_name(env_name)} alarm topic",
             # It encrypts notifications in transit through SNS only; nothing at rest needs it later.
             removal_policy=RemovalPolicy.DESTROY,
         )
         key.grant(iam.ServicePrincipal("cloudwatch.amazonaws.com"), "kms:Decrypt", "kms:GenerateDataKey*")
         self.topic = sns.Topic(
-            self, "Topic", topic_name=f"pcelery-{env_name}-alarms", master_key=key, enforce_ssl=True,
-            display_name=f"pcelery {env_name} alarms",
+            self, "Topic", topic_name=resource_name(env_name, "alarms"), master_key=key, enforce_ssl=True,
+            display_name=f"{APP_NAME} {env_name} alarms",
         )
         if alarm_email:
             self.topic.add_subscription(subscriptions.EmailSubscription(alarm_email))
@@ -152,7 +152,7 @@ class Monitoring(Construct):
         self.dashboard = self._dashboard(queue_rows, cluster_name, relay_service_name, rds)
 
     def _alarm(self, suffix, anchor, text, metric, *, threshold, comparison, periods, missing) -> cloudwatch.Alarm:
-        name = f"pcelery-{self.env_name}-{suffix}"
+        name = resource_name(self.env_name, suffix)
         alarm = cloudwatch.Alarm(
             self, suffix,
             alarm_name=name,
@@ -191,7 +191,7 @@ class Monitoring(Construct):
 
     def _dashboard(self, queue_rows, cluster_name, relay_service_name, rds) -> cloudwatch.Dashboard:
         minute = Duration.minutes(1)
-        board = cloudwatch.Dashboard(self, "Dashboard", dashboard_name=f"pcelery-{self.env_name}")
+        board = cloudwatch.Dashboard(self, "Dashboard", dashboard_name=resource_name(self.env_name))
         for q, work, dead, service in queue_rows:
             board.add_widgets(
                 cloudwatch.GraphWidget(

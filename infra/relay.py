@@ -13,6 +13,8 @@ from aws_cdk import aws_ecs as ecs
 from aws_cdk import aws_logs as logs
 from constructs import Construct
 
+from pcelery.catalog import resource_name
+
 from .workers import MIGRATE_COMMAND, add_schema_migration
 
 RELAY_COMMAND = ["pcelery-relay"]
@@ -39,7 +41,7 @@ class Relay(Construct):
         log_removal_policy: RemovalPolicy,
     ) -> None:
         super().__init__(scope, id)
-        self.service_name = f"pcelery-{env_name}-relay"
+        self.service_name = resource_name(env_name, "relay")
         # No fixed name: retained groups of a deleted stateless stack must not block recreating it.
         self.log_group = logs.LogGroup(
             self, "Logs",
@@ -47,7 +49,7 @@ class Relay(Construct):
         )
         # The image's ENTRYPOINT is the worker, so these override the entry point, not the command.
         self.task_definition, relay = _task(
-            self, "Task", family=f"pcelery-{env_name}-relay", image=image, entry_point=RELAY_COMMAND,
+            self, "Task", family=self.service_name, image=image, entry_point=RELAY_COMMAND,
             environment=environment, secrets=secrets, log_group=self.log_group, stream_prefix="relay",
         )
         add_schema_migration(self.task_definition, relay, image=image, environment=environment,
@@ -70,7 +72,7 @@ class Relay(Construct):
         # For running a migration by hand (`aws ecs run-task`, infra/README.md); the services
         # also migrate in an init container before they start.
         self.migrate_task_definition, _ = _task(
-            self, "MigrateTask", family=f"pcelery-{env_name}-migrate", image=image,
+            self, "MigrateTask", family=resource_name(env_name, "migrate"), image=image,
             entry_point=MIGRATE_COMMAND, environment=environment, secrets=secrets,
             log_group=self.log_group, stream_prefix="migrate",
         )
@@ -106,10 +108,10 @@ class OpsTask(Construct):
         )
         self.security_group = ec2.SecurityGroup(
             self, "SecurityGroup", vpc=vpc, allow_all_outbound=True,
-            description=f"pcelery-{env_name} ops one-off tasks: outbound only (SQS, CloudWatch, RDS)",
+            description=f"{resource_name(env_name)} ops one-off tasks: outbound only (SQS, CloudWatch, RDS)",
         )
         self.task_definition, self.container = _task(
-            self, "Task", family=f"pcelery-{env_name}-ops", image=image, entry_point=OPS_ENTRY_POINT,
+            self, "Task", family=resource_name(env_name, "ops"), image=image, entry_point=OPS_ENTRY_POINT,
             environment=environment, secrets=secrets, log_group=self.log_group, stream_prefix=OPS_CONTAINER,
         )
 

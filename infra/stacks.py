@@ -2,7 +2,8 @@
 
 Stateful (VPC, queues, RDS, Redis) changes rarely and holds data; stateless (cluster, services,
 scaling, alarms, dashboard) changes every release and can be destroyed and recreated at will.
-All grants and connections between the two are made here, in the stateless stack.
+All grants (through permissions.py) and connections between the two are made in the stateless
+stack. Every name comes from `catalog.resource_name`: `<app>-<env>-<resource>`.
 """
 
 from __future__ import annotations
@@ -15,11 +16,10 @@ from aws_cdk import RemovalPolicy, Stack
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_ecr_assets as ecr_assets
 from aws_cdk import aws_ecs as ecs
-from aws_cdk import aws_iam as iam
 from aws_cdk import aws_logs as logs
 from constructs import Construct
 
-from pcelery.catalog import APP_NAME, CATALOG, Catalog
+from pcelery.catalog import APP_NAME, CATALOG, Catalog, resource_name
 
 from .cache import REDIS_PORT, Cache
 from .config import EnvConfig
@@ -31,33 +31,15 @@ from .database import (
     removal_policy_for_logs,
 )
 from .monitoring import DatabaseTargets, Monitoring
+from .nag import acknowledge_stateful, acknowledge_task_definitions
 from .network import Network
+from .permissions import grant_ops, grant_relay, grant_worker
 from .queues import Queues
 from .relay import OpsTask, Relay
 from .workers import Workers
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-
-# What a Celery worker does on the queue it consumes, and nothing more. No wildcard actions.
-CONSUME_ACTIONS = [
-    "sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:ChangeMessageVisibility",
-    "sqs:GetQueueAttributes", "sqs:GetQueueUrl",
-]
-# Publishing a task (the submit API after commit, or the relay for what it missed).
-PUBLISH_ACTIONS = ["sqs:SendMessage", "sqs:GetQueueUrl"]
-# The ops CLI (ops/queues.py, app/outbox.py for replay) on every work queue and DLQ of its
-# environment: depth, peek (receive, then make visible again), redrive in both modes (the
-# native move task needs receive/delete/attributes on the DLQ and send on the destination),
-# replay (publish) and purge.
-OPS_QUEUE_ACTIONS = [
-    "sqs:GetQueueUrl", "sqs:GetQueueAttributes", "sqs:ReceiveMessage", "sqs:SendMessage",
-    "sqs:DeleteMessage", "sqs:ChangeMessageVisibility", "sqs:ListDeadLetterSourceQueues",
-    "sqs:StartMessageMoveTask", "sqs:ListMessageMoveTasks", "sqs:CancelMessageMoveTask", "sqs:PurgeQueue",
-]
-# `ops depth` reads each queue's ApproximateAgeOfOldestMessage (ops.queues.oldest_age). CloudWatch
-# has no resource-level permissions for reading metrics, so this one is on "*".
-OPS_METRIC_ACTIONS = ["cloudwatch:GetMetricStatistics"]
 
 _RETENTION_NAMES = {
     1: "ONE_DAY", 3: "THREE_DAYS", 5: "FIVE_DAYS", 7: "ONE_WEEK", 14: "TWO_WEEKS", 30: "ONE_MONTH",
@@ -75,12 +57,7 @@ _REMOVAL = {"destroy": RemovalPolicy.DESTROY, "snapshot": RemovalPolicy.SNAPSHOT
 
 
 def stack_names(env: str) -> tuple[str, str]:
-    return f"{APP_NAME}-{env}-stateful", f"{APP_NAME}-{env}-stateless"
-
-
-def acknowledge(scope: Construct, rule: str, reason: str) -> None:
-    """A cdk-nag finding accepted on one construct, with the reason reviewers will read."""
-    cdk.Validations.of(scope).acknowledge(cdk.Acknowledgment(id=rule, reason=reason))
+    return resource_name(env, "stateful"), resource_name(env, "stateless")
 
 
 class _EnvStack(Stack):
@@ -130,7 +107,7 @@ class StatefulStack(_EnvStack):
             vpc=self.network.vpc,
             subnets=self.network.data_subnets,
             rotation_subnets=self.network.task_subnets,
-            instance_name=f"{APP_NAME}-{config.name}",
+            instance_name=resource_name(config.name),
             instance_type=db.instance_type,
             allocated_storage_gib=db.allocated_storage_gib,
             max_allocated_storage_gib=db.max_allocated_storage_gib,
@@ -147,42 +124,12 @@ class StatefulStack(_EnvStack):
                 self, "Cache",
                 vpc=self.network.vpc,
                 subnets=self.network.data_subnets,
-                replication_group_id=f"{APP_NAME}-{config.name}",
+                replication_group_id=resource_name(config.name),
                 node_type=config.cache.node_type,
                 replicas=config.cache.replicas,
                 removal_policy=removal,
             )
-        self._acknowledge(config)
-
-    def _acknowledge(self, config: EnvConfig) -> None:
-        db = self.database.instance
-        acknowledge(db, "AwsSolutions-RDS11",
-                    "The standard port 5432: the instance is reachable only from the task security group "
-                    "in isolated subnets, so a non-standard port adds no protection.")
-        if not config.database.multi_az:
-            acknowledge(db, "AwsSolutions-RDS3",
-                        f"{config.name} runs single-AZ to halve the database cost; prod is Multi-AZ (cdk.json).")
-        if not config.protection.deletion_protection:
-            acknowledge(db, "AwsSolutions-RDS10",
-                        f"{config.name} is torn down and rebuilt freely; prod has deletion protection (cdk.json).")
-        if not config.database.rotation_days:
-            acknowledge(self.database.instance.node.find_child("Secret"), "AwsSolutions-SMG4",
-                        f"{config.name} keeps its generated master password; prod rotates it (cdk.json rotation_days).")
-        acknowledge(self.network.vpc, "CloudFormation-Validate::W3010",
-                    "Zones are named in cdk.json on purpose: synth must work offline, without an AZ lookup.")
-        if not config.network.flow_logs:
-            acknowledge(self.network.vpc, "AwsSolutions-VPC7",
-                        f"{config.name} has no flow logs to save their cost; staging and prod have them.")
-        if self.cache:
-            acknowledge(self.cache.auth_token, "AwsSolutions-SMG4",
-                        "Rotating a Redis AUTH token needs the ElastiCache ROTATE/SET strategy and a client "
-                        "restart; it is rotated by hand (infra/README.md).")
-            acknowledge(self.cache.replication_group, "AwsSolutions-AEC5",
-                        "The standard port 6379: reachable only from the task security group in isolated subnets.")
-            if config.cache.replicas == 0:
-                acknowledge(self.cache.replication_group, "AwsSolutions-AEC4",
-                            f"{config.name}'s result backend is a single node: results are also in Postgres, "
-                            "so losing Redis loses nothing durable.")
+        acknowledge_stateful(config, network=self.network, database=self.database, cache=self.cache)
 
 
 class StatelessStack(_EnvStack):
@@ -262,25 +209,12 @@ class StatelessStack(_EnvStack):
             log_removal_policy=log_removal,
         )
 
-        # --- wiring: who may talk to what ---
-        all_work_arns = [queues.work[q.name].queue_arn for q in catalog]
+        # --- wiring: who may talk to what (the migration task gets no SQS grant at all) ---
+        work = [queues.work[q.name] for q in catalog]
         for q in catalog:
-            role = self.workers.task_roles[q.name]
-            role.add_to_principal_policy(iam.PolicyStatement(
-                sid="ConsumeOwnQueue", actions=CONSUME_ACTIONS, resources=[queues.work[q.name].queue_arn]))
-            # A task may submit follow-up tasks to any queue; the submit API publishes right
-            # after commit. Without this, every follow-up would wait for the relay. No DLQs.
-            role.add_to_principal_policy(iam.PolicyStatement(
-                sid="PublishTasks", actions=PUBLISH_ACTIONS, resources=all_work_arns))
-        self.relay.task_definition.task_role.add_to_principal_policy(iam.PolicyStatement(
-            sid="PublishTasks", actions=PUBLISH_ACTIONS, resources=all_work_arns))
-        # The migration task talks to Postgres only: its role gets no SQS permission at all.
-        ops_role = self.ops.task_definition.task_role
-        ops_role.add_to_principal_policy(iam.PolicyStatement(
-            sid="OperateQueues", actions=OPS_QUEUE_ACTIONS,
-            resources=[*all_work_arns, *(queues.dead[q.name].queue_arn for q in catalog)]))
-        ops_role.add_to_principal_policy(iam.PolicyStatement(
-            sid="ReadQueueAge", actions=OPS_METRIC_ACTIONS, resources=["*"]))
+            grant_worker(self.workers.task_roles[q.name], own_queue=queues.work[q.name], work_queues=work)
+        grant_relay(self.relay.task_definition.task_role, work_queues=work)
+        grant_ops(self.ops.task_definition.task_role, queues=[*work, *(queues.dead[q.name] for q in catalog)])
 
         # Ingress rules made here, in the stateless stack: the L2 `allow_from` would put them in
         # the stateful stack next to the target group and make the two stacks reference each other.
@@ -324,8 +258,12 @@ class StatelessStack(_EnvStack):
         cdk.CfnOutput(self, "OpsLogGroup", value=self.ops.log_group.log_group_name)
         cdk.CfnOutput(self, "RelayLogGroup", value=self.relay.log_group.log_group_name)
         for q in catalog:
-            cdk.CfnOutput(self, f"WorkerLogGroup{_output_id(q.name)}", value=self.workers.log_groups[q.name].log_group_name)
-        self._acknowledge()
+            cdk.CfnOutput(self, f"WorkerLogGroup{_output_id(q.name)}",
+                          value=self.workers.log_groups[q.name].log_group_name)
+        acknowledge_task_definitions([
+            *(s.task_definition for s in self.workers.services.values()),
+            self.relay.task_definition, self.relay.migrate_task_definition, self.ops.task_definition,
+        ])
 
     def _allow(self, source: ec2.ISecurityGroup, target: ec2.Connections, port: int, id: str,
                description: str) -> None:
@@ -335,22 +273,6 @@ class StatelessStack(_EnvStack):
                 ip_protocol="tcp", from_port=port, to_port=port,
                 description=f"from {description}",
             )
-
-    def _acknowledge(self) -> None:
-        for task in [*(s.task_definition for s in self.workers.services.values()),
-                     self.relay.task_definition, self.relay.migrate_task_definition,
-                     self.ops.task_definition]:
-            acknowledge(task.execution_role, "AwsSolutions-IAM5[Resource::*]",
-                        "ecr:GetAuthorizationToken has no resource-level permissions; the image pull and "
-                        "log actions CDK adds are scoped to the repository and log group.")
-            acknowledge(task, "AwsSolutions-ECS2",
-                        "Only non-secret settings (env name, queue, DB host/port/name/CA path, Redis host) are "
-                        "environment variables; credentials are ECS secrets from Secrets Manager.")
-
-        acknowledge(self.ops.task_definition.task_role, "AwsSolutions-IAM5[Resource::*]",
-                    "cloudwatch:GetMetricStatistics (ops depth reads each queue's oldest-message age) has no "
-                    "resource-level permissions; every SQS action of the ops role is scoped to this "
-                    "environment's queues and DLQs.")
 
 
 def _output_id(name: str) -> str:
@@ -369,10 +291,3 @@ def build_app(app: cdk.App, configs: list[EnvConfig], *, catalog: Catalog = CATA
                                    stateful=stateful, image_directory=image_directory)
         stacks[config.name] = (stateful, stateless)
     return stacks
-
-
-def add_checks(app: cdk.App) -> None:
-    """cdk-nag's AwsSolutions pack on every stack: any unacknowledged finding fails synth."""
-    from cdk_nag import AwsSolutionsChecks
-
-    cdk.Validations.of(app).add_plugins(AwsSolutionsChecks(app))

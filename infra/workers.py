@@ -1,7 +1,7 @@
 """The ECS cluster and one Fargate worker service per catalog queue, scaled on backlog per task.
 
 The services get their configuration (environment, secrets, image, sizes) as arguments; which
-queues a role may touch is granted by the stack.
+queues a role may touch is granted by the stack (permissions.py).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from aws_cdk import aws_logs as logs
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
-from pcelery.catalog import Catalog, QueueContract
+from pcelery.catalog import Catalog, QueueContract, resource_name
 
 ECS_MAX_STOP_TIMEOUT = 120
 MIGRATE_COMMAND = ["pcelery-migrate"]
@@ -100,8 +100,8 @@ class Workers(Construct):
     ) -> None:
         super().__init__(scope, id)
         # Names as plain strings too, so alarm descriptions and dimensions read as text, not tokens.
-        self.cluster_name = f"pcelery-{env_name}"
-        self.service_names = {q.name: f"pcelery-{env_name}-worker-{q.name}" for q in catalog}
+        self.cluster_name = resource_name(env_name)
+        self.service_names = {q.name: resource_name(env_name, "worker", q.name) for q in catalog}
         self.cluster = ecs.Cluster(
             self, "Cluster", vpc=vpc, cluster_name=self.cluster_name,
             # The running-low alarms and the scaling metric read its RunningTaskCount.
@@ -109,7 +109,7 @@ class Workers(Construct):
         )
         self.security_group = ec2.SecurityGroup(
             self, "SecurityGroup", vpc=vpc, allow_all_outbound=True,
-            description=f"pcelery-{env_name} workers and relay: outbound only (SQS, RDS, Redis, ECR)",
+            description=f"{resource_name(env_name)} workers and relay: outbound only (SQS, RDS, Redis, ECR)",
         )
         self.services: dict[str, ecs.FargateService] = {}
         self.task_roles: dict[str, iam.IRole] = {}
@@ -135,7 +135,7 @@ class Workers(Construct):
         self.log_groups[contract.name] = log_group
         task = ecs.FargateTaskDefinition(
             scope, "Task", cpu=cpu, memory_limit_mib=memory_mib,
-            family=f"pcelery-{env_name}-worker-{contract.name}",
+            family=self.service_names[contract.name],
             runtime_platform=ecs.RuntimePlatform(
                 cpu_architecture=ecs.CpuArchitecture.X86_64,
                 operating_system_family=ecs.OperatingSystemFamily.LINUX,
@@ -242,11 +242,13 @@ class Workers(Construct):
             period = Duration.minutes(1)
             alarm = cloudwatch.Alarm(
                 scope, "WakeAlarm",
-                alarm_description=f"Scales {self.service_names[contract.name]} from zero when its queue has work (not a page).",
+                alarm_description=(f"Scales {self.service_names[contract.name]} from zero when its queue has work "
+                                   "(not a page)."),
                 metric=cloudwatch.MathExpression(
                     expression="IF(FILL(running, 0) < 1, FILL(visible, 0), 0)",
                     using_metrics={
-                        "visible": queue.metric_approximate_number_of_messages_visible(period=period, statistic="Maximum"),
+                        "visible": queue.metric_approximate_number_of_messages_visible(
+                            period=period, statistic="Maximum"),
                         "running": insights_metric("RunningTaskCount", cluster_name=self.cluster.cluster_name,
                                                    service_name=service.service_name, period=period),
                     },

@@ -1,6 +1,8 @@
-"""Synthesize the CDK app in-process for tests, once per test session.
+"""Synthesize the CDK app in-process for tests, once per test session; read cdk.json's context.
 
-`synth_templates(env)` is what other tests use (the RUNBOOK test lists every alarm through
+`cdk_context()`, `context_with()` and `configs()` start no process (tests/unit/test_infra_config.py
+uses them); everything from `synth()` on imports aws_cdk, which starts node, so only
+tests/integration uses it. `synth_templates(env)` is what other tests use (the RUNBOOK test lists every alarm through
 `alarms(env)`). The first call synthesizes every environment in one App, with cdk-nag and
 CloudFormation validation on, exactly like `npx cdk synth`; later calls are dictionary look-ups.
 `python app.py` does not read cdk.json, so the context is loaded here the way the CLI passes it.
@@ -9,6 +11,7 @@ CloudFormation validation on, exactly like `npx cdk synth`; later calls are dict
 from __future__ import annotations
 
 import atexit
+import copy
 import functools
 import json
 import os
@@ -30,6 +33,31 @@ def cdk_context() -> dict:
     return json.loads(CDK_JSON.read_text())["context"]
 
 
+def context_with(env: str, path: str, value) -> dict:
+    """cdk.json's context with one key of `env`'s block set to `value` (KeyError: removed).
+    `path` is dotted below the environment's block, e.g. "database.instance_type"."""
+    from infra.config import CONTEXT_KEY
+
+    ctx = copy.deepcopy(cdk_context())
+    node = ctx[CONTEXT_KEY][env]
+    *parents, last = path.split(".")
+    for p in parents:
+        node = node[p]
+    if value is KeyError:
+        del node[last]
+    else:
+        node[last] = value
+    return ctx
+
+
+@functools.cache
+def configs() -> dict:
+    """{env: EnvConfig} of every deployable environment, parsed from cdk.json as synth does."""
+    from infra.config import load_configs
+
+    return {c.name: c for c in load_configs({**cdk_context(), "env": None}.get)}
+
+
 @dataclass
 class Synth:
     outdir: Path
@@ -47,9 +75,10 @@ def synth(envs=ENVS, *, catalog=None, context: dict | None = None, nag: bool = T
     """One App with both stacks of every env in `envs`, synthesized into a temporary cdk.out."""
     import aws_cdk as cdk
 
-    from pcelery.catalog import CATALOG
     from infra.config import load_configs
-    from infra.stacks import add_checks, build_app
+    from infra.nag import add_checks
+    from infra.stacks import build_app
+    from pcelery.catalog import CATALOG
 
     outdir = Path(tempfile.mkdtemp(prefix="pcelery-cdk-"))
     atexit.register(shutil.rmtree, outdir, ignore_errors=True)

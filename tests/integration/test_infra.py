@@ -1,7 +1,11 @@
-"""The CDK app: config validation, cdk-nag, cfn-lint and the contract each construct must keep.
+"""The CDK app: cdk-nag, cfn-lint and the contract each construct must keep.
 
 All template tests share one in-process synth of every environment (tests/cdk_support.py);
-the 3-queue catalog gets one more synth of dev, and the real CLI runs once.
+the 3-queue catalog gets one more synth of dev, and the real CLI runs once. The cdk.json
+validation that needs no synth is in tests/unit/test_infra_config.py; app.py failing on a bad key
+stays here because it starts a process. Stack, queue, alarm and task names are spelled out
+literally on purpose: they are the contract RUNBOOK.md and on-call rely on, checked independently
+of `catalog.resource_name`.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from cdk_support import (
     ENVS,
     REPO_ROOT,
     alarms,
-    cdk_context,
+    configs,
+    context_with,
     resources,
     summary,
     synth,
@@ -29,30 +34,23 @@ from cdk_support import (
     synth_templates,
 )
 
-from pcelery.catalog import CATALOG, DLQ_RETENTION, Catalog, QueueContract, sqs_queue_name
-from infra.config import (
-    CONTEXT_KEY,
-    ConfigError,
-    load_configs,
-    parse_env,
-    selected_envs,
-)
-from infra.relay import MIGRATE_COMMAND, OPS_CONTAINER, OPS_ENTRY_POINT, RELAY_COMMAND
-from infra.stacks import (
+from infra.permissions import (
     CONSUME_ACTIONS,
     OPS_METRIC_ACTIONS,
     OPS_QUEUE_ACTIONS,
     PUBLISH_ACTIONS,
 )
+from infra.relay import MIGRATE_COMMAND, OPS_CONTAINER, OPS_ENTRY_POINT, RELAY_COMMAND
 from infra.workers import (
     ECS_MAX_STOP_TIMEOUT,
     IDLE_SCALE_IN_MINUTES,
     outlasts_stop_timeout,
     stop_timeout,
 )
+from pcelery.catalog import CATALOG, DLQ_RETENTION, Catalog, QueueContract, sqs_queue_name
 
 SUMMARY_FILE = Path(__file__).with_name("infra_summary.json")
-CONFIGS = {c.name: c for c in load_configs({**cdk_context(), "env": None}.get)}
+CONFIGS = configs()
 
 # cfn-lint warnings we keep, each with the reason and how narrowly it applies; anything else fails.
 EXPLAINED_WARNINGS = {
@@ -117,84 +115,12 @@ def as_list(x):
     return x if isinstance(x, list) else [x]
 
 
-# --------------------------------------------------------------------------- config
-
-
-def _context_with(env: str, path: str, value) -> dict:
-    ctx = copy.deepcopy(cdk_context())
-    node = ctx[CONTEXT_KEY][env]
-    *parents, last = path.split(".")
-    for p in parents:
-        node = node[p]
-    if value is KeyError:
-        del node[last]
-    else:
-        node[last] = value
-    return ctx
-
-
-def test_cdk_json_gives_one_typed_config_per_environment():
-    assert set(CONFIGS) == {"dev", "staging", "prod"}
-    prod, dev = CONFIGS["prod"], CONFIGS["dev"]
-    assert prod.database.multi_az and prod.protection.deletion_protection and prod.protection.termination_protection
-    assert prod.database.rotation_days > 0 and prod.network.flow_logs and prod.network.interface_endpoints
-    assert dev.cache is None and prod.cache is not None
-    assert dev.workers.min_tasks == 0  # dev scales to zero
-    assert all(len(c.availability_zones) >= 2 for c in CONFIGS.values())
-
-
-@pytest.mark.parametrize("path, value, expected", [
-    ("database.instance_type", KeyError, "pcelery:environments.prod.database.instance_type: missing"),
-    ("network.nat_gateways", "1", "pcelery:environments.prod.network.nat_gateways: '1' is a str, expected int"),
-    ("account", "12345", "pcelery:environments.prod.account: '12345' is not valid"),
-    ("workers.memory_mib", 3000, "pcelery:environments.prod.workers.memory_mib: 3000 is not valid with cpu 1024"),
-    ("protection.removal_policy", "destroy", "pcelery:environments.prod.protection.removal_policy: 'destroy' in prod"),
-    ("database.multiAz", True, "pcelery:environments.prod.database.multiAz: unknown key"),
-    ("log_retention_days", 10, "pcelery:environments.prod.log_retention_days: 10 is not valid"),
-    ("results_backend", KeyError, "pcelery:environments.prod.results_backend: missing or not an object"),
-])
-def test_bad_or_missing_value_names_the_key(path, value, expected):
-    ctx = _context_with("prod", path, value)
-    with pytest.raises(ConfigError) as err:
-        parse_env("prod", ctx[CONTEXT_KEY]["prod"])
-    assert expected in str(err.value)
-
-
-def test_every_problem_is_reported_at_once():
-    ctx = _context_with("dev", "region", "Mars")
-    ctx[CONTEXT_KEY]["dev"]["workers"]["min_tasks"] = 9
-    ctx[CONTEXT_KEY]["dev"]["workers"]["max_tasks"] = 2
-    with pytest.raises(ConfigError) as err:
-        parse_env("dev", ctx[CONTEXT_KEY]["dev"])
-    assert ".dev.region:" in str(err.value) and ".dev.workers.min_tasks:" in str(err.value)
-
-
-@pytest.mark.parametrize("selection, expected", [
-    (None, ["dev", "staging", "prod"]),
-    ("prod", ["prod"]),
-    ("dev, staging", ["dev", "staging"]),
-])
-def test_environment_selection(selection, expected):
-    assert selected_envs(selection) == expected
-
-
-def test_unknown_environment_selection_is_refused():
-    with pytest.raises(ConfigError, match="unknown environment \\['qa'\\]"):
-        selected_envs("dev,qa")
-
-
-def test_worker_bounds_sit_inside_catalog_and_env_bounds():
-    q = CATALOG.get("default")
-    assert CONFIGS["dev"].worker_bounds(q) == (0, min(q.max_workers, CONFIGS["dev"].workers.max_tasks))
-    assert CONFIGS["prod"].worker_bounds(q) == (1, min(q.max_workers, CONFIGS["prod"].workers.max_tasks))
-    busy = replace(q, min_workers=5, max_workers=8)
-    low, high = CONFIGS["dev"].worker_bounds(busy)
-    assert low <= high == CONFIGS["dev"].workers.max_tasks
+# --------------------------------------------------------------------------- config (through app.py)
 
 
 def test_app_py_fails_synth_naming_the_bad_key(tmp_path):
     """The real entry point, given context the way the CLI gives it (CDK_CONTEXT_JSON)."""
-    ctx = _context_with("staging", "database.backup_retention_days", 0)
+    ctx = context_with("staging", "database.backup_retention_days", 0)
     env = {**os.environ, "CDK_CONTEXT_JSON": json.dumps(ctx), "CDK_OUTDIR": str(tmp_path)}
     proc = subprocess.run([sys.executable, "app.py"], check=False, cwd=REPO_ROOT, env=env, capture_output=True,
                           text=True, timeout=120)
@@ -237,7 +163,7 @@ def test_nag_fails_synth_on_an_unacknowledged_finding(tmp_path):
     import aws_cdk as cdk
     from aws_cdk import aws_sqs as sqs
 
-    from infra.stacks import add_checks
+    from infra.nag import add_checks
 
     app = cdk.App(outdir=str(tmp_path))
     stack = cdk.Stack(app, "nag-probe")
@@ -396,7 +322,7 @@ def test_containers_get_the_runtime_contract_and_secrets_only_as_secrets(env):
             queue = family.rsplit("-worker-", 1)[1]
             env_vars = {e["Name"]: e["Value"] for e in container["Environment"]}
             assert env_vars["PCELERY_WORKER_QUEUES"] == queue
-            assert "EntryPoint" not in container  # the image's ENTRYPOINT, bin/worker
+            assert "EntryPoint" not in container  # the image's ENTRYPOINT, pcelery-worker
             assert container["StopTimeout"] == stop_timeout(CATALOG.get(queue)) <= ECS_MAX_STOP_TIMEOUT
 
 
@@ -421,30 +347,57 @@ def test_every_container_that_reaches_the_database_verifies_its_certificate(env)
 # --------------------------------------------------------------------------- the ops one-off task
 
 
-def _sqs_and_metric_calls_of_the_ops_cli() -> set[str]:
-    """IAM actions behind every SQS and CloudWatch call in ops/ and the outbox publisher replay
-    uses, read from the source: a new call without a grant fails here, not in prod at 3 a.m."""
+def _ops_sources() -> list[Path]:
+    """Where the ops task's AWS calls live: every module of the ops package, however it is split,
+    and the outbox publisher `ops replay` goes through."""
+    return [*sorted((REPO_ROOT / "ops").rglob("*.py")), REPO_ROOT / "app" / "outbox.py"]
+
+
+# A call on (or a reference to the method of) a client whose name says which service it is:
+# `sqs.purge_queue(`, `self.sqs.send_message(`, `_call(..., sqs.get_queue_url, ...)`,
+# `aws.cloudwatch().get_metric_statistics(`, `cw.get_metric_statistics(`. Only names of the
+# service's API count, so `pcelery.sqs.make_client` is not mistaken for one.
+_CLIENT_CALL = {
+    "sqs": re.compile(r"\b\w*sqs\w*(?:\(\))?\.([a-z_]+)\b"),
+    "cloudwatch": re.compile(r"\b\w*(?:cloudwatch|cw)\w*(?:\(\))?\.([a-z_]+)\b"),
+}
+
+
+def _aws_calls_of_the_ops_cli() -> dict[str, set[str]]:
+    """{IAM action: files calling it} for every SQS and CloudWatch call in the ops sources, read
+    from the source: a new call without a grant fails here, not in prod at 3 a.m."""
     import boto3
 
-    sqs_ops = boto3.client("sqs", region_name="eu-west-1").meta.method_to_api_mapping
-    cw_ops = boto3.client("cloudwatch", region_name="eu-west-1").meta.method_to_api_mapping
-    actions = set()
-    for path in [*(REPO_ROOT / "ops").glob("*.py"), REPO_ROOT / "app" / "outbox.py"]:
-        text = path.read_text()
-        for method in re.findall(r"\bsqs\.([a-z_]+)\b", text):
-            if method in sqs_ops:
-                # A batch call is authorized as its single-message action.
-                actions.add("sqs:" + sqs_ops[method].removesuffix("Batch"))
-        for method in re.findall(r"cloudwatch\(\)\.([a-z_]+)\(", text):
-            actions.add("cloudwatch:" + cw_ops[method])
-    return actions
+    apis = {service: boto3.client(service, region_name="eu-west-1").meta.method_to_api_mapping
+            for service in _CLIENT_CALL}
+    found: dict[str, set[str]] = {}
+    for path in _ops_sources():
+        text = path.read_text()  # a source that moved away fails here rather than dropping out
+        for service, pattern in _CLIENT_CALL.items():
+            for method in pattern.findall(text):
+                if method in apis[service]:
+                    # A batch call is authorized as its single-message action.
+                    action = f"{service}:" + apis[service][method].removesuffix("Batch")
+                    found.setdefault(action, set()).add(path.relative_to(REPO_ROOT).as_posix())
+    return found
+
+
+def _sqs_and_metric_calls_of_the_ops_cli() -> set[str]:
+    return set(_aws_calls_of_the_ops_cli())
 
 
 def test_the_ops_cli_source_calls_what_the_reader_expects():
-    # Guards the guard: if the regexes stopped matching, the grant test below would pass on nothing.
-    calls = _sqs_and_metric_calls_of_the_ops_cli()
+    # Guards the guard: if the regexes stopped matching, or the sources moved, the grant test
+    # below would pass on nothing.
+    sources = {p.relative_to(REPO_ROOT).as_posix() for p in _ops_sources()}
+    assert "app/outbox.py" in sources and any(s.startswith("ops/") for s in sources), sources
+    calls = _aws_calls_of_the_ops_cli()
     assert {"sqs:StartMessageMoveTask", "sqs:ListDeadLetterSourceQueues", "sqs:PurgeQueue", "sqs:SendMessage",
-            "sqs:ChangeMessageVisibility", "cloudwatch:GetMetricStatistics"} <= calls
+            "sqs:ChangeMessageVisibility", "cloudwatch:GetMetricStatistics"} <= set(calls)
+    # Both halves are read: the ops package (redrive, purge, depth) and the outbox (replay publishes).
+    assert all(f.startswith("ops/") for a in ("sqs:StartMessageMoveTask", "sqs:PurgeQueue",
+                                              "cloudwatch:GetMetricStatistics") for f in calls[a]), calls
+    assert "app/outbox.py" in calls["sqs:SendMessage"], calls["sqs:SendMessage"]
 
 
 @pytest.mark.parametrize("env", ENVS)
@@ -617,7 +570,8 @@ def test_worker_services_roll_back_and_scale_on_backlog_per_task(env):
             conf = wake["StepScalingPolicyConfiguration"]
             assert conf["AdjustmentType"] == "ExactCapacity"
             assert conf["StepAdjustments"] == [{"MetricIntervalLowerBound": 0, "ScalingAdjustment": 1}]
-            [wake_alarm] = [a["Properties"] for a in alarms_ if a["Properties"].get("AlarmActions") == [{"Ref": wake_id}]]
+            [wake_alarm] = [a["Properties"] for a in alarms_
+                            if a["Properties"].get("AlarmActions") == [{"Ref": wake_id}]]
             assert wake_alarm["Threshold"] == 1
             assert "IF(FILL(running, 0) < 1" in json.dumps(wake_alarm["Metrics"])
         else:
@@ -802,7 +756,9 @@ def test_adding_a_queue_adds_its_queue_dlq_permissions_and_alarms_and_nothing_el
                    if _without_image(two[stack]["Resources"][lid]) != _without_image(three[stack]["Resources"][lid])}
         assert changed <= {"AWS::IAM::Policy", "AWS::CloudWatch::Dashboard"}, (stack, changed)
 
-    assert set(summary(three)["pcelery-dev-stateless"]["alarms"]) - set(summary(two)["pcelery-dev-stateless"]["alarms"]) == {
+    new_alarms = set(summary(three)["pcelery-dev-stateless"]["alarms"]) - set(
+        summary(two)["pcelery-dev-stateless"]["alarms"])
+    assert new_alarms == {
         "pcelery-dev-reports-dlq-not-empty", "pcelery-dev-reports-oldest-message-age",
         "pcelery-dev-worker-reports-running-low"}
     queues = {r["Properties"]["QueueName"]: r["Properties"]
@@ -826,7 +782,8 @@ def test_adding_a_queue_adds_its_queue_dlq_permissions_and_alarms_and_nothing_el
     t3 = three["pcelery-dev-stateless"]
     [target_id] = [lid for lid in resources({"t": t3}, "AWS::ApplicationAutoScaling::ScalableTarget")
                    if lid.startswith("WorkersreportsScaling")]
-    mine = {lid: r["Properties"] for lid, r in resources({"t": t3}, "AWS::ApplicationAutoScaling::ScalingPolicy").items()
+    mine = {lid: r["Properties"]
+            for lid, r in resources({"t": t3}, "AWS::ApplicationAutoScaling::ScalingPolicy").items()
             if r["Properties"]["ScalingTargetId"] == {"Ref": target_id}}
     [tracking] = [p for p in mine.values() if p["PolicyType"] == "TargetTrackingScaling"]
     assert tracking["TargetTrackingScalingPolicyConfiguration"].get("DisableScaleIn", False) is False
@@ -844,7 +801,8 @@ def test_summary_matches_the_checked_in_file():
     expected = json.loads(SUMMARY_FILE.read_text())
     assert current == expected, (
         "the synthesized infrastructure changed: if intended, run "
-        "PCELERY_UPDATE_SUMMARY=1 .venv/bin/python -m pytest tests/test_infra.py -k summary and review the diff"
+        "PCELERY_UPDATE_SUMMARY=1 .venv/bin/python -m pytest tests/integration/test_infra.py -k summary "
+        "and review the diff"
     )
 
 

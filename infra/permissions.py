@@ -1,0 +1,69 @@
+"""What each task role may do on SQS (and CloudWatch), granted through small functions.
+
+The stateless stack calls these with the queues of the stateful stack; nothing else in infra/
+adds a statement to a task role. No wildcard actions anywhere. The migration task gets no grant
+at all: it talks to Postgres only. tests/integration/test_infra.py holds the roles to exactly
+these lists, and the ops lists to exactly the calls in the ops source.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_sqs as sqs
+
+from .nag import acknowledge
+
+# What a Celery worker does on the queue it consumes, and nothing more.
+CONSUME_ACTIONS = [
+    "sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:ChangeMessageVisibility",
+    "sqs:GetQueueAttributes", "sqs:GetQueueUrl",
+]
+# Publishing a task (the submit API after commit, or the relay for what it missed).
+PUBLISH_ACTIONS = ["sqs:SendMessage", "sqs:GetQueueUrl"]
+# The ops CLI (ops/, and app/outbox.py for replay) on every work queue and DLQ of its
+# environment: depth, peek (receive, then make visible again), redrive in both modes (the
+# native move task needs receive/delete/attributes on the DLQ and send on the destination),
+# replay (publish) and purge.
+OPS_QUEUE_ACTIONS = [
+    "sqs:GetQueueUrl", "sqs:GetQueueAttributes", "sqs:ReceiveMessage", "sqs:SendMessage",
+    "sqs:DeleteMessage", "sqs:ChangeMessageVisibility", "sqs:ListDeadLetterSourceQueues",
+    "sqs:StartMessageMoveTask", "sqs:ListMessageMoveTasks", "sqs:CancelMessageMoveTask", "sqs:PurgeQueue",
+]
+# `ops depth` reads each queue's ApproximateAgeOfOldestMessage from CloudWatch. CloudWatch has no
+# resource-level permissions for reading metrics, so this one is on "*".
+OPS_METRIC_ACTIONS = ["cloudwatch:GetMetricStatistics"]
+
+
+def grant_worker(role: iam.IRole, *, own_queue: sqs.IQueue, work_queues: Iterable[sqs.IQueue]) -> None:
+    """A worker consumes its own queue and publishes to every work queue, never to a DLQ.
+
+    A task may submit follow-up tasks to any queue, and the submit API publishes right after
+    commit; without the publish grant every follow-up would wait for the relay.
+    """
+    role.add_to_principal_policy(iam.PolicyStatement(
+        sid="ConsumeOwnQueue", actions=CONSUME_ACTIONS, resources=[own_queue.queue_arn]))
+    _publish(role, work_queues)
+
+
+def grant_relay(role: iam.IRole, *, work_queues: Iterable[sqs.IQueue]) -> None:
+    """The relay only publishes the rows their submitter failed to publish."""
+    _publish(role, work_queues)
+
+
+def grant_ops(role: iam.IRole, *, queues: Iterable[sqs.IQueue]) -> None:
+    """Exactly what the ops CLI calls, on the given work queues and DLQs of one environment."""
+    role.add_to_principal_policy(iam.PolicyStatement(
+        sid="OperateQueues", actions=OPS_QUEUE_ACTIONS, resources=[q.queue_arn for q in queues]))
+    role.add_to_principal_policy(iam.PolicyStatement(
+        sid="ReadQueueAge", actions=OPS_METRIC_ACTIONS, resources=["*"]))
+    acknowledge(role, "AwsSolutions-IAM5[Resource::*]",
+                "cloudwatch:GetMetricStatistics (ops depth reads each queue's oldest-message age) has no "
+                "resource-level permissions; every SQS action of the ops role is scoped to this "
+                "environment's queues and DLQs.")
+
+
+def _publish(role: iam.IRole, queues: Iterable[sqs.IQueue]) -> None:
+    role.add_to_principal_policy(iam.PolicyStatement(
+        sid="PublishTasks", actions=PUBLISH_ACTIONS, resources=[q.queue_arn for q in queues]))
