@@ -1,5 +1,6 @@
 """The detached local stack behind `python -m ops local up|down|status|seed|demo`, to practise
-the runbook on. Functions return data; progress goes to the `ops` logger; ops/cli.py renders.
+the runbook on. Functions return data; progress goes to the `ops` logger; the ops CLI renders
+the data (pcelery.ops.render).
 
 `up` starts a moto server, creates the DEMO_CATALOG queues (env local), migrates a SQLite store
 under the state directory (PCELERY_LOCAL_DIR, default ./var/local), starts a worker and the
@@ -9,10 +10,10 @@ outbox relay, and records what it started in stack.json there; the CLI prints `e
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-import shlex
 import signal
 import sys
 import time
@@ -23,7 +24,6 @@ from pcelery.settings import local_dir
 
 from . import DEMO_CATALOG, DEMO_CATALOG_SPEC
 from . import stack as local_stack
-from .stack import REPO_ROOT
 
 log = logging.getLogger("ops")
 
@@ -77,10 +77,6 @@ def status() -> dict:
     up = all(p["alive"] for p in procs.values()) and _answers(stack["endpoint"])
     return {"up": up, "stack_file": str(STACK_FILE), "endpoint": stack["endpoint"],
             "database_url": stack["database_url"], "processes": procs, "environ": stack["environ"]}
-
-
-def exports(environ: dict[str, str]) -> str:
-    return "".join(f"export {k}={shlex.quote(v)}\n" for k, v in environ.items())
 
 
 def up() -> dict:
@@ -142,10 +138,8 @@ def _stop(name: str, pid: int, timeout: float = 20.0) -> bool:
     while time.monotonic() < deadline and _alive(name, pid):
         time.sleep(0.2)
     if _alive(name, pid):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     return True
 
 
@@ -182,6 +176,7 @@ def seed() -> dict:
     with box.transaction() as conn:
         for task_name, count in SEED:
             for i in range(count):
+                args: tuple[object, ...]
                 if task_name == "demo.add":
                     args = (i, 1)
                 elif task_name == "demo.always_fail":

@@ -1,7 +1,10 @@
-"""The on-call ops CLI (`python -m ops ...`) and the library under it.
+"""The on-call ops CLI (`pcelery-ops`, or `python -m ops ...` in the repository) and the library
+under it.
 
-ops.queues (SQS: resolve, depth, peek, redrive, purge) and ops.tasks (the claim-check store:
-tasks, replay) return data; ops.cli parses arguments and renders that data. Every failure the
+The library returns data: pcelery.ops.aws (AWS sessions; botocore failures as OpsError),
+pcelery.ops.queues (SQS: resolve, depth, peek, purge), pcelery.ops.redrive (DLQ -> queue, native
+or client-side) and pcelery.ops.tasks (the claim-check store: task rows, replay). pcelery.ops.cli
+parses arguments and runs the commands; pcelery.ops.render shows their data. Every failure the
 operator can act on is an OpsError carrying one of the exit codes below, so the CLI prints one
 line and exits with a documented code instead of a traceback.
 """

@@ -1,21 +1,37 @@
-"""The claim-check store side of ops: opening the store, task rows as JSON-ready data, replay.
-Every read and write of the tasks table goes through pcelery.store, which owns it."""
+"""The claim-check store side of ops: opening the store, task rows (pcelery.store.TaskRow), replay.
+Every read and write of the tasks table goes through pcelery.store, which owns it; the CLI turns
+the rows into JSON (TaskRow.as_json) or table cells."""
 
 from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
+from typing import TypedDict
 
 import sqlalchemy as sa
 
+from pcelery.ops import EXIT_DB, EXIT_NOT_FOUND, EXIT_USAGE, OpsError
 from pcelery.store import TaskRow
-
-from . import EXIT_DB, EXIT_NOT_FOUND, EXIT_USAGE, OpsError
 
 log = logging.getLogger("ops")
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+# publish(ids) -> {task_id: message_id} of those sent (the outbox's publisher; see replay).
+Publish = Callable[[list[str]], dict[str, str] | None]
+
+
+class ReplayResult(TypedDict):
+    """What replay did (the keys in the order `--output json` shows them)."""
+
+    requested: list[str]
+    reset: list[str]
+    skipped_running: list[str]
+    published: list[str]
+    left_for_relay: list[str]
+    error: str | None
 
 
 def parse_duration(text: str) -> float:
@@ -35,7 +51,7 @@ def _reason(exc: Exception) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def open_store(database_url: str):
+def open_store(database_url: str) -> tuple[sa.Engine, None] | tuple[None, str]:
     """(engine, None) when the claim-check database answers and has its schema, else
     (None, note) with a sentence for stderr."""
     from pcelery import schema
@@ -62,70 +78,60 @@ def open_store(database_url: str):
 
 
 def require_store(database_url: str) -> sa.Engine:
-    engine, note = open_store(database_url)
-    if engine is None:
-        raise OpsError(note, EXIT_DB)
-    return engine
+    opened = open_store(database_url)
+    if opened[0] is None:
+        raise OpsError(opened[1], EXIT_DB)
+    return opened[0]
 
 
-def task_rows(engine: sa.Engine, task_ids: list[str]) -> dict[str, TaskRow]:
+def task_rows(engine: sa.Engine, task_ids: list[str | None]) -> dict[str, TaskRow]:
+    """{id: row} of the ids that have a row (None and empty ids are skipped)."""
     from pcelery.store import get_tasks
 
     return get_tasks(engine, [t for t in task_ids if t])
 
 
-def row_summary(row: TaskRow | None) -> dict | None:
-    """The part of a row that peek shows next to its message."""
-    if row is None:
-        return None
-    data = row.as_json()
-    return {"state": row.state, "attempts": row.attempts, "last_error": row.error,
-            "payload": row.payload, "updated_at": data["updated_at"]}
-
-
-def public_row(row: TaskRow) -> dict:
-    """A row as JSON-ready data (datetimes as ISO 8601)."""
-    return row.as_json()
-
-
 def list_tasks(engine: sa.Engine, *, state: str | None = None, task_name: str | None = None,
-               older_than_seconds: float | None = None, stuck: bool = False, limit: int = 100) -> list[dict]:
+               older_than_seconds: float | None = None, stuck: bool = False, limit: int = 100) -> list[TaskRow]:
     from pcelery.store import STATES
     from pcelery.store import list_tasks as store_list
 
     if state is not None and state not in STATES:
         raise OpsError(f"unknown state {state!r}: use one of {', '.join(STATES)}", EXIT_USAGE)
-    rows = store_list(engine, state=state, task_name=task_name, older_than_seconds=older_than_seconds,
+    return store_list(engine, state=state, task_name=task_name, older_than_seconds=older_than_seconds,
                       stuck=stuck, limit=limit)
-    return [public_row(r) for r in rows]
 
 
 def select_for_replay(engine: sa.Engine, *, task_ids: list[str] | None = None, state: str | None = None,
-                      task_name: str | None = None, limit: int = 100) -> list[dict]:
+                      task_name: str | None = None, limit: int = 100) -> list[TaskRow]:
     """The rows a replay would touch; unknown ids are an error (EXIT_NOT_FOUND) naming them."""
     from pcelery.store import get_task
 
     if task_ids:
-        rows, missing = [], []
+        rows: list[TaskRow] = []
+        missing: list[str] = []
         for tid in dict.fromkeys(task_ids):
             row = get_task(engine, tid)
-            (rows.append(row) if row is not None else missing.append(tid))
+            if row is not None:
+                rows.append(row)
+            else:
+                missing.append(tid)
         if missing:
             raise OpsError(f"no task row with id {', '.join(missing)}: check the ids (`python -m ops tasks` "
                            "lists rows)", EXIT_NOT_FOUND)
-        return [public_row(r) for r in rows[:limit]]
+        return rows[:limit]
     if not state:
         raise OpsError("replay needs TASK_ID ... or --state STATE", EXIT_USAGE)
     return list_tasks(engine, state=state, task_name=task_name, limit=limit)
 
 
-def replay(engine: sa.Engine, rows: list[dict], publish) -> dict:
+def replay(engine: sa.Engine, rows: list[TaskRow], publish: Publish) -> ReplayResult:
     """Reset the rows to pending (store.reset_for_replay: live running rows are skipped) and hand
     the reset ids to `publish(ids) -> {task_id: message_id}` (the outbox publisher), which sends
     them and marks them queued. What it does not send stays pending for the relay."""
     from pcelery.store import reset_for_replay
 
-    ids = [r["id"] for r in rows]
+    ids = [r.id for r in rows]
     reset = reset_for_replay(engine, ids)
     published: dict[str, str] = {}
     error = None

@@ -1,0 +1,685 @@
+"""The ops CLI, driven through its real entry point (`python -m ops ...` subprocesses) against
+the moto server of the `sqs_endpoint` fixture and a migrated SQLite claim-check store (conftest's
+LocalEnv), and the native redrive path against LocalStack. (The library functions in-process are
+tests/unit/test_ops_lib.py.)
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import LocalEnv, reset_moto, wait_for
+
+from devstack import DEMO_CATALOG
+from devstack.stack import create_queues, free_port, sqs_client
+from pcelery import schema, store
+from pcelery.messages import encode_body
+
+REPO = Path(__file__).resolve().parents[2]
+LOCALSTACK_PY = REPO / ".venv-localstack" / "bin" / "python"
+
+
+# ------------------------------------------------------------------------------ the stack
+
+
+class OpsEnv(LocalEnv):
+    """conftest's LocalEnv (env `local`, migrated store) with the ops CLI run against it, and
+    every message sent through `send`, to compare with what arrives."""
+
+    def __init__(self, endpoint: str, tmp: Path):
+        super().__init__(endpoint, f"sqlite:///{tmp / 'tasks.sqlite3'}", "local", tmp)
+        self.migrate()
+        self.env = {**os.environ, **self.environ, "AWS_EC2_METADATA_DISABLED": "true"}
+        self.env.pop("AWS_PROFILE", None)
+        self.sent: dict[str, dict[str, Any] | None] = {}  # body -> message attributes as SQS gives them back
+
+    def ops(self, *args: str, env: dict[str, str] | None = None, timeout: float = 60,
+            stdin: Any = subprocess.DEVNULL) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "ops", *args], check=False, env={**self.env, **(env or {})},
+                              cwd=REPO, capture_output=True, text=True, timeout=timeout, stdin=stdin)
+
+    def ops_json(self, *args: str, **kw: Any) -> Any:
+        proc = self.ops(*args, "--output", "json", **kw)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)
+
+    def send(self, url: str, body: str, **attrs: str) -> None:
+        super().send(url, body, **attrs)
+        self.sent[body] = {k: {"DataType": "String", "StringValue": str(v)} for k, v in attrs.items()} or None
+
+    def dead_task(self, task_name: str, queue: str = "default", error: str = "ValueError: boom",
+                  **attrs: str) -> str:
+        """A dead row and its message (attribute origin=test) in the queue's DLQ."""
+        return super().dead_task(task_name, queue, error, **{"origin": "test", **attrs})
+
+
+def _ops_env(endpoint: str, tmp: Path) -> Iterator[OpsEnv]:
+    e = OpsEnv(endpoint, tmp)
+    try:
+        yield e
+    finally:
+        e.close()
+
+
+@pytest.fixture
+def stack(sqs_endpoint: str, tmp_path: Path) -> Iterator[OpsEnv]:
+    reset_moto(sqs_endpoint)  # every test starts from empty queues
+    yield from _ops_env(sqs_endpoint, tmp_path)
+
+
+def _error_line(proc: subprocess.CompletedProcess) -> str:
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert lines and lines[-1].startswith("ops: error:"), proc.stderr
+    return lines[-1]
+
+
+# ----------------------------------------------------------------------------------- depth
+
+
+def test_depth_reports_exact_counts_for_every_catalog_queue_and_its_dlq(stack):
+    for i in range(3):
+        stack.send(stack.url("default"), f"visible-{i}")
+    stack.sqs.send_message(QueueUrl=stack.url("long"), MessageBody="later", DelaySeconds=300)
+    stack.send(stack.url("default"), "in-flight")
+    # A message held by a consumer counts as in flight.
+    got = stack.sqs.receive_message(QueueUrl=stack.url("default"), MaxNumberOfMessages=1, VisibilityTimeout=300)
+    assert len(got["Messages"]) == 1
+    stack.dead_task("app.demo_tasks.flaky")
+    stack.dead_task("app.demo_tasks.flaky")
+
+    rows = stack.ops_json("depth")
+
+    by_name = {r["queue"]: r for r in rows}
+    assert set(by_name) == {"pcelery-local-default", "pcelery-local-long"}
+    d, lg = by_name["pcelery-local-default"], by_name["pcelery-local-long"]
+    assert (d["visible"], d["in_flight"], d["delayed"]) == (3, 1, 0)
+    assert (lg["visible"], lg["in_flight"], lg["delayed"]) == (0, 0, 1)
+    assert d["oldest_age_seconds"] is None  # local endpoint: CloudWatch cannot tell
+    assert d["dlq"] == {"queue": "pcelery-local-default-dlq", "url": stack.url("default", dlq=True),
+                        "visible": 2, "in_flight": 0, "delayed": 0}
+    assert d["tasks"]["dead"] == 2 and d["tasks"]["pending"] == 0
+    assert lg["tasks"] == {}
+
+    # The table names the same numbers, and a single queue can be asked for by URL or SQS name.
+    table = stack.ops("depth", stack.url("default"))
+    assert table.returncode == 0
+    assert "pcelery-local-default" in table.stdout and "dead=2" in table.stdout
+    assert [r["queue"] for r in stack.ops_json("depth", "pcelery-local-long")] == ["pcelery-local-long"]
+
+
+def test_depth_without_database_still_answers_and_says_why(stack):
+    stack.send(stack.url("default"), "x")
+    proc = stack.ops("depth", "default", "-o", "json",
+                     env={"DATABASE_URL": f"postgresql://postgres@127.0.0.1:{free_port()}/nope"})
+    assert proc.returncode == 0, proc.stderr
+    [row] = json.loads(proc.stdout)
+    assert row["visible"] == 1 and row["tasks"] is None
+    assert "unreachable" in proc.stderr and "DATABASE_URL" in proc.stderr
+
+
+def test_depth_watch_refreshes_until_interrupted(stack):
+    proc = subprocess.Popen([sys.executable, "-m", "ops", "depth", "default", "--watch", "0.2", "-o", "json"],
+                            env=stack.env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = json.loads(proc.stdout.readline())
+        stack.send(stack.url("default"), "arrives-while-watching")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if json.loads(proc.stdout.readline())[0]["visible"] == 1:
+                break
+        else:
+            pytest.fail("depth --watch never showed the new message")
+        assert first[0]["visible"] == 0
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+# ------------------------------------------------------------------------------------ peek
+
+
+def test_peek_shows_messages_with_their_rows_and_consumes_nothing(stack):
+    tid = stack.dead_task("app.demo_tasks.always_fails", error="RuntimeError: payment API down")
+    stack.send(stack.url("default", dlq=True), "not a celery message", source="hand")
+    # A Celery envelope whose inner body is not the JSON its content type says: the headers still
+    # name the task, which is what the on-call engineer needs.
+    damaged_id = str(uuid.uuid4())
+    envelope = json.loads(base64.b64decode(encode_body(damaged_id, "app.demo_tasks.add", queue="default")))
+    envelope["body"] = base64.b64encode(b"[[1, 2], {").decode()
+    stack.send(stack.url("default", dlq=True), base64.b64encode(json.dumps(envelope).encode()).decode())
+    before = (stack.counts(stack.url("default", dlq=True)), stack.counts(stack.url("default")))
+
+    messages = stack.ops_json("peek", "default-dlq", "--limit", "10")
+
+    after = (stack.counts(stack.url("default", dlq=True)), stack.counts(stack.url("default")))
+    assert before == after == ((3, 0, 0), (0, 0, 0))  # nothing consumed, nothing left in flight
+    assert len(messages) == 3
+    celery = next(m for m in messages if m["task_id"] == tid)
+    raw = next(m for m in messages if not m["task_id"])
+    damaged = next(m for m in messages if m["task_id"] == damaged_id)
+    assert damaged["task"] == "app.demo_tasks.add" and damaged["task_row"] is None
+    assert set(celery) == {"message_id", "task", "task_id", "receive_count", "sent_at", "attributes", "body",
+                           "task_row"}
+    assert celery["task"] == "app.demo_tasks.always_fails" and celery["task_id"] == tid
+    assert celery["receive_count"] == 1 and celery["sent_at"].endswith("Z")
+    assert celery["attributes"] == {"origin": "test"}
+    assert celery["task_row"]["state"] == "dead"
+    assert celery["task_row"]["attempts"] == 1
+    assert celery["task_row"]["last_error"] == "RuntimeError: payment API down"
+    assert raw["task"] is None and raw["body"] == "not a celery message" and raw["task_row"] is None
+
+    # --limit bounds it; a second peek sees the same messages again (receive count grows).
+    [one] = stack.ops_json("peek", "default-dlq", "--limit", "1")
+    assert one["receive_count"] == 2
+    table = stack.ops("peek", "default-dlq")
+    assert "app.demo_tasks.always_fails" in table.stdout and "payment API down" in table.stdout
+    assert f"task     app.demo_tasks.add  id {damaged_id}" in table.stdout
+    assert "no row with this id: a poison message" in table.stdout
+    assert stack.counts(stack.url("default", dlq=True)) == (3, 0, 0)
+
+
+def test_peek_refuses_a_work_queue_because_receives_count_toward_the_dlq(stack):
+    stack.send(stack.url("default"), "live")
+    proc = stack.ops("peek", "default")
+    assert proc.returncode == 6
+    assert "work queue" in _error_line(proc)
+    assert stack.counts(stack.url("default")) == (1, 0, 0)
+
+
+# --------------------------------------------------------------------------------- redrive
+
+
+def test_redrive_moves_everything_preserving_bodies_and_attributes_and_requeues_rows(stack):
+    dlq = stack.url("default", dlq=True)
+    tids = [stack.dead_task("app.demo_tasks.flaky") for _ in range(3)]
+    for i in range(9):
+        stack.send(dlq, f"raw-{i}", n=str(i), kind="raw")
+    originals = dict(stack.sent)
+    assert len(originals) == 12
+
+    dry = stack.ops_json("redrive", "default-dlq", "--dry-run")
+    assert dry["dry_run"] is True and dry["moved"] == 0 and dry["would_move"] == 12
+    assert stack.counts(dlq) == (12, 0, 0) and stack.counts(stack.url("default")) == (0, 0, 0)
+
+    summary = stack.ops_json("redrive", "default-dlq", "--yes")
+
+    assert {k: summary[k] for k in ("source", "destination", "mode", "moved", "failed", "skipped", "dry_run")} == {
+        "source": "pcelery-local-default-dlq", "destination": "pcelery-local-default", "mode": "client",
+        "moved": 12, "failed": 0, "skipped": 0, "dry_run": False}
+    assert summary["tasks_requeued"] == 3
+    assert stack.counts(dlq) == (0, 0, 0)
+    moved = stack.sqs.receive_message(QueueUrl=stack.url("default"), MaxNumberOfMessages=10,
+                                      MessageAttributeNames=["All"])["Messages"]
+    moved += stack.sqs.receive_message(QueueUrl=stack.url("default"), MaxNumberOfMessages=10,
+                                       MessageAttributeNames=["All"])["Messages"]
+    assert {m["Body"]: m.get("MessageAttributes") for m in moved} == originals
+    assert {store.get_task(stack.engine, t).state for t in tids} == {"queued"}
+
+
+def test_redrive_task_filter_moves_only_that_task_and_leaves_the_rest_visible(stack):
+    dlq = stack.url("default", dlq=True)
+    wanted = [stack.dead_task("app.demo_tasks.flaky") for _ in range(4)]
+    others = [stack.dead_task("app.demo_tasks.always_fails") for _ in range(3)]
+    stack.send(dlq, "garbage")
+
+    dry = stack.ops_json("redrive", "default-dlq", "--task", "app.demo_tasks.flaky", "--dry-run")
+    assert dry["would_move"] == 4 and dry["moved"] == 0
+    assert stack.counts(dlq) == (8, 0, 0)
+
+    summary = stack.ops_json("redrive", "default-dlq", "--task", "app.demo_tasks.flaky", "--yes")
+
+    assert (summary["mode"], summary["moved"], summary["skipped"], summary["failed"]) == ("client", 4, 4, 0)
+    assert stack.counts(dlq) == (4, 0, 0)  # the others are visible again at once
+    assert stack.counts(stack.url("default"))[0] == 4
+    assert {store.get_task(stack.engine, t).state for t in wanted} == {"queued"}
+    assert {store.get_task(stack.engine, t).state for t in others} == {"dead"}
+
+    limited = stack.ops_json("redrive", "default-dlq", "--limit", "2", "--yes")
+    assert limited["moved"] == 2 and stack.counts(dlq) == (2, 0, 0)
+
+
+def test_killed_client_redrive_loses_no_message(stack):
+    dlq, dest = stack.url("default", dlq=True), stack.url("default")
+    originals = {f"message-{i:02d}" for i in range(30)}
+    for body in originals:
+        stack.send(dlq, body)
+    proc = subprocess.Popen([sys.executable, "-m", "ops", "redrive", "default-dlq", "--yes", "--mode", "client",
+                             "--rate", "3", "--hold-seconds", "2"], env=stack.env, cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(lambda: stack.counts(dest)[0] >= 4, timeout=60, what="the redrive to get going (4 moved)",
+                 interval=0.1)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    moved_before_kill = stack.counts(dest)[0]
+    assert moved_before_kill < 30, "the redrive finished before it could be killed: lower --rate"
+
+    # Whatever the kill interrupted comes back to the DLQ when its hold runs out.
+    in_dlq = stack.drain_bodies(dlq, 30 - moved_before_kill)
+    in_dest = stack.drain_bodies(dest, moved_before_kill)
+    assert len(in_dlq) + len(in_dest) >= 30
+    assert originals <= set(in_dlq) | set(in_dest)
+
+
+def test_redrive_refusals_and_errors_have_their_exit_codes(stack):
+    stack.send(stack.url("default", dlq=True), "x")
+
+    proc = stack.ops("redrive", "default-dlq")  # stdin is not a terminal, no --yes
+    assert proc.returncode == 7 and "--yes" in _error_line(proc)
+
+    proc = stack.ops("redrive", "default", "--yes")
+    assert proc.returncode == 6 and "not a DLQ" in _error_line(proc)
+
+    proc = stack.ops("redrive", "default-dlq", "--to", "long", "--yes")
+    assert proc.returncode == 6 and "not a source queue" in _error_line(proc)
+
+    proc = stack.ops("redrive", "default-dlq", "--mode", "native", "--task", "x", "--yes")
+    assert proc.returncode == 6 and "--mode client" in _error_line(proc)
+
+    proc = stack.ops("redrive", "default-dlq", "--mode", "native", "--yes")  # moto lacks the move-task API
+    assert proc.returncode == 4 and "StartMessageMoveTask" in _error_line(proc)
+
+    proc = stack.ops("redrive", "nope-dlq", "--yes")
+    assert proc.returncode == 3 and "not found" in _error_line(proc)
+
+    # A plain queue nobody dead-letters into is not a DLQ either.
+    stack.sqs.create_queue(QueueName="orphan")
+    stack.send(stack.sqs.get_queue_url(QueueName="orphan")["QueueUrl"], "y")
+    proc = stack.ops("redrive", "orphan", "--yes")
+    assert proc.returncode == 6 and "not a DLQ" in _error_line(proc)
+    # ... unless forced, with an explicit destination.
+    forced = stack.ops_json("redrive", "orphan", "--to", "long", "--force", "--yes")
+    assert forced["moved"] == 1 and stack.counts(stack.url("long"))[0] == 1
+
+    # Two queues dead-letter into the same DLQ: the destination is ambiguous.
+    dlq_arn = stack.queues["default"]["dlq_arn"]
+    stack.sqs.create_queue(QueueName="second-source", Attributes={
+        "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": 3})})
+    proc = stack.ops("redrive", "default-dlq", "--yes")
+    assert proc.returncode == 6 and "--to" in _error_line(proc)
+    ok = stack.ops_json("redrive", "default-dlq", "--to", "second-source", "--yes")
+    assert ok["moved"] == 1 and ok["destination"] == "second-source"
+
+    # Auto mode on moto falls back to client and says so.
+    stack.send(stack.url("default", dlq=True), "z")
+    proc = stack.ops("redrive", "default-dlq", "--to", "default", "--yes")
+    assert proc.returncode == 0 and "client-side" in proc.stderr
+
+
+# ------------------------------------------------------------------------------ errors
+
+
+def test_unknown_queue_unreachable_endpoint_and_missing_credentials(stack, tmp_path):
+    proc = stack.ops("depth", "nope")
+    assert proc.returncode == 3 and "catalog queues are default, long" in _error_line(proc)
+
+    proc = stack.ops("depth", env={"AWS_ENDPOINT_URL_SQS": f"http://127.0.0.1:{free_port()}"})
+    assert proc.returncode == 4 and "cannot reach the SQS endpoint" in _error_line(proc)
+
+    # Real AWS (no endpoint) and no credentials anywhere.
+    bare = {k: v for k, v in stack.env.items()
+            if not k.startswith("AWS_") or k in ("AWS_REGION", "AWS_EC2_METADATA_DISABLED")}
+    bare.update(AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"))
+    proc = subprocess.run([sys.executable, "-m", "ops", "depth", "--env", "prod"], check=False, env=bare, cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 5 and "no AWS credentials" in _error_line(proc)
+    proc = subprocess.run([sys.executable, "-m", "ops", "depth", "--env", "prod"], check=False, cwd=REPO,
+                          capture_output=True, text=True, timeout=60,
+                          env={k: v for k, v in bare.items() if k != "AWS_REGION"})
+    assert proc.returncode == 5 and "no AWS region" in _error_line(proc)
+
+    proc = stack.ops("depth", "--profile", "no-such-profile")
+    assert proc.returncode == 5 and "no-such-profile" in _error_line(proc)
+
+
+# ------------------------------------------------------------------------------- tasks
+
+
+def test_tasks_lists_rows_by_state_age_and_stuck(stack):
+    dead = stack.dead_task("app.demo_tasks.flaky")
+    stuck = str(uuid.uuid4())
+    with stack.engine.begin() as conn:
+        store.insert_task(conn, task_id=stuck, task_name="app.demo_tasks.slow", queue="long", args=[], kwargs={})
+    assert store.claim(stack.engine, stuck, worker="gone", lease_seconds=0).outcome == "run"
+
+    rows = stack.ops_json("tasks", "--state", "dead")
+    assert [r["id"] for r in rows] == [dead] and rows[0]["error"] == "ValueError: boom"
+    assert [r["id"] for r in stack.ops_json("tasks", "--stuck")] == [stuck]
+    assert stack.ops_json("tasks", "--older-than", "1h") == []
+    assert len(stack.ops_json("tasks", "--older-than", "0s")) == 2
+    assert [r["id"] for r in stack.ops_json("tasks", "--task", "app.demo_tasks.slow")] == [stuck]
+    table = stack.ops("tasks")
+    assert dead in table.stdout and "running" in table.stdout
+
+    proc = stack.ops("tasks", "--older-than", "ten minutes")
+    assert proc.returncode == 2 and "90s, 15m, 2h or 1d" in proc.stderr
+    proc = stack.ops("tasks", "--state", "zombie")
+    assert proc.returncode == 2 and "unknown state" in _error_line(proc)
+    proc = stack.ops("tasks", env={"DATABASE_URL": f"postgresql://postgres@127.0.0.1:{free_port()}/nope"})
+    assert proc.returncode == 9 and "unreachable" in _error_line(proc)
+    # A store behind the code (its rows lack columns ops reads): told to migrate, not a traceback.
+    old_store = f"sqlite:///{stack.db_url.removeprefix('sqlite:///')}.v1"
+    old_engine = schema.make_engine(old_store)
+    schema.migrate(old_engine, up_to=1)
+    old_engine.dispose()
+    proc = stack.ops("tasks", env={"DATABASE_URL": old_store})
+    assert proc.returncode == 9
+    assert "has schema version 1, this code needs" in _error_line(proc)
+    assert "run `pcelery-migrate`" in _error_line(proc)
+
+
+# ------------------------------------------------------------------------------ replay
+
+
+def test_replay_resets_rows_and_publishes_them_through_the_outbox(stack):
+    from pcelery.messages import decode_body
+
+    dead = [stack.dead_task("app.demo_tasks.flaky") for _ in range(2)]
+    other = stack.dead_task("app.demo_tasks.always_fails")
+    live = str(uuid.uuid4())
+    with stack.engine.begin() as conn:
+        store.insert_task(conn, task_id=live, task_name="app.demo_tasks.flaky", queue="default", args=[], kwargs={})
+    assert store.claim(stack.engine, live, worker="w2", lease_seconds=300).outcome == "run"
+
+    dry = stack.ops_json("replay", "--state", "dead", "--task", "app.demo_tasks.flaky", "--dry-run")
+    assert sorted(dry["would_replay"]) == sorted(dead)
+    assert {store.get_task(stack.engine, t).state for t in dead} == {"dead"}
+    assert stack.counts(stack.url("default")) == (0, 0, 0)
+
+    proc = stack.ops("replay", "--state", "dead")
+    assert proc.returncode == 7  # no terminal, no --yes
+
+    result = stack.ops_json("replay", "--state", "dead", "--task", "app.demo_tasks.flaky", "--yes")
+    assert sorted(result["reset"]) == sorted(dead) == sorted(result["published"])
+    assert {store.get_task(stack.engine, t).state for t in dead} == {"queued"}
+    assert store.get_task(stack.engine, other).state == "dead"
+    msgs = stack.sqs.receive_message(QueueUrl=stack.url("default"), MaxNumberOfMessages=10)["Messages"]
+    assert sorted(decode_body(m["Body"]).task_id for m in msgs) == sorted(dead)
+
+    # By id: a running row with a live lease is not touched; an unknown id is an error.
+    result = stack.ops_json("replay", other, live, "--yes")
+    assert result["reset"] == [other] and result["skipped_running"] == [live]
+    assert store.get_task(stack.engine, live).state == "running"
+    proc = stack.ops("replay", "no-such-id", "--yes")
+    assert proc.returncode == 3 and "no-such-id" in _error_line(proc)
+    proc = stack.ops("replay", "--yes")
+    assert proc.returncode == 2
+
+
+# ------------------------------------------------------------------------------- purge
+
+
+def test_purge_asks_and_empties_and_guards_prod(stack):
+    for i in range(4):
+        stack.send(stack.url("default", dlq=True), f"m{i}")
+    proc = stack.ops("purge", "default-dlq")
+    assert proc.returncode == 7 and stack.counts(stack.url("default", dlq=True)) == (4, 0, 0)
+    dry = stack.ops_json("purge", "default-dlq", "--dry-run")
+    assert dry["would_purge_approximately"] == 4 and stack.counts(stack.url("default", dlq=True)) == (4, 0, 0)
+    done = stack.ops_json("purge", "default-dlq", "--yes")
+    assert done["purged_approximately"] == 4
+    assert stack.counts(stack.url("default", dlq=True)) == (0, 0, 0)
+
+    prod = create_queues(stack.sqs, DEMO_CATALOG, "prod")
+    stack.send(prod["default"]["url"], "live prod task")
+    stack.send(prod["default"]["dlq_url"], "dead prod task")
+    proc = stack.ops("purge", "default", "--env", "prod", "--yes", "--confirm-name", "pcelery-prod-default")
+    assert proc.returncode == 6 and "work queue in prod" in _error_line(proc)
+    proc = stack.ops("purge", "default-dlq", "--env", "prod", "--yes")  # --yes is not enough in prod
+    assert proc.returncode == 7
+    proc = stack.ops("purge", "default-dlq", "--env", "prod", "--confirm-name", "pcelery-prod-default")
+    assert proc.returncode == 7 and "is not the queue's name" in _error_line(proc)
+    assert stack.counts(prod["default"]["dlq_url"]) == (1, 0, 0)
+    proc = stack.ops("purge", "default-dlq", "--env", "prod", "--confirm-name", "pcelery-prod-default-dlq")
+    assert proc.returncode == 0
+    assert stack.counts(prod["default"]["dlq_url"]) == (0, 0, 0)
+    assert stack.counts(prod["default"]["url"]) == (1, 0, 0)
+    forced = stack.ops("purge", prod["default"]["url"], "--env", "prod", "--force",
+                       "--confirm-name", "pcelery-prod-default")
+    assert forced.returncode == 0 and stack.counts(prod["default"]["url"]) == (0, 0, 0)
+
+
+# ------------------------------------------------------------------------ the whole CLI
+
+
+def test_help_documents_every_exit_code_and_parse_only_mode_touches_nothing(stack):
+    from pcelery.ops import EXIT_CODES
+
+    out = subprocess.run([sys.executable, "-m", "ops", "--help"], check=False, capture_output=True, text=True,
+                         cwd=REPO).stdout
+    for code in EXIT_CODES:
+        assert f"  {code:>3}  " in out
+    for cmd in ("depth", "peek", "redrive", "tasks", "replay", "purge", "local"):
+        sub = stack.ops(cmd, "--help")
+        assert sub.returncode == 0 and "--output" in sub.stdout and "--endpoint-url" in sub.stdout
+    stack.send(stack.url("default", dlq=True), "x")
+    proc = stack.ops("purge", "default-dlq", "--yes", env={"OPS_PARSE_ONLY": "1"})
+    assert proc.returncode == 0 and stack.counts(stack.url("default", dlq=True)) == (1, 0, 0)
+    proc = stack.ops("tasks", "--older-than", "soon", env={"OPS_PARSE_ONLY": "1"})
+    assert proc.returncode == 2
+
+
+def test_the_store_side_works_on_postgres_too(stack, pg_url):
+    """The same commands with the claim-check store on the real Postgres (as in AWS)."""
+    engine = schema.make_engine(pg_url)
+    schema.migrate(engine)
+    sqlite_engine, stack.engine = stack.engine, engine
+    try:
+        tid = stack.dead_task("demo.always_fail", error="RuntimeError: on postgres")
+        env = {"DATABASE_URL": pg_url}
+        [row] = [r for r in stack.ops_json("tasks", "--state", "dead", env=env) if r["id"] == tid]
+        assert row["error"] == "RuntimeError: on postgres" and row["queue"] == "default"
+        [depth] = stack.ops_json("depth", "default", env=env)
+        assert depth["tasks"]["dead"] >= 1 and depth["dlq"]["visible"] == 1
+        [peeked] = stack.ops_json("peek", "default-dlq", env=env)
+        assert peeked["task_row"]["state"] == "dead"
+        summary = stack.ops_json("redrive", "default-dlq", "--yes", env=env)
+        assert summary["moved"] == 1 and summary["tasks_requeued"] == 1
+        assert store.get_task(engine, tid).state == "queued"
+    finally:
+        stack.engine = sqlite_engine
+        engine.dispose()
+
+
+def _ops_on_terminal(stack: OpsEnv, args: list[str], answer: str) -> subprocess.CompletedProcess:
+    """Run ops with a terminal on stdin where `answer` is already typed."""
+    master, slave = os.openpty()
+    try:
+        os.write(master, answer.encode() + b"\n")
+        return subprocess.run([sys.executable, "-m", "ops", *args], check=False, stdin=slave, env=stack.env,
+                              cwd=REPO, capture_output=True, text=True, timeout=60)
+    finally:
+        os.close(slave)
+        os.close(master)
+
+
+def test_confirmation_on_a_terminal(stack):
+    dlq = stack.url("default", dlq=True)
+    for i in range(3):
+        stack.send(dlq, f"m{i}")
+
+    no = _ops_on_terminal(stack, ["redrive", "default-dlq"], "n")
+    assert no.returncode == 7 and "Type 'yes' to continue" in no.stderr and "nothing was changed" in no.stderr
+    assert stack.counts(dlq) == (3, 0, 0)
+    yes = _ops_on_terminal(stack, ["redrive", "default-dlq"], "yes")
+    assert yes.returncode == 0 and "moved 3" in yes.stdout
+    assert stack.counts(dlq) == (0, 0, 0) and stack.counts(stack.url("default"))[0] == 3
+
+    # In prod, purge wants the queue's name typed back; "yes" is not enough.
+    prod = create_queues(stack.sqs, DEMO_CATALOG, "prod")
+    stack.send(prod["default"]["dlq_url"], "dead")
+    wrong = _ops_on_terminal(stack, ["purge", "default-dlq", "--env", "prod"], "yes")
+    assert wrong.returncode == 7 and stack.counts(prod["default"]["dlq_url"]) == (1, 0, 0)
+    typed = _ops_on_terminal(stack, ["purge", "default-dlq", "--env", "prod"], "pcelery-prod-default-dlq")
+    assert typed.returncode == 0 and stack.counts(prod["default"]["dlq_url"]) == (0, 0, 0)
+
+    # A URL that names no queue is "not found", like a name.
+    gone = stack.ops("peek", stack.url("default", dlq=True).replace("default-dlq", "gone-dlq"))
+    assert gone.returncode == 3 and "not found" in _error_line(gone)
+
+
+# ------------------------------------------------------------------------- local stack
+
+
+def test_local_up_is_idempotent_seeds_work_and_down_stops_everything_it_started(tmp_path):
+    env = {**os.environ, "PCELERY_LOCAL_DIR": str(tmp_path / "local")}
+    for key in ("AWS_ENDPOINT_URL_SQS", "AWS_ENDPOINT_URL", "DATABASE_URL"):
+        env.pop(key, None)
+
+    def ops(*args):
+        return subprocess.run([sys.executable, "-m", "ops", "local", *args], check=False, env=env, cwd=REPO,
+                              capture_output=True, text=True, timeout=120)
+
+    assert ops("status").returncode == 4
+    stack = {"pids": {}}
+    try:
+        up = ops("up")
+        assert up.returncode == 0, up.stderr
+        exports = dict(line[len("export "):].split("=", 1) for line in up.stdout.splitlines())
+        assert exports["PCELERY_ENV"] == "local" and exports["PCELERY_CATALOG"] == "devstack:DEMO_CATALOG"
+        assert exports["AWS_ENDPOINT_URL_SQS"].startswith("http://127.0.0.1:")
+        assert exports["DATABASE_URL"].startswith("sqlite:///") and str(tmp_path) in exports["DATABASE_URL"]
+        stack = json.loads((tmp_path / "local" / "stack.json").read_text())
+        assert set(stack["pids"]) == {"moto", "worker", "relay"}
+
+        again = ops("up")  # idempotent: same stack, same exports
+        assert again.returncode == 0 and again.stdout == up.stdout and "already up" in again.stderr
+        assert ops("status").returncode == 0
+
+        seeded = json.loads(ops("seed", "-o", "json").stdout)
+        assert len(seeded["task_ids"]) == 10
+        # The stack's own worker runs them: the adds succeed.
+        engine = schema.make_engine(exports["DATABASE_URL"])
+        wait_for(lambda: store.count_by_state(engine)["succeeded"] >= 5, timeout=90, interval=0.5,
+                 what="the seeded adds to succeed")
+        engine.dispose()
+    finally:
+        down = ops("down")
+    assert down.returncode == 0 and "stopped: worker, relay, moto" in down.stderr
+    for pid in stack["pids"].values():
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+    assert ops("status").returncode == 4
+    assert "nothing to stop" in ops("down").stderr
+
+    # A new stack has new (empty) queues, so it starts with an empty store too: rows from the
+    # last one would name messages that exist nowhere.
+    try:
+        fresh = ops("up")
+        assert fresh.returncode == 0, fresh.stderr
+        stack = json.loads((tmp_path / "local" / "stack.json").read_text())
+        engine = schema.make_engine(exports["DATABASE_URL"])
+        assert sum(store.count_by_state(engine).values()) == 0
+        engine.dispose()
+    finally:
+        assert ops("down").returncode == 0
+
+
+# --------------------------------------------------------------- native redrive (LocalStack)
+
+
+def _localstack_health(endpoint: str) -> bool:
+    try:
+        health = json.loads(urllib.request.urlopen(f"{endpoint}/_localstack/health", timeout=2).read())
+    except OSError:
+        return False
+    return health["services"].get("sqs") in ("available", "running")
+
+
+@pytest.fixture(scope="session")
+def localstack_endpoint(tmp_path_factory):
+    if not LOCALSTACK_PY.exists():
+        pytest.skip(f"LocalStack venv missing ({LOCALSTACK_PY}): run `make setup` to test the native redrive path")
+    port = free_port()
+    root = tmp_path_factory.mktemp("localstack")
+    env = {**os.environ, "OVERRIDE_IN_DOCKER": "0", "FILESYSTEM_ROOT": str(root),
+           "GATEWAY_LISTEN": f"127.0.0.1:{port}", "LOCALSTACK_HOST": f"127.0.0.1:{port}", "SERVICES": "sqs",
+           "SQS_ENDPOINT_STRATEGY": "path", "SKIP_SSL_CERT_DOWNLOAD": "1", "LOCALSTACK_TELEMETRY_DISABLED": "1",
+           "DNS_ADDRESS": "0"}
+    log_path = root / "localstack.log"
+    log = open(log_path, "wb")  # noqa: SIM115 - closed in the finally below
+    proc = subprocess.Popen([str(LOCALSTACK_PY), "-m", "localstack.runtime.main"], env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True, cwd=root)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: proc.poll() is not None or _localstack_health(endpoint), timeout=120, interval=0.5,
+                 what="LocalStack to become healthy", logs=[log_path])
+        if proc.poll() is not None:
+            pytest.fail(f"LocalStack exited with {proc.returncode}: see {log_path}")
+        yield endpoint
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture
+def ls_stack(localstack_endpoint: str, tmp_path: Path) -> Iterator[OpsEnv]:
+    sqs = sqs_client(localstack_endpoint)
+    for url in sqs.list_queues().get("QueueUrls", []):  # every test starts from no queues
+        sqs.delete_queue(QueueUrl=url)
+    yield from _ops_env(localstack_endpoint, tmp_path)
+
+
+def test_native_redrive_on_localstack_moves_everything_and_reports_progress(ls_stack):
+    dlq = ls_stack.url("default", dlq=True)
+    for i in range(15):
+        ls_stack.send(dlq, f"native-{i}", n=str(i))
+
+    proc = ls_stack.ops("redrive", "default-dlq", "--yes", "-o", "json", timeout=120)  # auto picks native here
+
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert (summary["mode"], summary["moved"], summary["failed"]) == ("native", 15, 0)
+    assert "native move task started" in proc.stderr and "COMPLETED: 15 of 15 moved" in proc.stderr
+    moved = []
+    deadline = time.monotonic() + 30
+    while len(moved) < 15 and time.monotonic() < deadline:
+        moved += ls_stack.sqs.receive_message(QueueUrl=ls_stack.url("default"), MaxNumberOfMessages=10,
+                                              MessageAttributeNames=["All"], WaitTimeSeconds=1).get("Messages", [])
+    assert {(m["Body"], m["MessageAttributes"]["n"]["StringValue"]) for m in moved} == {
+        (f"native-{i}", str(i)) for i in range(15)}
+
+
+def test_native_redrive_on_localstack_cancels_on_ctrl_c(ls_stack):
+    dlq, dest = ls_stack.url("default", dlq=True), ls_stack.url("default")
+    for i in range(20):
+        ls_stack.send(dlq, f"slow-{i}")
+    proc = subprocess.Popen([sys.executable, "-m", "ops", "redrive", "default-dlq", "--mode", "native", "--rate",
+                             "1", "--yes", "-o", "json"], env=ls_stack.env, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while ls_stack.counts(dest)[0] < 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 130, err
+    summary = json.loads(out)
+    assert "cancelling the move task" in err
+    assert 1 <= summary["moved"] < 20
+    in_dest, in_dlq = ls_stack.counts(dest)[0], ls_stack.counts(dlq)[0]
+    assert in_dest + in_dlq == 20 and in_dest < 20
