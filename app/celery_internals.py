@@ -13,25 +13,54 @@ checks the shapes this module relies on, and requirements pin the range it was t
   recording a failure.
 - `PersistentConsumer` (a `celery.worker.consumer.Consumer` subclass): messages that cannot be
   decoded or name no registered task are rejected, never acked (kombu deletes an acked message;
-  a rejected one stays for the redrive policy to dead-letter).
+  a rejected one stays for the redrive policy to dead-letter); an unregistered task's row says so.
+- `PersistentTransport` / `PersistentChannel` (kombu's SQS transport, `broker_transport` in
+  pcelery.celeryconfig): kombu 5.7 exits the worker on any ReceiveMessage error (it hands `[]`
+  to `_on_messages_ready`, or raises from `AsyncAWSQueryConnection._on_list_ready`) and on
+  envelopes its message class cannot build. The channel turns a failed receive into a logged,
+  backed-off retry, sends structurally broken messages towards the DLQ before kombu parses them
+  (pcelery.messages.envelope_problem), keeps any other per-message error to that message, pauses
+  receiving while the claim-check store is unreachable (`STORE_BREAKER`), and deletes acked
+  messages on a thread of its own (`Deleter`; it skips kombu's blocking DeleteMessage by calling
+  the virtual channel's basic_ack), logging a failure instead of raising it.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
+import sqlalchemy as sa
 from billiard.einfo import ExceptionWithTraceback
+from botocore.exceptions import BotoCoreError, ClientError
 from celery import signals
 from celery.exceptions import NotRegistered, WorkerLostError
 from celery.utils.objects import Bunch
 from celery.worker import state as worker_state
 from celery.worker.consumer import Consumer
 from celery.worker.request import Request
+from kombu.asynchronous.aws.sqs.connection import AsyncSQSConnection
+from kombu.transport import virtual
+from kombu.transport.SQS import Channel as SQSChannel
+from kombu.transport.SQS import Transport as SQSTransport
 
 from pcelery import store
-from pcelery.worker import LeftForRedelivery, RedundantCopy, contract_of, engine, worker_identity
+from pcelery.messages import envelope_problem
+from pcelery.worker import (
+    LeftForRedelivery,
+    RedundantCopy,
+    StoreUnavailable,
+    TroubleLog,
+    backoff,
+    contract_of,
+    engine,
+    settings,
+    worker_identity,
+)
 
 logger = logging.getLogger("pcelery.worker")
 
@@ -80,6 +109,13 @@ class PersistentRequest(Request):
             worker_state.task_ready(self)
             logger.info("task %s[%s] redundant copy acked: %s", self.name, self.id, exc)
             self.acknowledge()
+            return
+        if isinstance(exc, StoreUnavailable):
+            # Not the task's failure: the message goes back to SQS (visible again after the
+            # transport's wait time) and no further message is received until the store answers.
+            worker_state.task_ready(self)
+            STORE_BREAKER.trip(str(exc.reason))
+            self.reject(requeue=True)
             return
         if isinstance(exc, (WorkerLostError, SystemExit, KeyboardInterrupt)):
             self._release_lease()
@@ -151,6 +187,7 @@ class PersistentConsumer(Consumer):
         logger.error("task %r [%s] is not registered on this worker; its message is left for the DLQ: add its "
                      "module to PCELERY_TASK_MODULES of the workers of queue %r, then redrive the DLQ",
                      name, task_id, queue)
+        _record_unregistered(message, str(name), str(task_id), queue)
         message.reject_log_error(logger, self.connection_errors)
         request = Bunch(name=name, chord=None, root_id=headers.get("root_id"), errbacks=None,
                         correlation_id=message.properties.get("correlation_id"),
@@ -163,3 +200,265 @@ class PersistentConsumer(Consumer):
 def _body_head(message: Any) -> bytes | str:
     body = getattr(message, "body", b"") or b""
     return body[:200]
+
+
+def _record_unregistered(message: Any, name: str, task_id: str, queue: str | None) -> None:
+    """The row of a task no worker of its queue declares says so, and reads `dead` on the receive
+    that sends its message to the DLQ: a misspelt or undeployed task is never `queued` forever."""
+    receipt = sqs_receipt(message)
+    contract = contract_of(receipt.queue_url, queue, settings.catalog.default_queue)
+    final = receipt.receive_count >= contract.max_receive_count
+    error = (f"NotRegistered: no worker of queue {contract.name!r} declares task {name!r} (receive "
+             f"{receipt.receive_count} of {contract.max_receive_count}): deploy its module in PCELERY_TASK_MODULES "
+             "of that queue's workers, then redrive the DLQ")
+    try:
+        store.record_unrunnable(engine(), task_id, task_name=name, error=error, final=final)
+    except Exception as exc:  # noqa: BLE001 - the message still goes to the DLQ; the row is the extra
+        logger.warning("task %r [%s]: recording that it is not registered failed: %s", name, task_id, exc)
+
+
+# --- The store breaker: no receives while the claim-check store is down -----------------------
+
+class StoreBreaker:
+    """Open while the claim-check store is unreachable. A received message whose claim cannot
+    reach the store is given back (StoreUnavailable), and every further receive would only spend
+    one of its messages' maxReceiveCount: so the channel receives nothing while this is open. A
+    thread probes the store with capped backoff and closes it when the store answers."""
+
+    PROBE_BACKOFF = (0.5, 10.0)  # first and longest wait between probes, seconds
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._opened_at: float | None = None
+        self._reason = ""
+
+    @property
+    def is_open(self) -> bool:
+        return self._opened_at is not None
+
+    def trip(self, reason: str) -> None:
+        with self._lock:
+            if self._opened_at is not None:
+                return
+            self._opened_at, self._reason = time.monotonic(), reason
+        logger.warning("task store unreachable (%s): no messages are received until it answers again; running "
+                       "tasks keep their messages invisible and wait to record their verdict", reason)
+        threading.Thread(target=self._probe_until_reachable, daemon=True, name="store-breaker").start()
+
+    def _probe_until_reachable(self) -> None:
+        attempt = 0
+        while True:
+            attempt += 1
+            time.sleep(backoff(attempt, *self.PROBE_BACKOFF))
+            try:
+                with engine().connect() as conn:
+                    conn.execute(sa.text("SELECT 1"))
+            except Exception as exc:  # noqa: BLE001 - any failure means "not yet"
+                logger.debug("task store still unreachable (probe %d): %s", attempt, exc)
+                continue
+            with self._lock:
+                opened_at, self._opened_at = self._opened_at, None
+            logger.warning("task store reachable again after %.0f s: receiving resumes",
+                           time.monotonic() - (opened_at or time.monotonic()))
+            return
+
+
+STORE_BREAKER = StoreBreaker()
+
+
+# --- The transport: a worker survives what SQS, the network and senders do ---------------------
+
+@dataclass(frozen=True)
+class ReceiveFailure:
+    """What a failed ReceiveMessage hands the channel instead of kombu's `[]` or exception."""
+
+    status: int
+    reason: str
+
+
+class _ResilientAsyncSQS(AsyncSQSConnection):
+    """kombu's async SQS client, except that a failed list call (ReceiveMessage) answers with a
+    ReceiveFailure instead of `[]` (timeouts, 5xx, connection failures) or an exception (any
+    other status), both of which end the worker in kombu 5.7."""
+
+    def _on_list_ready(self, parent: Any, markers: Any, operation: Any, response: Any) -> Any:
+        try:
+            result = super()._on_list_ready(parent, markers, operation, response)
+        except Exception as exc:  # noqa: BLE001 - whatever the endpoint said, the worker keeps serving
+            return ReceiveFailure(getattr(response, "status", 0) or 0, _short(exc))
+        if isinstance(result, list):  # kombu's answer to a timeout, a 5xx or a dropped connection
+            status = getattr(response, "status", 0) or 0
+            reason = getattr(response, "reason", "") or ("no response" if status == 599 else "")
+            return ReceiveFailure(status, f"HTTP {status}" + (f" ({reason})" if reason else ""))
+        return result
+
+
+def _short(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+class PersistentChannel(SQSChannel):
+    """kombu's SQS channel, hardened (see the module docstring)."""
+
+    RECEIVE_BACKOFF = (1.0, 10.0)  # first and longest wait after a failed receive, seconds
+    BREAKER_RECHECK = 1.0  # seconds between looks at an open store breaker
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._receive_failures: dict[str, int] = {}
+        self._retry_in: dict[str, float] = {}
+        self._trouble = TroubleLog(logger)
+        self._deleter = Deleter(self._trouble)
+
+    def asynsqs(self, queue: Any = None) -> Any:
+        client = super().asynsqs(queue=queue)
+        if type(client) is AsyncSQSConnection:
+            client.__class__ = _ResilientAsyncSQS  # same state, safer list callback
+        return client
+
+    # -- receiving --
+
+    def _schedule_queue(self, queue: str) -> None:
+        if STORE_BREAKER.is_open:
+            self._later(self.BREAKER_RECHECK, queue)
+            return
+        try:
+            super()._schedule_queue(queue)
+        except Exception as exc:  # noqa: BLE001 - e.g. signing without credentials: retried, logged once
+            self._receive_failed(queue, _short(exc))
+            self._loop1(queue, 0)
+
+    def _later(self, delay: float, queue: str) -> None:
+        assert self.hub is not None, "the SQS channel polls asynchronously only with the worker's hub"
+        self.hub.call_later(delay, self._schedule_queue, queue)
+
+    def _loop1(self, queue: str, messages_fetched: Any = None) -> None:
+        delay = self._retry_in.pop(queue, None)
+        if delay is not None:
+            self._later(delay, queue)
+            return
+        super()._loop1(queue, messages_fetched)
+
+    def _receive_failed(self, queue: str, reason: str) -> None:
+        failures = self._receive_failures[queue] = self._receive_failures.get(queue, 0) + 1
+        delay = backoff(failures, *self.RECEIVE_BACKOFF)
+        self._retry_in[queue] = delay
+        self._trouble.failed(f"ReceiveMessage on {queue}", f"{reason}; retrying with backoff (next in {delay:g} s), "
+                                                           "running tasks go on")
+
+    def _on_messages_ready(self, queue: str, qname: str, messages: Any) -> int:
+        # kombu's argument names: `queue` is the queue's URL, `qname` the name it is consumed as.
+        if not isinstance(messages, dict):
+            reason = messages.reason if isinstance(messages, ReceiveFailure) else f"unreadable answer {messages!r}"
+            self._receive_failed(qname, reason)
+            return 0
+        if self._receive_failures.pop(qname, None):
+            self._trouble.recovered(f"ReceiveMessage on {qname}")
+        msgs = messages.get("Messages") or []
+        if not msgs:
+            return 0
+        callback = self.connection._callbacks.get(qname)
+        if callback is None:
+            self._release_messages(queue, qname, msgs)
+            return 0
+        for msg in msgs:
+            problem = envelope_problem(msg.get("Body", ""))
+            if problem:
+                self._poison(queue, qname, msg, problem)
+                continue
+            try:
+                callback(self._message_to_python(msg, qname, queue))
+            except Exception as exc:  # noqa: BLE001 - one message's trouble stays that message's
+                self._poison(queue, qname, msg, _short(exc))
+        return len(msgs)
+
+    def _poison(self, queue_url: str, qname: str, msg: dict[str, Any], problem: str) -> None:
+        """A message no worker can run: made visible again at once, so it spends its receives
+        quickly and the redrive policy moves it to the DLQ, where `ops peek` shows the same
+        problem. Never deleted, never handed to kombu's message class."""
+        receipt = msg.get("ReceiptHandle", "")
+        count = (msg.get("Attributes") or {}).get("ApproximateReceiveCount", "?")
+        logger.error("poison message %s on %s (receive %s): %s; left for the DLQ", msg.get("MessageId"), qname,
+                     count, problem)
+        if receipt in self.qos._delivered:  # taken into the prefetch window before it failed
+            self.qos.ack(receipt)  # frees the slot only: basic_ack would delete it from SQS
+        try:
+            self.sqs(queue=self.canonical_queue_name(qname)).change_message_visibility(
+                QueueUrl=queue_url, ReceiptHandle=receipt, VisibilityTimeout=0)
+        except (BotoCoreError, ClientError, OSError) as exc:
+            logger.warning("could not hand poison message %s back at once (%s): it comes back after its "
+                           "visibility timeout", msg.get("MessageId"), _short(exc))
+
+    # -- acknowledging --
+
+    def basic_ack(self, delivery_tag: Any, multiple: bool = False) -> None:
+        """Release the delivery at once and delete its message on the Deleter's thread: kombu's
+        DeleteMessage is a blocking call on the event loop, and a stalled SQS would stall every
+        running task's bookkeeping (time limits included) with it. Safe to defer: the task's
+        verdict is committed before the ack, and a message that comes back is acked as a duplicate."""
+        try:
+            info = self.qos.get(delivery_tag).delivery_info
+            receipt, queue_url = info["sqs_message"]["ReceiptHandle"], info["sqs_queue"]
+        except KeyError:
+            super().basic_ack(delivery_tag, multiple)
+            return
+        queue = self.canonical_queue_name(info["routing_key"]) if "routing_key" in info else None
+        client = self.sqs(queue=queue)
+        virtual.Channel.basic_ack(self, delivery_tag)  # frees the prefetch slot; no SQS call here
+        self._deleter.delete(client, queue_url, receipt)
+
+    def close(self) -> None:
+        self._deleter.flush(timeout=10.0)
+        super().close()
+
+
+class Deleter:
+    """Deletes acked messages from SQS on a thread of its own, in the order acked. A failure is
+    logged once per outage and the message left: SQS delivers it again after its visibility
+    timeout and the claim acks it as a duplicate. `flush` waits for what is queued (shutdown)."""
+
+    def __init__(self, trouble: TroubleLog):
+        self._queue: queue.Queue[tuple[Any, str, str]] = queue.Queue()
+        self._trouble = trouble
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def delete(self, client: Any, queue_url: str, receipt: str) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():  # started lazily: after the fork
+                self._thread = threading.Thread(target=self._run, daemon=True, name="sqs-deleter")
+                self._thread.start()
+        self._queue.put((client, queue_url, receipt))
+
+    def flush(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self._queue.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return not self._queue.unfinished_tasks
+
+    def _run(self) -> None:
+        while True:
+            client, queue_url, receipt = self._queue.get()
+            try:
+                client.delete_message(QueueUrl=queue_url, ReceiptHandle=receipt)
+            except ClientError as exc:
+                code = exc.response.get("Error", {}).get("Code", "")
+                if code in ("ReceiptHandleIsInvalid", "InvalidParameterValue"):
+                    logger.debug("DeleteMessage of a stale receipt handle on %s: %s", queue_url, code)
+                else:
+                    self._trouble.failed("DeleteMessage", f"{_short(exc)}; the message comes back after its "
+                                                          "visibility timeout and is acked as a duplicate")
+            except (BotoCoreError, OSError) as exc:
+                self._trouble.failed("DeleteMessage", f"{_short(exc)}; the message comes back after its "
+                                                      "visibility timeout and is acked as a duplicate")
+            else:
+                self._trouble.recovered("DeleteMessage")
+            finally:
+                self._queue.task_done()
+
+
+class PersistentTransport(SQSTransport):
+    """kombu's SQS transport with PersistentChannel (pcelery.celeryconfig: broker_transport)."""
+
+    Channel = PersistentChannel

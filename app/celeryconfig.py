@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import sys
 
-from pcelery.catalog import LONG_POLL_SECONDS, queue_prefix, sqs_queue_name
+from pcelery import startup
+from pcelery.catalog import LONG_POLL_SECONDS, queue_prefix
 from pcelery.settings import Settings, SettingsError, WorkerSettings
-from pcelery.sqs import make_client
+from pcelery.sqs import KOMBU, WORKER, make_client, sqs_timeouts
 
 _settings = Settings.from_env()
 try:
@@ -25,19 +26,12 @@ _catalog = _settings.catalog
 
 def _queue_urls() -> dict[str, str]:
     """{SQS queue name: URL} of every catalog queue, by GetQueueUrl (the account is not in the
-    environment, and the send/consume grants include sqs:GetQueueUrl)."""
-    client = make_client(_settings)
-    urls = {}
-    for contract in _catalog:
-        name = sqs_queue_name(_settings.env, contract.name)
-        try:
-            urls[name] = client.get_queue_url(QueueName=name)["QueueUrl"]
-        except client.exceptions.QueueDoesNotExist:
-            print(f"worker: refusing to start: SQS queue {name!r} (catalog queue {contract.name!r}, env "
-                  f"{_settings.env!r}) does not exist: deploy the environment's stack (locally: "
-                  "`python -m ops local up`), then start again", file=sys.stderr)
-            raise SystemExit(3) from None
-    return urls
+    environment, and the send/consume grants include sqs:GetQueueUrl). pcelery-worker waited
+    for SQS already; a failure here (`celery worker` run by hand) is one line and exit 3 or 4."""
+    try:
+        return startup.queue_urls(_settings, make_client(_settings, timeouts=WORKER))
+    except (startup.Refused, startup.Unreachable) as exc:
+        raise SystemExit(startup.exit_for("worker", exc)) from None
 
 
 def _predefined_queue(url: str) -> dict[str, str]:
@@ -52,6 +46,9 @@ def _predefined_queue(url: str) -> dict[str, str]:
 
 # --- Broker: SQS, with every queue predefined ------------------------------------------------
 broker_url = "sqs://"  # endpoint from AWS_ENDPOINT_URL_SQS (boto3 and kombu's curl client honour it), else AWS
+# kombu's SQS transport with a channel that survives receive errors, malformed messages and a
+# store outage (kombu 5.7 exits the worker on each; pcelery/celery_internals.py).
+broker_transport = "pcelery.celery_internals:PersistentTransport"
 broker_connection_retry_on_startup = True  # a slow network at boot is retried, not fatal
 broker_transport_options = {
     # Predefined queues: no ListQueues/CreateQueue (least privilege; a missing queue is an error,
@@ -66,6 +63,10 @@ broker_transport_options = {
     # worker refills a freed slot only this often (0.25 s capped 4 slots at ~15 tasks/s, see
     # bench/RESULTS.md). 0 would busy-spin the main loop while the pool is full.
     "polling_interval": 0.05,
+    # kombu's blocking boto3 client (DeleteMessage, requeues, GetQueueAttributes) runs on the event
+    # loop: botocore's default 60 s timeouts and retries would stall every task of the worker for
+    # minutes while SQS hangs. A failed delete costs a duplicate delivery, which the claim acks.
+    "client-config": sqs_timeouts(KOMBU),
 }
 
 # --- Queues and routing -----------------------------------------------------------------------

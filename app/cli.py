@@ -5,16 +5,24 @@ else the largest `concurrency` among the consumed queues' contracts. Gossip, min
 heartbeats are broadcast features SQS does not have, so they are off. Arguments after `--` are
 passed on to `celery worker` (e.g. `pcelery-worker -- --loglevel=DEBUG`).
 
-Exit codes: 2 bad settings (checked here, before Celery starts); 3 refused by the Celery process
-itself: a catalog queue missing on SQS, a consumed queue without a redrive policy, or a store
-schema behind the code (pcelery.celeryconfig, pcelery.worker.startup_problems); otherwise Celery's.
+Before Celery starts it checks what it can (pcelery.startup): the settings, that the task
+modules import, and that SQS and the store answer, waiting for them with capped backoff (a line
+per attempt) for up to PCELERY_STARTUP_TIMEOUT seconds.
+
+Exit codes: 2 a bad setting (the line names the variable and the fix); 3 refused: a catalog
+queue missing on SQS, a consumed queue without a redrive policy, or a store schema behind the
+code; 4 SQS or the store unreachable for PCELERY_STARTUP_TIMEOUT; otherwise Celery's.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
+from typing import Any
+
+from pcelery import startup
 
 
 def worker(argv: list[str] | None = None) -> int:
@@ -24,17 +32,23 @@ def worker(argv: list[str] | None = None) -> int:
         prog="pcelery-worker", description=__doc__.split("\n\n")[0].split(": ", 1)[1],
         epilog="settings: PCELERY_ENV, PCELERY_CATALOG, PCELERY_WORKER_QUEUES, PCELERY_TASK_MODULES, "
                "PCELERY_CONCURRENCY, PCELERY_WORKER_NAME, PCELERY_LOG_LEVEL, DATABASE_URL (or DB_*), "
-               "PCELERY_RESULT_BACKEND (or REDIS_*), AWS_REGION, AWS_ENDPOINT_URL_SQS. exit codes: 2 bad "
-               "settings; 3 refused to start (missing queue, no redrive policy, old schema); else Celery's")
+               "PCELERY_RESULT_BACKEND (or REDIS_*), PCELERY_STARTUP_TIMEOUT, AWS_REGION, AWS_ENDPOINT_URL_SQS. "
+               "exit codes: 2 bad setting; 3 refused to start (missing queue, no redrive policy, old schema); "
+               "4 SQS or the store unreachable; else Celery's")
     parser.add_argument("celery_args", nargs="*", metavar="-- CELERY_ARG",
                         help="passed on to `celery worker` after a `--`")
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
         worker_settings = WorkerSettings.from_env(settings)
+        import_task_modules(worker_settings.task_modules)
     except SettingsError as exc:
         print(f"pcelery-worker: error: {exc}", file=sys.stderr)
-        return 2
+        return startup.EXIT_BAD_SETTINGS
+    try:
+        wait_for_dependencies(settings, worker_settings)
+    except (startup.Refused, startup.Unreachable) as exc:
+        return startup.exit_for("pcelery-worker", exc)
     command = [
         sys.executable, "-m", "celery", "-A", "pcelery.worker", "worker",
         "-Q", ",".join(worker_settings.queues),
@@ -46,6 +60,33 @@ def worker(argv: list[str] | None = None) -> int:
     ]
     os.execv(sys.executable, command)
     return 0  # not reached
+
+
+def import_task_modules(modules: tuple[str, ...]) -> None:
+    """Import PCELERY_TASK_MODULES now, so a misspelt or broken module is a one-line settings
+    error instead of a Celery traceback (the worker imports them again after the exec)."""
+    from pcelery.settings import SettingsError
+
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # noqa: BLE001 - whatever the module raises, name it and the setting
+            raise SettingsError(
+                f"PCELERY_TASK_MODULES: {module!r} cannot be imported ({type(exc).__name__}: {exc}): fix the module "
+                "name, or install the code that declares the tasks into this environment") from None
+
+
+def wait_for_dependencies(settings: Any, worker_settings: Any) -> None:
+    """SQS (every catalog queue, the consumed ones with a redrive policy) and the store (its
+    schema current), each waited for up to PCELERY_STARTUP_TIMEOUT."""
+    from pcelery.schema import make_engine
+    from pcelery.sqs import WORKER, make_client
+
+    client = make_client(settings, timeouts=WORKER)
+    startup.wait_for_all([
+        ("SQS", lambda: startup.queue_urls(settings, client, consumed=worker_settings.queues)),
+        ("the task store", lambda: startup.store_is_current(make_engine(settings.database_url))),
+    ], timeout=worker_settings.startup_timeout, prog="pcelery-worker")
 
 
 if __name__ == "__main__":

@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import datetime as dt
 import json
 import os
+import re
 import socket
 import uuid
 from dataclasses import dataclass, field
@@ -173,3 +175,132 @@ def _task_arguments(envelope: dict[str, Any],
     if isinstance(parsed, list) and len(parsed) >= 2 and isinstance(parsed[0], list) and isinstance(parsed[1], dict):
         return parsed[0], parsed[1]
     return None, None
+
+
+# --- What a worker accepts -------------------------------------------------------------------
+
+_B64 = re.compile(r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$")
+
+
+def _kombu_text(body: str) -> str:
+    """The envelope text kombu's SQS transport reads: base64-decoded when the body is strict
+    base64 of UTF-8 text, else the body as it is (kombu accepts both)."""
+    candidate = body.strip()
+    if not _B64.fullmatch(candidate):
+        return body
+    try:
+        return base64.b64decode(candidate, validate=True).decode("utf-8")
+    except (binascii.Error, ValueError):
+        return body
+
+
+def _json(text: str | bytes) -> tuple[Any, str | None]:
+    try:
+        return json.loads(text), None
+    except RecursionError:
+        return None, "nested too deeply to decode"
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        return None, f"not JSON ({exc})"
+
+
+def _kind(value: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number" if isinstance(value, int | float) else type(value).__name__)
+
+
+def envelope_problem(body: str | bytes) -> str | None:
+    """Why no worker can ever run this SQS message body, or None when it is a well-formed Celery
+    protocol-2 JSON message (whose task may still be unknown or whose row missing: the worker
+    decides those). The one definition of what a worker accepts: the worker's transport sends
+    what this refuses to the DLQ before kombu or Celery parse it, and `ops peek` shows the same
+    reason. Never raises."""
+    try:
+        return _envelope_problem(body)
+    except Exception as exc:  # noqa: BLE001 - a checker that crashes on garbage would be the bug
+        return f"unreadable ({type(exc).__name__}: {exc})"
+
+
+def _envelope_problem(body: str | bytes) -> str | None:
+    if isinstance(body, bytes):
+        try:
+            body = body.decode("utf-8")
+        except UnicodeDecodeError:
+            return "the message is not UTF-8 text"
+    if not body.strip():
+        return "the message is empty"
+    envelope, error = _json(_kombu_text(body))
+    if error:
+        return f"the envelope is {error}: not a Celery message (a Celery message is base64 of a JSON envelope)"
+    if not isinstance(envelope, dict):
+        return f"the envelope is {_kind(envelope)}, not a JSON object"
+    properties = envelope.get("properties")
+    if not isinstance(properties, dict):
+        return "the envelope has no properties object: not a Celery message" if properties is None \
+            else f"properties is {_kind(properties)}, not an object"
+    encoding = properties.get("body_encoding")
+    if encoding not in (None, "base64"):
+        return f"unknown body_encoding {encoding!r} (kombu knows base64)"
+    info = properties.get("delivery_info")
+    if info is not None and not isinstance(info, dict):
+        return f"properties.delivery_info is {_kind(info)}, not an object"
+    if isinstance(info, dict) and not isinstance(info.get("routing_key", ""), str | type(None)):
+        return "properties.delivery_info.routing_key is not a string"
+    headers = envelope.get("headers")
+    if not isinstance(headers, dict):
+        return "the envelope has no headers object: not a Celery protocol-2 message" if headers is None \
+            else f"headers is {_kind(headers)}, not an object"
+    for key in ("task", "id"):
+        value = headers.get(key)
+        if not isinstance(value, str) or not value.strip():
+            return f"headers.{key} is {'missing' if value is None else _kind(value)}: a task needs a name and an id"
+    problem = _header_problem(headers)
+    if problem:
+        return problem
+    content_type = envelope.get("content-type")
+    if content_type != CONTENT_TYPE:
+        return f"content type {content_type!r} is not accepted: workers run JSON messages only (no pickle)"
+    content_encoding = envelope.get("content-encoding")
+    if content_encoding not in (None, "utf-8"):
+        return f"content encoding {content_encoding!r} is not utf-8"
+    inner = envelope.get("body")
+    if not isinstance(inner, str):
+        return f"the body is {_kind(inner)}, not a string"
+    raw: str | bytes = inner
+    if encoding == "base64":
+        try:
+            raw = base64.b64decode(inner, validate=True)
+        except (binascii.Error, ValueError):
+            return "the body is not valid base64 although body_encoding says so"
+    parsed, error = _json(raw)
+    if error:
+        return f"the body is {error}"
+    if not (isinstance(parsed, list) and len(parsed) == 3 and isinstance(parsed[0], list)
+            and isinstance(parsed[1], dict) and isinstance(parsed[2], dict | type(None))):
+        return "the body is not Celery's [args, kwargs, embed]"
+    return None
+
+
+def _header_problem(headers: dict[str, Any]) -> str | None:
+    for key in ("eta", "expires"):
+        value = headers.get(key)
+        if value is None or (isinstance(value, int | float) and key == "expires"):
+            continue
+        if not isinstance(value, str):
+            return f"headers.{key} is {_kind(value)}, not a date"
+        try:
+            dt.datetime.fromisoformat(value)
+        except ValueError:
+            return f"headers.{key}={value[:40]!r} is not an ISO 8601 date"
+    limits = headers.get("timelimit")
+    if limits is not None and not (isinstance(limits, list) and len(limits) == 2
+                                   and all(v is None or isinstance(v, int | float) for v in limits)):
+        return "headers.timelimit is not [soft, hard] seconds"
+    retries = headers.get("retries")
+    if retries is not None and not (isinstance(retries, int) and not isinstance(retries, bool) and retries >= 0):
+        return "headers.retries is not a count"
+    for key in ("root_id", "parent_id", "group", "shadow", "argsrepr", "kwargsrepr", "origin"):
+        value = headers.get(key)
+        if value is not None and not isinstance(value, str):
+            return f"headers.{key} is {_kind(value)}, not a string"
+    return None
+

@@ -37,8 +37,23 @@ Queue: `queue=` if given, else the queue the task was declared for (`@persistent
 in a task module this process imported, or `Outbox(..., task_queues={name: queue})`), else the
 catalog's default queue. A queue= that contradicts the declaration is refused.
 
+Unknown task names: with `Outbox(..., require_declared=True)` a name that no declaration this
+process knows (`task_queues`, else the task modules it imported) is refused at submit with the
+closest declared names. Without it (a submitter that does not import the workers' task modules)
+the name is accepted, and a worker that receives a task no worker of its queue declares records
+that on the row (`failed`, then `dead` on the receive that dead-letters it) and leaves the message
+for the DLQ: the row never reads `queued` forever.
+
 Task keyword arguments named `queue`, `countdown` or `task_id` collide with submit's own
 options; pass them through `submit_many(conn, [(name, args, kwargs)])`.
+
+Arguments must be plain JSON nested at most MAX_NESTING levels deep; anything else is a
+SubmitError, never a RecursionError.
+
+Bounded commit: publishing after COMMIT makes at most one SQS call per queue with the SUBMIT
+timeouts (connect 0.5 s, read 1 s, one attempt) and stops at the first unreachable endpoint, so
+a commit returns within about 1.5 s when SQS refuses, hangs or fails (the first submit of a
+process to a queue may add one GetQueueUrl call of the same bound).
 
 The relay (pcelery.relay, `pcelery-relay`) publishes what a submitter could not.
 """
@@ -46,6 +61,7 @@ The relay (pcelery.relay, `pcelery-relay`) publishes what a submitter could not.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 import logging
 import math
@@ -173,47 +189,58 @@ class _Unit:
         self.in_savepoint: set[str] = set()
 
 
-def _unserializable(value: Any, path: str) -> tuple[str, str] | None:
-    """(where, type name) of the first value in `value` that JSON cannot hold, else None."""
+MAX_NESTING = 100  # levels of lists/dicts in a task's arguments; also stops a list that contains itself
+
+
+def _unserializable(value: Any, path: str, depth: int = 0) -> tuple[str, str] | None:
+    """(where, what is wrong) of the first value in `value` that JSON cannot hold, else None."""
     if value is None or isinstance(value, (str, int, float, bool)):
         return None
+    if isinstance(value, (list, tuple, dict)) and depth >= MAX_NESTING:
+        return path.split("[", 1)[0], (f"lists and dicts nested deeper than {MAX_NESTING} levels (or one that "
+                                       "contains itself)")
     if isinstance(value, (list, tuple)):
         for i, item in enumerate(value):
-            found = _unserializable(item, f"{path}[{i}]")
+            found = _unserializable(item, f"{path}[{i}]", depth + 1)
             if found:
                 return found
         return None
     if isinstance(value, dict):
         for key, item in value.items():
             if not isinstance(key, str):
-                return f"{path} key {key!r}", type(key).__name__
-            found = _unserializable(item, f"{path}[{key!r}]")
+                return f"{path} key {key!r}", f"type {type(key).__name__}, which JSON cannot hold"
+            found = _unserializable(item, f"{path}[{key!r}]", depth + 1)
             if found:
                 return found
         return None
-    return path, type(value).__name__
+    return path, f"type {type(value).__name__}, which JSON cannot hold"
 
 
 class Outbox:
     """Submit tasks inside the caller's transaction; publish them after it commits."""
 
     def __init__(self, engine: sa.Engine, catalog: Catalog, env: str, sqs: Any = None, *,
-                 settings: Settings | None = None, task_queues: Mapping[str, str] | None = None):
-        """sqs: a boto3 SQS client, else one made from `settings` on the first publish."""
+                 settings: Settings | None = None, task_queues: Mapping[str, str] | None = None,
+                 require_declared: bool = False):
+        """sqs: a boto3 SQS client, else one made from `settings` on the first publish.
+        task_queues: {task name: catalog queue} of every task this outbox may submit, instead of
+        the declarations of the task modules this process imported. require_declared: refuse a
+        task name no declaration knows (see the module docstring)."""
         self.engine = engine
         self.catalog = catalog
         self.env = env
         self.task_queues = task_queues
+        self.require_declared = require_declared
         self.publisher = Publisher(catalog, env, sqs, settings=settings)
         self._units: dict[int, _Unit] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings, *, engine: sa.Engine | None = None, sqs: Any = None,
-                      task_queues: Mapping[str, str] | None = None) -> Outbox:
+                      task_queues: Mapping[str, str] | None = None, require_declared: bool = False) -> Outbox:
         from pcelery.schema import make_engine
 
         return cls(engine or make_engine(settings.database_url), settings.catalog, settings.env, sqs,
-                   settings=settings, task_queues=task_queues)
+                   settings=settings, task_queues=task_queues, require_declared=require_declared)
 
     @contextlib.contextmanager
     def transaction(self, connection: sa.Connection | None = None) -> Iterator[sa.Connection]:
@@ -261,11 +288,15 @@ class Outbox:
         """The queue a task was declared for: from `task_queues`, else from the
         `@persistent_task` declarations this process has imported (pcelery.worker.TASKS, looked up
         without importing the worker and its dependencies)."""
+        return self.declarations().get(task_name)
+
+    def declarations(self) -> Mapping[str, str]:
+        """{task name: queue} this outbox knows: `task_queues`, else the `@persistent_task`
+        declarations of this process (pcelery.worker.TASKS, looked up without importing it)."""
         if self.task_queues is not None:
-            return self.task_queues.get(task_name)
+            return self.task_queues
         worker = sys.modules.get("pcelery.worker")
-        declared = getattr(worker, "TASKS", {}).get(task_name) if worker else None
-        return getattr(declared, "queue", None)
+        return {name: d.queue for name, d in getattr(worker, "TASKS", {}).items()} if worker else {}
 
     # -- validation --
 
@@ -277,6 +308,12 @@ class Outbox:
         if len(task_name) > 200:
             raise SubmitError(f"task_name is {len(task_name)} characters; the limit is 200: shorten the task name")
         declared = self.declared_queue(task_name)
+        if declared is None and self.require_declared:
+            known = sorted(self.declarations())
+            close = difflib.get_close_matches(task_name, known, n=3)
+            hint = f"did you mean {', '.join(map(repr, close))}?" if close else f"declared: {known[:10]}"
+            raise SubmitError(f"task_name={task_name!r} is not declared by any task module this process knows "
+                              f"({hint}): fix the name, or import the module that declares it")
         wanted = queue if queue is not None else declared or self.catalog.default_queue
         try:
             contract = self.catalog.get(wanted)
@@ -303,11 +340,10 @@ class Outbox:
         for where, value in (("args", list(args)), ("kwargs", kwargs)):
             found = _unserializable(value, where)
             if found:
-                path, type_name = found
+                path, problem = found
                 raise SubmitError(
-                    f"{path} of {task_name!r} has type {type_name}, which JSON cannot hold: pass plain "
-                    "str/int/float/bool/None/list/dict values (e.g. an id instead of an object, "
-                    "an ISO string instead of a datetime)")
+                    f"{path} of {task_name!r} has {problem}: pass plain str/int/float/bool/None/list/dict "
+                    "values (e.g. an id instead of an object, an ISO string instead of a datetime)")
         if task_id is not None and (not isinstance(task_id, str) or not task_id or len(task_id) > 36):
             raise SubmitError(f"task_id={task_id!r} must be a non-empty string of at most 36 characters")
         return queue, math.ceil(countdown)

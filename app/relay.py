@@ -9,7 +9,12 @@ submitter normally publishes within milliseconds of its commit) and PCELERY_RELA
 PersistentCelery, dimension Environment, metrics OutboxPendingCount and
 OutboxOldestPendingAgeSeconds); logs go to stderr. SIGTERM finishes the current batch and exits 0.
 
-Exit codes: 0 done, 1 a `--once` run failed (database error), 2 bad settings or arguments.
+At start it waits for the store (its schema current) and SQS (every catalog queue) with capped
+backoff and a line per attempt, for up to PCELERY_STARTUP_TIMEOUT seconds (pcelery.startup).
+
+Exit codes: 0 done, 1 a `--once` run failed (database error), 2 bad settings or arguments,
+3 refused (a catalog queue missing, a schema behind the code), 4 SQS or the store unreachable at
+start for PCELERY_STARTUP_TIMEOUT.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from pcelery import store
+from pcelery import startup, store
 from pcelery.outbox import SQS_BATCH, Publisher, publish_and_mark
 from pcelery.store import PendingSummary
 
@@ -88,7 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pcelery-relay", description="Publish committed tasks that were not sent to SQS (the outbox relay).",
         epilog="exit codes: 0 done (SIGTERM, or --once finished); 1 a --once run failed on the database; "
-               "2 bad settings or arguments")
+               "2 bad settings or arguments; 3 refused (a catalog queue missing, an old schema); 4 SQS or the store "
+               "unreachable at start (PCELERY_STARTUP_TIMEOUT)")
     parser.add_argument("--once", action="store_true", help="one pass until no rows are left, then exit")
     parser.add_argument("--interval", type=_non_negative, default=None,
                         help=f"seconds between passes (PCELERY_RELAY_INTERVAL, default {DEFAULT_RELAY_INTERVAL:g})")
@@ -119,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     """`pcelery-relay`."""
     from pcelery.schema import make_engine
     from pcelery.settings import RelaySettings, Settings, SettingsError
+    from pcelery.sqs import RELAY, make_client
 
     args = _parser().parse_args(argv)
     try:
@@ -131,8 +138,16 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     min_age = args.min_age if args.min_age is not None else relay_settings.min_age
     interval = args.interval if args.interval is not None else relay_settings.interval
+    client = make_client(settings, timeouts=RELAY)
+    try:
+        startup.wait_for_all([
+            ("the task store", lambda: startup.store_is_current(make_engine(settings.database_url))),
+            ("SQS", lambda: startup.queue_urls(settings, client)),
+        ], timeout=relay_settings.startup_timeout, prog="pcelery-relay")
+    except (startup.Refused, startup.Unreachable) as exc:
+        return startup.exit_for("pcelery-relay", exc)
     engine = make_engine(settings.database_url)
-    publisher = Publisher(settings.catalog, settings.env, settings=settings)
+    publisher = Publisher(settings.catalog, settings.env, client)
 
     stop = threading.Event()
 

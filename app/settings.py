@@ -17,6 +17,7 @@ worker-only variable.
 | AWS_ENDPOINT_URL_SQS / AWS_ENDPOINT_URL | all | an SQS endpoint: a local emulator (moto, LocalStack) |
 | AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY | all | only with a local endpoint: its dummy keys (default "local") |
 | PCELERY_LOG_LEVEL         | worker, relay | DEBUG, INFO (default), WARNING, ERROR                 |
+| PCELERY_STARTUP_TIMEOUT   | worker, relay | seconds to wait for SQS and the store at start (default 60) |
 | PCELERY_RESULT_BACKEND    | worker  | optional Celery result backend URL (redis:// or rediss://)  |
 | REDIS_HOST REDIS_PORT REDIS_AUTH_TOKEN | worker | the same, as ECS passes ElastiCache's (always TLS) |
 | PCELERY_WORKER_QUEUES     | worker  | comma-separated catalog queues to consume (default all)     |
@@ -34,6 +35,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -47,6 +49,7 @@ DEFAULT_REGION = "us-east-1"
 LOCAL_ACCESS_KEY = "local"
 DEFAULT_RELAY_MIN_AGE = 30.0
 DEFAULT_RELAY_INTERVAL = 5.0
+DEFAULT_STARTUP_TIMEOUT = 60.0
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # Spellings earlier releases read; still set somewhere means a setting that silently does nothing.
 RENAMED = {"PCELERY_LOGLEVEL": "PCELERY_LOG_LEVEL"}
@@ -128,6 +131,7 @@ class WorkerSettings:
     node_name: str
     log_level: str
     result_backend: str | None = None
+    startup_timeout: float = DEFAULT_STARTUP_TIMEOUT
 
     @classmethod
     def from_env(cls, settings: Settings, environ: Environ | None = None) -> WorkerSettings:
@@ -163,6 +167,7 @@ class WorkerSettings:
             node_name=e.get("PCELERY_WORKER_NAME") or f"{'+'.join(queues)}@{socket.gethostname()}",
             log_level=log_level(e),
             result_backend=_result_backend(e),
+            startup_timeout=_seconds(e, "PCELERY_STARTUP_TIMEOUT", DEFAULT_STARTUP_TIMEOUT),
         )
 
 
@@ -173,6 +178,7 @@ class RelaySettings:
     min_age: float
     interval: float
     log_level: str
+    startup_timeout: float = DEFAULT_STARTUP_TIMEOUT
 
     @classmethod
     def from_env(cls, environ: Environ | None = None) -> RelaySettings:
@@ -181,6 +187,7 @@ class RelaySettings:
             min_age=_seconds(e, "PCELERY_RELAY_MIN_AGE", DEFAULT_RELAY_MIN_AGE),
             interval=_seconds(e, "PCELERY_RELAY_INTERVAL", DEFAULT_RELAY_INTERVAL),
             log_level=log_level(e),
+            startup_timeout=_seconds(e, "PCELERY_STARTUP_TIMEOUT", DEFAULT_STARTUP_TIMEOUT),
         )
 
 
@@ -245,7 +252,7 @@ def _database_url(e: Environ) -> str:
         if url.startswith(("postgres://", "postgresql://")):
             # SQLAlchemy would pick psycopg2, which is not installed; psycopg 3 is.
             url = "postgresql+psycopg://" + url.split("://", 1)[1]
-        return url
+        return _checked_url(url, as_set=e["DATABASE_URL"])
     if e.get("DB_HOST"):
         missing = [k for k in ("DB_USER", "DB_PASSWORD") if not e.get(k)]
         if missing:
@@ -259,6 +266,24 @@ def _database_url(e: Environ) -> str:
             f"@{e['DB_HOST']}:{_port(e, 'DB_PORT', '5432')}/{e.get('DB_NAME', 'pcelery')}?{tls}"
         )
     return default_sqlite_url()
+
+
+def _checked_url(url: str, *, as_set: str) -> str:
+    """DATABASE_URL, refused with the fix when SQLAlchemy cannot read it or it names another
+    database than the two the store runs on. The password never appears in the message."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    shown = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", as_set)
+    try:
+        backend = make_url(url).get_backend_name()
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
+        raise SettingsError(f"DATABASE_URL={shown!r} is not a database URL: use "
+                            "postgresql://user:password@host:5432/name or sqlite:///path/to/file.sqlite3") from None
+    if backend not in ("postgresql", "sqlite"):
+        raise SettingsError(f"DATABASE_URL={shown!r} names a {backend} database; the task store runs on "
+                            "postgresql:// or sqlite:///")
+    return url
 
 
 def _result_backend(e: Environ) -> str | None:

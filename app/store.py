@@ -321,6 +321,22 @@ def finish_failure(engine: sa.Engine, task_id: str, *, worker: str, error: str |
         ).rowcount == 1
 
 
+def record_unrunnable(engine: sa.Engine, task_id: str, *, task_name: str, error: str, final: bool) -> bool:
+    """A delivery that reached a worker which cannot run it at all (no worker declares the task):
+    record why on its row, `dead` on the receive that sends the message to the DLQ, else
+    `failed`, so a misspelt or undeployed task never reads `queued` forever. Rows that are running
+    (another worker does run the task) or succeeded are left alone. False when nothing changed."""
+    now = utcnow()
+    c = tasks.c
+    with engine.begin() as conn:
+        return conn.execute(
+            sa.update(tasks)
+            .where(c.id == task_id, c.task_name == task_name, c.state.in_(("pending", "queued", "failed", "dead")))
+            .values(state="dead" if final else "failed", error=format_error(error), updated_at=now,
+                    finished_at=now if final else c.finished_at)
+        ).rowcount == 1
+
+
 def release(engine: sa.Engine, task_id: str, *, worker: str) -> bool:
     """Give the lease up without a verdict (warm shutdown, worker lost): running -> queued."""
     now = utcnow()

@@ -49,6 +49,7 @@ import os
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -59,7 +60,7 @@ from celery.exceptions import Ignore, Reject
 
 from pcelery import schema, store
 from pcelery import sqs as sqs_clients
-from pcelery.catalog import QueueContract, parse_queue_name, sqs_queue_name
+from pcelery.catalog import QueueContract, parse_queue_name
 from pcelery.settings import Settings
 
 logger = logging.getLogger("pcelery.worker")
@@ -137,6 +138,64 @@ class PoisonMessage(Exception):
     every receive and so ends in the DLQ, where ops can look at it."""
 
 
+class StoreUnavailable(Ignore):
+    """The claim-check store could not be reached for this delivery. Not the task's failure:
+    nothing is recorded, the main process gives the message back to SQS and receives nothing more
+    until the store answers (pcelery.celery_internals.STORE_BREAKER). An Ignore, so Celery logs
+    it as one line (a Reject or a failure would print a traceback for every delivery of an outage)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+# What a lost database connection raises through SQLAlchemy (psycopg and sqlite3 alike).
+STORE_ERRORS = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.DisconnectionError, sa.exc.TimeoutError)
+# How long a task that has finished waits for the store to record its verdict, keeping its
+# message invisible meanwhile, before it gives the message back. Beyond this a non-transactional
+# task whose success could not be recorded runs again when SQS redelivers it.
+STORE_OUTAGE_WAIT = 600.0
+
+
+def backoff(attempt: int, first: float, longest: float) -> float:
+    """Capped exponential backoff: first, 2 x first, 4 x first ... never above longest."""
+    return min(longest, first * 2 ** max(0, attempt - 1))
+
+
+class TroubleLog:
+    """Logs the first failure of an operation at WARNING with its cause, repeats at DEBUG while it
+    keeps failing, and its recovery once: an outage reads as two lines, not thousands."""
+
+    def __init__(self, log: logging.Logger):
+        self._log = log
+        self._lock = threading.Lock()
+        self._failing: dict[str, tuple[float, int]] = {}  # what -> (since, failures)
+
+    def failed(self, what: str, cause: str) -> None:
+        with self._lock:
+            since, count = self._failing.get(what, (time.monotonic(), 0))
+            self._failing[what] = (since, count + 1)
+        if count == 0:
+            self._log.warning("%s failed: %s", what, cause)
+        else:
+            self._log.debug("%s failed again (%d): %s", what, count + 1, cause)
+
+    def recovered(self, what: str) -> None:
+        with self._lock:
+            entry = self._failing.pop(what, None)
+        if entry is not None:
+            self._log.warning("%s works again, after %d failure(s) over %.0f s", what, entry[1],
+                              time.monotonic() - entry[0])
+
+
+TROUBLE = TroubleLog(logger)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 def worker_identity(pid: int | None = None) -> str:
     return f"{socket.gethostname()}:{pid or os.getpid()}"
 
@@ -168,7 +227,7 @@ def engine() -> sa.Engine:
 def sqs() -> Any:
     # Short timeouts and few retries: a heartbeat call hung for the SDK's default minutes would
     # outlast the visibility timeout that the beats are there to keep from running out.
-    return _process_local("sqs", lambda: sqs_clients.make_client(settings))
+    return _process_local("sqs", lambda: sqs_clients.make_client(settings, timeouts=sqs_clients.WORKER))
 
 
 @dataclass(frozen=True)
@@ -225,15 +284,16 @@ class Heartbeat:
     SQLite, the task's own open write transaction holding the lock) never delays the visibility
     extension, which is what keeps SQS from delivering the message a second time."""
 
-    def __init__(self, *, task_id: str, worker: str, delivery: Delivery):
+    def __init__(self, *, task_id: str, worker: str, delivery: Delivery, lease: bool = True):
         self.task_id, self.worker, self.delivery = task_id, worker, delivery
         self._stop = threading.Event()
         self._threads = [
             threading.Thread(target=self._every_interval, args=(self._extend_visibility,), daemon=True,
                              name=f"heartbeat-sqs-{task_id}"),
-            threading.Thread(target=self._every_interval, args=(self._extend_lease,), daemon=True,
-                             name=f"heartbeat-lease-{task_id}"),
         ]
+        if lease:
+            self._threads.append(threading.Thread(target=self._every_interval, args=(self._extend_lease,),
+                                                  daemon=True, name=f"heartbeat-lease-{task_id}"))
 
     def __enter__(self) -> Heartbeat:
         for thread in self._threads:
@@ -246,11 +306,14 @@ class Heartbeat:
             thread.join(timeout=5)
 
     def _every_interval(self, beat: Callable[[], None]) -> None:
+        what = "heartbeat ChangeMessageVisibility" if beat == self._extend_visibility else "heartbeat lease"
         while not self._stop.wait(self.delivery.contract.heartbeat_interval):
             try:
                 beat()
             except Exception as exc:  # noqa: BLE001 - the next beat retries; the margin covers a miss
-                logger.warning("heartbeat of task %s: %s failed: %s", self.task_id, beat.__name__, exc)
+                TROUBLE.failed(what, f"task {self.task_id}: {type(exc).__name__}: {exc}")
+            else:
+                TROUBLE.recovered(what)
 
     def _extend_visibility(self) -> None:
         sqs().change_message_visibility(
@@ -300,8 +363,11 @@ class PersistentTask(Task):
         delivery = Delivery.from_request(request, self.queue)
         worker = worker_identity()
         db = engine()
-        claim = store.claim(db, task_id, worker=worker, lease_seconds=lease_seconds(delivery.contract),
-                            message_id=delivery.message_id)
+        try:
+            claim = store.claim(db, task_id, worker=worker, lease_seconds=lease_seconds(delivery.contract),
+                                message_id=delivery.message_id)
+        except STORE_ERRORS as exc:
+            raise StoreUnavailable(f"claiming task {task_id}: {_first_line(exc)}") from None
 
         if claim.outcome == "duplicate":
             logger.info("task %s[%s] already succeeded: duplicate delivery acked, not run", self.name, task_id)
@@ -326,8 +392,8 @@ class PersistentTask(Task):
             error = PoisonMessage(
                 f"message names task {self.name!r} but row {task_id} is for {claim.task_name!r}: not run"
             )
-            store.finish_failure(db, task_id, worker=worker, error=error,
-                                 final=delivery.is_last_receive(claim.attempts))
+            self._until_stored(delivery, task_id, worker, "its verdict", lambda: store.finish_failure(
+                db, task_id, worker=worker, error=error, final=delivery.is_last_receive(claim.attempts)))
             raise error
 
         if delivery.contract.name != self.queue:
@@ -343,14 +409,22 @@ class PersistentTask(Task):
                                     delivery.contract.max_receive_count, worker)
         try:
             with heartbeat:
-                return self._run_claimed(db, task_id, worker, claim)
+                return self._run_claimed(db, task_id, worker, claim, delivery)
         except _LostOwnership:
             raise LeftForRedelivery(
                 f"task {task_id}: this worker lost its lease before finishing; its writes were rolled back"
             ) from None
+        except StoreUnavailable:
+            raise
         except Exception as exc:
+            if self.transactional and isinstance(exc, STORE_ERRORS):
+                # The store connection the task ran on broke: its writes are rolled back with it,
+                # so running it again later keeps its effect exactly once.
+                raise StoreUnavailable(f"task {task_id} lost its store connection: {_first_line(exc)}") from None
             final = delivery.is_last_receive(claim.attempts)
-            store.finish_failure(db, task_id, worker=worker, error=exc, final=final)
+            failure = exc
+            self._until_stored(delivery, task_id, worker, "its failure", lambda: store.finish_failure(
+                db, task_id, worker=worker, error=failure, final=final))
             logger.warning("task %s[%s] failed on receive %s of %s (%s): %s", self.name, task_id,
                            delivery.receive_count, delivery.contract.max_receive_count,
                            "dead, goes to the DLQ" if final else "SQS redelivers it", exc)
@@ -367,7 +441,37 @@ class PersistentTask(Task):
         own_limit = self.time_limit or contract.hard_time_limit
         return contract.heartbeat or own_limit + contract.visibility_margin > contract.visibility_timeout
 
-    def _run_claimed(self, db: sa.Engine, task_id: str, worker: str, claim: store.Claim) -> Any:
+    def _until_stored(self, delivery: Delivery, task_id: str, worker: str, what: str,
+                      write: Callable[[], Any]) -> Any:
+        """Run a store write that records a verdict; while the store is unreachable, keep the
+        message invisible (SQS beats only) and retry with capped backoff for STORE_OUTAGE_WAIT,
+        then give up with StoreUnavailable (the message goes back to SQS)."""
+        try:
+            return write()
+        except STORE_ERRORS as exc:
+            first_error = exc
+        TROUBLE.failed("recording a task's verdict", f"task {task_id}: {_first_line(first_error)}; keeping its "
+                       f"message invisible and retrying for up to {STORE_OUTAGE_WAIT:.0f} s")
+        deadline = time.monotonic() + STORE_OUTAGE_WAIT
+        beats: contextlib.AbstractContextManager[Any] = (
+            Heartbeat(task_id=task_id, worker=worker, delivery=delivery, lease=False)
+            if delivery.queue_url and delivery.receipt_handle else contextlib.nullcontext())
+        with beats:
+            attempt = 0
+            while True:
+                attempt += 1
+                time.sleep(min(backoff(attempt, 0.5, 10.0), max(0.0, deadline - time.monotonic())))
+                try:
+                    result = write()
+                except STORE_ERRORS as exc:
+                    if time.monotonic() >= deadline:
+                        raise StoreUnavailable(f"recording {what} of task {task_id}: {_first_line(exc)}") from None
+                    continue
+                TROUBLE.recovered("recording a task's verdict")
+                return result
+
+    def _run_claimed(self, db: sa.Engine, task_id: str, worker: str, claim: store.Claim,
+                     delivery: Delivery) -> Any:
         args, kwargs = claim.args or [], claim.kwargs or {}
         if self.transactional:
             # The transaction begins at the task's first statement (SQLAlchemy's autobegin), not
@@ -380,14 +484,20 @@ class PersistentTask(Task):
                         raise _LostOwnership()
                     conn.commit()
                 except BaseException:
-                    conn.rollback()
+                    with contextlib.suppress(*STORE_ERRORS):  # a broken connection has rolled back already
+                        conn.rollback()
                     raise
             return result
         result = self.run(*args, **kwargs)
-        with db.begin() as conn:
-            if not store.finish_success(conn, task_id, worker=worker, result=result):
-                # The effect already happened (not transactional); the owner records its own verdict.
-                logger.warning("task %s[%s] finished after losing its lease; result not recorded", self.name, task_id)
+
+        def record() -> bool:
+            with db.begin() as conn:
+                return store.finish_success(conn, task_id, worker=worker, result=result)
+
+        # The effect already happened (not transactional): its success must be recorded, or a
+        # redelivery would run it again. So a store outage here is waited out.
+        if not self._until_stored(delivery, task_id, worker, "its success", record):
+            logger.warning("task %s[%s] finished after losing its lease; result not recorded", self.name, task_id)
         return result
 
     def _run_inline(self, *args: Any, **kwargs: Any) -> Any:
@@ -401,35 +511,21 @@ class PersistentTask(Task):
 # --- Start-up guard ------------------------------------------------------------------------------
 
 def startup_problems(queues: list[str]) -> list[str]:
-    """What makes it unsafe to start consuming `queues`: a queue without a RedrivePolicy (kombu
-    deletes a failed task there instead of leaving it for the DLQ), or a store schema behind the
-    code. Empty when the worker may start."""
+    """What makes it unsafe to start consuming `queues` (pcelery.startup: a queue missing or
+    without a RedrivePolicy, a store schema behind the code, SQS or the store not answering).
+    pcelery-worker checked all of it before Celery started; this guards a `celery worker` run by
+    hand. Empty when the worker may start."""
+    from pcelery import startup
+
     problems = []
-    client = sqs()
-    for name in queues:
-        sqs_name = sqs_queue_name(settings.env, name)
-        try:
-            url = client.get_queue_url(QueueName=sqs_name)["QueueUrl"]
-            attributes = client.get_queue_attributes(QueueUrl=url, AttributeNames=["RedrivePolicy"])
-        except Exception as exc:  # noqa: BLE001 - reported as a start-up problem with the queue name
-            problems.append(f"queue {sqs_name!r} cannot be read ({exc}): check that it exists and the role may "
-                            "call sqs:GetQueueUrl and sqs:GetQueueAttributes on it")
-            continue
-        if "RedrivePolicy" not in attributes.get("Attributes", {}):
-            problems.append(
-                f"queue {sqs_name!r} has no RedrivePolicy, so kombu would silently delete every failed task "
-                f"there: give it its DLQ ({sqs_queue_name(settings.env, name, dlq=True)!r}) with the catalog's "
-                f"maxReceiveCount (deploy the stack; locally `python -m ops local up`), then start again"
-            )
     try:
-        db = engine()
-        version = schema.schema_version(db)
-        db.dispose()  # pool children open their own connections
-        if version < schema.LATEST_SCHEMA_VERSION:
-            problems.append(f"the task store's schema is at version {version}, the code needs "
-                            f"{schema.LATEST_SCHEMA_VERSION}: run `pcelery-migrate`")
-    except Exception as exc:  # noqa: BLE001
-        problems.append(f"the task store cannot be reached ({type(exc).__name__}: {exc}): check DATABASE_URL / DB_*")
+        startup.queue_urls(settings, sqs(), consumed=queues)
+    except (startup.Refused, startup.Unreachable) as exc:
+        problems.append(str(exc))
+    try:
+        startup.store_is_current(engine())
+    except (startup.Refused, startup.Unreachable) as exc:
+        problems.append(str(exc))
     return problems
 
 

@@ -22,7 +22,7 @@ from typing import IO, Any
 
 from pcelery.catalog import Catalog, sqs_queue_name
 from pcelery.settings import DEFAULT_REGION, LOCAL_ACCESS_KEY
-from pcelery.sqs import make_client
+from pcelery.sqs import OPS, make_client
 
 from . import DEMO_CATALOG_SPEC
 
@@ -77,8 +77,9 @@ def start_moto_server(port: int | None = None, *, log: IO[bytes] | None = None, 
 
 
 def sqs_client(endpoint: str) -> Any:
-    """A client of the local endpoint (the product's own client factory, with the local keys)."""
-    return make_client(endpoint_url=endpoint, region=LOCAL_REGION)
+    """A client of the local endpoint (the product's own client factory, with the local keys and
+    ops's patience: the tests and the demo long-poll with it)."""
+    return make_client(endpoint_url=endpoint, region=LOCAL_REGION, timeouts=OPS)
 
 
 def create_queues(sqs: Any, catalog: Catalog, env: str) -> dict[str, dict[str, str]]:

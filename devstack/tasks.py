@@ -9,6 +9,7 @@ produced it.
 from __future__ import annotations
 
 import datetime as dt
+import os
 import time
 
 import sqlalchemy as sa
@@ -78,6 +79,26 @@ def flaky(key, failures=1, *, db):
         raise RuntimeError(f"flaky {key}: failing on purpose (attempt {attempt} of {failures} planned failures)")
     _record_effect(db, key)
     return attempt
+
+
+@persistent_task(name="demo.append")
+def append(path, line, seconds=0.0):
+    """Not transactional: sleeps, then appends a line to a file, an effect outside the store (an
+    e-mail, a webhook). It happens once only if the success is recorded before a redelivery."""
+    time.sleep(seconds)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line + "\n")
+    return line
+
+
+@persistent_task(name="demo.until_fixed", transactional=True)
+def until_fixed(key, bug_path, *, db):
+    """Fails while the file `bug_path` exists (a bug in production), then records its effect: a
+    task that ends in the DLQ, is fixed by a deploy (the file removed) and redriven."""
+    if os.path.exists(bug_path):
+        raise RuntimeError(f"{key}: the bug in {bug_path} is still deployed")
+    _record_effect(db, key)
+    return key
 
 
 @persistent_task(name="demo.always_fail")

@@ -115,8 +115,14 @@ def aws_error(exc: Exception, what: str) -> OpsError:
                     "SignatureDoesNotMatch", "AuthFailure"):
             return OpsError(f"{what}: AWS refused the credentials ({code}: {message}): refresh them "
                             "(`aws sso login`) or use a role allowed to do this", EXIT_AUTH)
-        return OpsError(f"{what}: AWS error {code or exc.response.get('ResponseMetadata', {}).get('HTTPStatusCode')}: "
-                        f"{message}", EXIT_UNREACHABLE)
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if not code or code.isdigit():  # botocore found no AWS error in the answer: a proxy's or web page
+            page = " ".join(message.split())
+            return OpsError(f"{what}: the endpoint answered HTTP {status} without an SQS error "
+                            f"({page[:120] + ('…' if len(page) > 120 else '')}): SQS or the network in between is "
+                            "failing; retry, and if it persists check --endpoint-url / AWS_ENDPOINT_URL_SQS",
+                            EXIT_UNREACHABLE)
+        return OpsError(f"{what}: AWS error {code}: {message}", EXIT_UNREACHABLE)
     if isinstance(exc, bx.BotoCoreError):
         return OpsError(f"{what}: {exc}", EXIT_UNREACHABLE)
     raise exc

@@ -67,14 +67,28 @@ def _duration(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{exc}: use a number and s, m, h or d") from None
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be 1 or more")
-    return value
+# Bounds checked when the command line is parsed, so an absurd number is a usage error naming the
+# option, never an OverflowError from SQLite or a rejected SQS call half-way through a redrive.
+MAX_COUNT = 1_000_000  # --limit
+SQS_MAX_VISIBILITY = 43_200  # --hold-seconds: SQS's longest visibility timeout (12 h)
+
+
+def _whole_number(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text!r} must be {low} or more")
+        if value > high:
+            raise argparse.ArgumentTypeError(f"{text!r} is above the most this option takes, {high:,}")
+        return value
+    return parse
+
+
+_positive_int = _whole_number(1, MAX_COUNT)
+_hold_seconds = _whole_number(1, SQS_MAX_VISIBILITY)
 
 
 def _positive_float(text: str) -> float:
@@ -82,8 +96,8 @@ def _positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be above 0")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a number above 0")
     return value
 
 
@@ -149,9 +163,9 @@ def _redrive_parser(sub: Subparsers, common: argparse.ArgumentParser) -> None:
     p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
     p.add_argument("--force", action="store_true",
                    help="allow a source that is not a DLQ or a --to that is not one of its sources")
-    p.add_argument("--hold-seconds", type=_positive_int, default=60, metavar="SECONDS",
+    p.add_argument("--hold-seconds", type=_hold_seconds, default=60, metavar="SECONDS",
                    help="client mode: a message being moved stays invisible this long; if ops dies mid-move it "
-                        "reappears in the DLQ after this (default 60)")
+                        f"reappears in the DLQ after this (default 60, at most SQS's {SQS_MAX_VISIBILITY:,})")
 
 
 def _tasks_parser(sub: Subparsers, common: argparse.ArgumentParser) -> None:
@@ -330,7 +344,7 @@ def cmd_peek(ctx: Context) -> int:
         except Exception as exc:  # noqa: BLE001 - rows are extra; peek must still answer
             render.note(f"task rows unavailable ({exc})")
     if args.output == "json":
-        render.print_json(render.peek_json(messages, rows))
+        render.print_json(render.peek_json(messages, rows, store_read=engine is not None))
     else:
         render.peek_text(ref.name, messages, rows, store_read=engine is not None)
     return EXIT_OK
@@ -453,6 +467,11 @@ def cmd_purge(ctx: Context) -> int:
             if args.confirm_name != ref.name:
                 raise OpsError(f"--confirm-name {args.confirm_name!r} is not the queue's name {ref.name!r}: "
                                "nothing was purged", EXIT_NOT_CONFIRMED)
+        elif not sys.stdin.isatty():
+            # --yes is the same keystroke for every queue; in prod the queue's name must be typed.
+            raise OpsError(f"purging {ref.name!r} in prod needs its name typed back: pass --confirm-name {ref.name}"
+                           + (" (--yes is not enough in prod)" if args.yes else "")
+                           + " after a --dry-run; nothing was purged", EXIT_NOT_CONFIRMED)
         else:
             confirm(f"PROD: purge about {count} message(s) from {ref.name}? This cannot be undone.",
                     expected=ref.name, what=f"purge a prod queue (or pass --confirm-name {ref.name})")

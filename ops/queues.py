@@ -16,14 +16,12 @@ import json
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import Any, TypedDict
 
 from pcelery.catalog import Catalog, parse_queue_name, sqs_queue_name
+from pcelery.messages import DecodedMessage, decode_body, envelope_problem
 from pcelery.ops import EXIT_NOT_FOUND, EXIT_REFUSED, OpsError
 from pcelery.ops.aws import Aws, SqsClient, aws_error, call
-
-if TYPE_CHECKING:
-    from pcelery.messages import DecodedMessage
 
 log = logging.getLogger("ops")
 
@@ -73,6 +71,9 @@ class MessageInfo(TypedDict):
     sent_at: str | None
     attributes: dict[str, Any]
     body: str
+    # Why no worker can run the body (pcelery.messages.envelope_problem), None when it is a
+    # well-formed Celery message (its task or row may still be the trouble: see the row).
+    problem: str | None
 
 
 class PurgeResult(TypedDict):
@@ -223,12 +224,8 @@ def depth(aws: Aws, refs: list[QueueRef], *, env: str, catalog: Catalog,
 
 
 def decode(body: str) -> DecodedMessage | None:
-    """The Celery message inside a body (pcelery.messages.decode_body), or None."""
-    try:
-        from pcelery.messages import decode_body
-    except ImportError:  # the app side is optional for pure SQS work
-        return None
-    return decode_body(body)  # None for anything that is not a Celery message; never raises
+    """The Celery message inside a body (pcelery.messages.decode_body), or None. Never raises."""
+    return decode_body(body)
 
 
 def _iso_millis(ms: str | None) -> str | None:
@@ -249,6 +246,7 @@ def describe_message(msg: Message) -> MessageInfo:
         "attributes": {k: v.get("StringValue", v.get("BinaryValue")) for k, v in
                        (msg.get("MessageAttributes") or {}).items()},
         "body": msg.get("Body", ""),
+        "problem": envelope_problem(msg.get("Body", "")),
     }
 
 

@@ -64,6 +64,10 @@ class RedriveResult:
     moved_task_ids: list[str] = field(default_factory=list)
     failure_reason: str | None = None
     interrupted: bool = False
+    # MessageIds of the copies this run sent. SQS keeps a message's id when its redrive policy
+    # moves it to the DLQ, so one of these seen in the DLQ is a message that came straight back
+    # (poison no worker can read goes back within seconds): it is left there, not moved again.
+    sent_ids: set[str] = field(default_factory=set)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -250,8 +254,8 @@ def redrive_client(sqs: SqsClient, plan: RedrivePlan, *, limit: int | None = Non
             first_seen = 0
             for m in batch:
                 mid = m["MessageId"]
-                if mid in held or mid in handled:
-                    held[mid] = m  # its hold ran out: keep holding it, with the newer receipt handle
+                if mid in held or mid in handled or mid in result.sent_ids:
+                    held[mid] = m  # its hold ran out, or it came back: keep holding it (newer receipt handle)
                     continue
                 first_seen += 1
                 if task is not None and getattr(decode(m.get("Body", "")), "task", None) != task:
@@ -314,6 +318,7 @@ def _move_batch(sqs: SqsClient, plan: RedrivePlan, messages: list[Message], is_f
         result.failed += len(messages)
         return 0
     sent = [messages[int(s["Id"])] for s in resp.get("Successful", [])]
+    result.sent_ids.update(s["MessageId"] for s in resp.get("Successful", []) if s.get("MessageId"))
     failed = [messages[int(f["Id"])] for f in resp.get("Failed", [])]
     for f in resp.get("Failed", []):
         log.warning("message %s not sent: %s %s", messages[int(f["Id"])]["MessageId"], f.get("Code"),

@@ -112,8 +112,22 @@ def _row_of(message: MessageInfo, rows: Mapping[str, TaskRow]) -> TaskRow | None
     return rows.get(message["task_id"]) if message["task_id"] else None
 
 
-def peek_json(messages: list[MessageInfo], rows: Mapping[str, TaskRow]) -> list[dict[str, Any]]:
-    return [{**m, "task_row": peek_row(_row_of(m, rows))} for m in messages]
+def why_poison(message: MessageInfo, row: TaskRow | None, *, store_read: bool) -> str | None:
+    """Why a DLQ message cannot run, in one line: what is wrong with its body, else what its
+    row says (the worker records why it could not run it), else that it has no row."""
+    if message["problem"]:
+        return message["problem"]
+    if row is None:
+        return ("no task row has this id: nothing to run (a message sent without the outbox, or its row was deleted)"
+                if store_read and message["task_id"] else None)
+    if message["task"] and row.task_name != message["task"]:
+        return f"the message names task {message['task']!r} but row {row.id} is for {row.task_name!r}"
+    return row.error if row.state in ("failed", "dead") else None
+
+
+def peek_json(messages: list[MessageInfo], rows: Mapping[str, TaskRow], *, store_read: bool) -> list[dict[str, Any]]:
+    return [{**m, "task_row": peek_row(_row_of(m, rows)),
+             "why": why_poison(m, _row_of(m, rows), store_read=store_read)} for m in messages]
 
 
 def peek_text(queue: str, messages: list[MessageInfo], rows: Mapping[str, TaskRow], *, store_read: bool) -> None:
@@ -132,6 +146,9 @@ def peek_text(queue: str, messages: list[MessageInfo], rows: Mapping[str, TaskRo
             print(f"  payload  {short(json.dumps(row.payload, default=str), 100)}")
         elif m["task_id"] and store_read:
             print("  row      (no row with this id: a poison message, see RUNBOOK.md#poison-task)")
+        why = why_poison(m, row, store_read=store_read)
+        if why and (m["problem"] or (row is not None and why != row.error)):  # else the row line says it
+            print(f"  why      {short(why, 200)}")
         if m["attributes"]:
             print(f"  attrs    {json.dumps(m['attributes'])}")
         if not m["task"]:  # a Celery body is base64 of an envelope: the row's payload says more

@@ -34,12 +34,18 @@ class ReplayResult(TypedDict):
     error: str | None
 
 
+MAX_DURATION_DAYS = 3650  # rows are not older than ten years; a larger value is a typo
+
+
 def parse_duration(text: str) -> float:
     """'90s', '15m', '2h', '1d' -> seconds."""
     m = _DURATION.match(text or "")
     if not m:
         raise ValueError(f"duration {text!r} is not like 90s, 15m, 2h or 1d")
-    return float(m.group(1)) * _UNITS[m.group(2)]
+    seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    if seconds > MAX_DURATION_DAYS * 86400:
+        raise ValueError(f"duration {text!r} is longer than {MAX_DURATION_DAYS} days")
+    return seconds
 
 
 def _where(engine: sa.Engine) -> str:

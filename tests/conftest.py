@@ -250,9 +250,13 @@ class LocalEnv:
     names on one endpoint have disjoint queues, so their workers never take each other's work."""
 
     def __init__(self, endpoint: str, db_url: str, env: str, tmp: Path, *, result_backend: str | None = None,
-                 create: bool = True):
+                 create: bool = True, process_endpoint: str | None = None, process_db_url: str | None = None):
+        """process_endpoint / process_db_url: what the worker and relay processes are given
+        instead (a FaultProxy in front of moto or Postgres), while the test itself talks to SQS
+        and the store directly."""
         self.endpoint, self.db_url, self.env, self.tmp = endpoint, db_url, env, tmp
-        self.environ = local_environ(endpoint, db_url, env=env, result_backend=result_backend)
+        self.environ = local_environ(process_endpoint or endpoint, process_db_url or db_url, env=env,
+                                     result_backend=result_backend)
         self.sqs = sqs_client(endpoint)
         self.queues = create_queues(self.sqs, DEMO_CATALOG, env) if create else {}
         self.engine = schema.make_engine(db_url)
@@ -364,6 +368,27 @@ def local_env(endpoint: str, db_url: str, env: str, tmp: Path, **kwargs: Any) ->
         yield e
     finally:
         e.close()
+
+
+@contextlib.contextmanager
+def proxied_env(moto_server: Any, env: str, tmp: Path, *, db_prefix: str) -> Iterator[tuple[LocalEnv, Any, Any]]:
+    """A LocalEnv on its own Postgres database whose worker and relay processes reach SQS and
+    Postgres through FaultProxies (tests/faults.py), while the test talks to both directly.
+    Yields (env, sqs_proxy, pg_proxy); the moto server starts empty."""
+    from faults import FaultProxy
+
+    reset_moto(moto_server.endpoint)
+    db_url = make_pg_database(db_prefix)
+    sqs_proxy = FaultProxy("127.0.0.1", int(moto_server.endpoint.rsplit(":", 1)[1])).start()
+    pg_proxy = FaultProxy("127.0.0.1", 5432).start()
+    e = LocalEnv(moto_server.endpoint, db_url, env, tmp, process_endpoint=sqs_proxy.url,
+                 process_db_url=db_url.replace("@127.0.0.1:5432/", f"@127.0.0.1:{pg_proxy.port}/")).migrate()
+    try:
+        yield e, sqs_proxy, pg_proxy
+    finally:
+        e.close()
+        sqs_proxy.stop()
+        pg_proxy.stop()
 
 
 def run_console_script(name: str, *args: str, env: dict[str, str] | None = None, timeout: float = 60,

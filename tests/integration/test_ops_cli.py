@@ -7,11 +7,13 @@ tests/unit/test_ops_lib.py.)
 from __future__ import annotations
 
 import base64
+import http.server
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
@@ -174,7 +176,7 @@ def test_peek_shows_messages_with_their_rows_and_consumes_nothing(stack):
     damaged = next(m for m in messages if m["task_id"] == damaged_id)
     assert damaged["task"] == "app.demo_tasks.add" and damaged["task_row"] is None
     assert set(celery) == {"message_id", "task", "task_id", "receive_count", "sent_at", "attributes", "body",
-                           "task_row"}
+                           "task_row", "problem", "why"}
     assert celery["task"] == "app.demo_tasks.always_fails" and celery["task_id"] == tid
     assert celery["receive_count"] == 1 and celery["sent_at"].endswith("Z")
     assert celery["attributes"] == {"origin": "test"}
@@ -182,6 +184,10 @@ def test_peek_shows_messages_with_their_rows_and_consumes_nothing(stack):
     assert celery["task_row"]["attempts"] == 1
     assert celery["task_row"]["last_error"] == "RuntimeError: payment API down"
     assert raw["task"] is None and raw["body"] == "not a celery message" and raw["task_row"] is None
+    # Why each cannot run: what the row recorded, what is wrong with the body.
+    assert celery["problem"] is None and celery["why"] == "RuntimeError: payment API down"
+    assert raw["why"] == raw["problem"] and raw["why"].startswith("the envelope is not JSON")
+    assert damaged["why"].startswith("the body is not JSON (Expecting property name")
 
     # --limit bounds it; a second peek sees the same messages again (receive count grows).
     [one] = stack.ops_json("peek", "default-dlq", "--limit", "1")
@@ -190,6 +196,7 @@ def test_peek_shows_messages_with_their_rows_and_consumes_nothing(stack):
     assert "app.demo_tasks.always_fails" in table.stdout and "payment API down" in table.stdout
     assert f"task     app.demo_tasks.add  id {damaged_id}" in table.stdout
     assert "no row with this id: a poison message" in table.stdout
+    assert "  why      the body is not JSON" in table.stdout
     assert stack.counts(stack.url("default", dlq=True)) == (3, 0, 0)
 
 
@@ -444,6 +451,9 @@ def test_purge_asks_and_empties_and_guards_prod(stack):
     assert proc.returncode == 6 and "work queue in prod" in _error_line(proc)
     proc = stack.ops("purge", "default-dlq", "--env", "prod", "--yes")  # --yes is not enough in prod
     assert proc.returncode == 7
+    assert _error_line(proc) == ("ops: error: purging 'pcelery-prod-default-dlq' in prod needs its name typed back: "
+                                 "pass --confirm-name pcelery-prod-default-dlq (--yes is not enough in prod) after a "
+                                 "--dry-run; nothing was purged")
     proc = stack.ops("purge", "default-dlq", "--env", "prod", "--confirm-name", "pcelery-prod-default")
     assert proc.returncode == 7 and "is not the queue's name" in _error_line(proc)
     assert stack.counts(prod["default"]["dlq_url"]) == (1, 0, 0)
@@ -454,6 +464,62 @@ def test_purge_asks_and_empties_and_guards_prod(stack):
     forced = stack.ops("purge", prod["default"]["url"], "--env", "prod", "--force",
                        "--confirm-name", "pcelery-prod-default")
     assert forced.returncode == 0 and stack.counts(prod["default"]["url"]) == (0, 0, 0)
+
+
+# ------------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize("args, option, says", [
+    (["tasks", "--limit", "99999999999999999999"], "--limit", "is above the most this option takes, 1,000,000"),
+    (["tasks", "--limit", "0"], "--limit", "'0' must be 1 or more"),
+    (["peek", "default-dlq", "--limit", "1e9"], "--limit", "'1e9' is not a whole number"),
+    (["tasks", "--older-than", "99999999999d"], "--older-than", "is longer than 3650 days"),
+    (["replay", "--state", "dead", "--limit", "10000000"], "--limit", "is above the most this option takes"),
+    (["redrive", "default-dlq", "--hold-seconds", "43201"], "--hold-seconds",
+     "'43201' is above the most this option takes, 43,200"),
+    (["redrive", "default-dlq", "--rate", "inf"], "--rate", "'inf' must be a number above 0"),
+    (["depth", "--watch", "nan"], "--watch", "'nan' must be a number above 0"),
+])
+def test_numeric_options_are_checked_when_parsed(stack, args, option, says):
+    proc = stack.ops(*args)
+    assert proc.returncode == 2, proc.stderr
+    assert f"argument {option}: " in proc.stderr and says in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and "sqlite" not in proc.stderr.lower() and "SELECT" not in proc.stderr
+
+
+class _NotSqs(http.server.BaseHTTPRequestHandler):
+    """What answers when AWS_ENDPOINT_URL_SQS points at the wrong service: a web page."""
+
+    status = 200
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        page = b"<html><body>Welcome to nginx!</body></html>"
+        self.send_response(self.status)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(page)))
+        self.end_headers()
+        self.wfile.write(page)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize("status", [200, 404, 501])
+def test_an_endpoint_that_is_not_sqs_is_named_as_such(stack, status):
+    handler = type("Handler", (_NotSqs,), {"status": status})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+        proc = stack.ops("depth", "--endpoint-url", endpoint)
+    finally:
+        server.shutdown()
+    assert proc.returncode == 4, proc.stderr
+    assert _error_line(proc) == (
+        f"ops: error: queue 'default': the endpoint {endpoint} does not answer like SQS (HTTP {status}, content type "
+        "'text/html': <html><body>Welcome to nginx!</body></html>): check AWS_ENDPOINT_URL_SQS / AWS_ENDPOINT_URL (or "
+        "--endpoint-url)")
 
 
 # ------------------------------------------------------------------------ the whole CLI

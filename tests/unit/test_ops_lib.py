@@ -188,6 +188,17 @@ def test_client_redrive_paces_itself_to_the_rate_and_stops_at_the_limit():
         assert (attrs["ApproximateNumberOfMessages"], attrs["ApproximateNumberOfMessagesNotVisible"]) == ("3", "0")
 
 
+class ClientWrapper:
+    """A real (mock_aws) SQS client with one call replaced by a subclass: the collaborator's
+    behaviour the test needs, everything else real."""
+
+    def __init__(self, real):
+        self.real = real
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
 def test_client_redrive_handles_partial_send_failures_without_losing_messages():
     """Half of every SendMessageBatch fails: those stay in the DLQ (visible at once), only the
     sent half is deleted."""
@@ -199,13 +210,7 @@ def test_client_redrive_handles_partial_send_failures_without_losing_messages():
         for i in range(12):
             sqs.send_message(QueueUrl=q["default"]["dlq_url"], MessageBody=f"b{i}")
 
-        class FlakySend:
-            def __init__(self, real):
-                self.real = real
-
-            def __getattr__(self, name):
-                return getattr(self.real, name)
-
+        class FlakySend(ClientWrapper):
             def send_message_batch(self, QueueUrl, Entries):
                 ok = [e for i, e in enumerate(Entries) if i % 2 == 0]
                 resp = self.real.send_message_batch(QueueUrl=QueueUrl, Entries=ok)
@@ -225,6 +230,35 @@ def test_client_redrive_handles_partial_send_failures_without_losing_messages():
         assert (result.moved, result.failed) == (6, 6)
         assert count(q["default"]["url"]) == (6, 0)
         assert count(q["default"]["dlq_url"]) == (6, 0)  # the failed half, visible again at once
+
+
+def test_client_redrive_moves_each_message_once_even_when_it_comes_straight_back():
+    """Poison that no worker can read is back in the DLQ within seconds of a redrive; a run that
+    moved it again would never end (seen in the chaos test). Here a "worker" dead-letters every
+    copy the moment it is sent."""
+    from moto import mock_aws
+
+    with mock_aws():
+        sqs = sqs_client(None)
+        q = create_queues(sqs, DEMO_CATALOG, "local")
+        for i in range(3):
+            sqs.send_message(QueueUrl=q["default"]["dlq_url"], MessageBody=f"poison {i}")
+
+        class BouncingWorker(ClientWrapper):
+            def send_message_batch(self, QueueUrl, Entries):
+                resp = self.real.send_message_batch(QueueUrl=QueueUrl, Entries=Entries)
+                for _ in range(DEMO_CATALOG.get("default").max_receive_count + 1):  # spends every receive
+                    self.real.receive_message(QueueUrl=QueueUrl, MaxNumberOfMessages=10, VisibilityTimeout=0,
+                                              WaitTimeSeconds=0)
+                return resp
+
+        bouncing = BouncingWorker(sqs)
+        dlq = resolve(bouncing, "default-dlq", env="local", catalog=DEMO_CATALOG)
+        plan = plan_redrive(bouncing, dlq, env="local", catalog=DEMO_CATALOG, mode="client")
+        result = redrive_client(bouncing, plan, hold_seconds=30)
+        assert result.moved == 3 and len(result.sent_ids) == 3
+        attrs = sqs.get_queue_attributes(QueueUrl=q["default"]["dlq_url"], AttributeNames=["All"])["Attributes"]
+        assert attrs["ApproximateNumberOfMessages"] == "3"  # the bounced copies, visible again, not moved twice
 
 
 # -------------------------------------------------------------------------------- helpers

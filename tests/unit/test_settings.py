@@ -111,6 +111,11 @@ def test_worker_only_variables_do_not_stop_the_other_processes():
     ({"PCELERY_RELAY_MIN_AGE": "half a minute"}, "PCELERY_RELAY_MIN_AGE='half a minute' is not a number of seconds"),
     ({"PCELERY_RELAY_INTERVAL": "-1"}, "PCELERY_RELAY_INTERVAL='-1' must be 0 or more seconds"),
     ({"PCELERY_RELAY_INTERVAL": "inf"}, "PCELERY_RELAY_INTERVAL='inf' must be 0 or more seconds"),
+    ({"PCELERY_STARTUP_TIMEOUT": "soon"}, "PCELERY_STARTUP_TIMEOUT='soon' is not a number of seconds"),
+    ({"DATABASE_URL": "not a url"}, "DATABASE_URL='not a url' is not a database URL: use postgresql://"),
+    ({"DATABASE_URL": "postgresql://app:s3cret@db:notaport/x"},
+     "DATABASE_URL='postgresql://app:***@db:notaport/x' is not a database URL"),
+    ({"DATABASE_URL": "mysql://app:s3cret@db/x"}, "DATABASE_URL='mysql://app:***@db/x' names a mysql database"),
     ({"DB_HOST": "db.internal", "DB_USER": "app"}, "DB_HOST is set but ['DB_PASSWORD'] are not"),
     ({"DB_HOST": "db.internal", "DB_USER": "app", "DB_PASSWORD": "pw", "DB_PORT": "54x"},
      "DB_PORT='54x' is not a port number"),
@@ -121,6 +126,10 @@ def test_worker_only_variables_do_not_stop_the_other_processes():
 ])
 def test_each_bad_setting_is_named_with_its_fix(environ, expected):
     assert expected in error(**environ)
+
+
+def test_a_bad_database_url_never_shows_its_password():
+    assert "s3cret" not in error(DATABASE_URL="mysql://app:s3cret@db/x")
 
 
 def test_log_level_is_one_spelling():

@@ -1,0 +1,183 @@
+"""A fault-injecting TCP proxy for the tests: real sockets, no patched functions.
+
+    proxy = FaultProxy("127.0.0.1", upstream_port).start()
+    proxy.url                 # http://127.0.0.1:<port>: give it to the process under test
+    proxy.set("http", 503)    # every new HTTP request is answered 503 (SQS outage)
+    proxy.set("hang")         # connections are accepted, nothing is ever answered
+    proxy.set("refuse")       # the port is closed: connection refused (store outage)
+    proxy.set("pass")         # back to forwarding
+
+Changing the mode cuts every open connection, so clients that keep connections alive (boto3,
+kombu's curl client, a database pool) meet the new mode on their next request instead of
+carrying on through an old connection. The port stays the same across modes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+MODES = ("pass", "http", "hang", "refuse")
+REASONS = {408: "Request Timeout", 500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable",
+           504: "Gateway Timeout"}
+
+
+class FaultProxy:
+    def __init__(self, upstream_host: str, upstream_port: int, *, host: str = "127.0.0.1"):
+        self.upstream = (upstream_host, upstream_port)
+        self.host = host
+        self.mode, self.status = "pass", 500
+        self._listener: socket.socket | None = None
+        self._port = 0
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._stopped = False
+        self.requests_faulted = 0  # HTTP requests answered with an error status
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self._port}"
+
+    def start(self) -> FaultProxy:
+        self._listen()
+        return self
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._close_listener()
+        self._cut_all()
+
+    def set(self, mode: str, status: int = 500) -> None:
+        assert mode in MODES, mode
+        with self._lock:
+            self.mode, self.status = mode, status
+        self._cut_all()
+        if mode == "refuse":
+            self._close_listener()
+        elif self._listener is None:
+            self._listen()
+
+    @contextlib.contextmanager
+    def fault(self, mode: str, status: int = 500) -> Iterator[None]:
+        self.set(mode, status)
+        try:
+            yield
+        finally:
+            self.set("pass")
+
+    # --- sockets ---
+
+    def _listen(self) -> None:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        for _ in range(100):  # the same port again after a refuse window
+            try:
+                listener.bind((self.host, self._port))
+                break
+            except OSError:
+                time.sleep(0.05)
+        else:
+            raise RuntimeError(f"cannot listen on {self.host}:{self._port} again")
+        listener.listen(128)
+        self._port = listener.getsockname()[1]
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True, name="faultproxy-accept").start()
+
+    def _close_listener(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
+            listener.close()
+
+    def _cut_all(self) -> None:
+        with self._lock:
+            conns, self._conns = self._conns, set()
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            conn.close()
+
+    def _track(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._conns.add(sock)
+
+    def _accept(self, listener: socket.socket) -> None:
+        while not self._stopped:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # the listener was closed (refuse mode, or stop)
+            self._track(client)
+            mode = self.mode
+            target = {"pass": self._forward, "http": self._answer_http, "hang": self._hang}.get(mode, self._hang)
+            threading.Thread(target=target, args=(client,), daemon=True, name=f"faultproxy-{mode}").start()
+
+    def _forward(self, client: socket.socket) -> None:
+        try:
+            upstream = socket.create_connection(self.upstream, timeout=10)
+        except OSError:
+            client.close()
+            return
+        upstream.settimeout(None)
+        self._track(upstream)
+
+        def pump(src: socket.socket, dst: socket.socket) -> None:
+            try:
+                while data := src.recv(65536):
+                    dst.sendall(data)
+            except OSError:
+                pass
+            finally:
+                for s in (src, dst):
+                    with contextlib.suppress(OSError):
+                        s.shutdown(socket.SHUT_RDWR)
+
+        threading.Thread(target=pump, args=(upstream, client), daemon=True).start()
+        pump(client, upstream)
+
+    def _answer_http(self, client: socket.socket) -> None:
+        """Read one HTTP request (headers and Content-Length body) and answer it with the error
+        status, then close: an SQS endpoint having a bad minute."""
+        try:
+            client.settimeout(30)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = client.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value.strip() or 0)
+            while len(body) < length:
+                chunk = client.recv(65536)
+                if not chunk:
+                    break
+                body += chunk
+            status = self.status
+            text = f"<html><body>{status} {REASONS.get(status, 'Error')} (fault injected)</body></html>".encode()
+            client.sendall(f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\nContent-Type: text/html\r\n"
+                           f"Content-Length: {len(text)}\r\nConnection: close\r\n\r\n".encode() + text)
+            with self._lock:
+                self.requests_faulted += 1
+        except OSError:
+            pass
+        finally:
+            client.close()
+
+    def _hang(self, client: socket.socket) -> None:
+        """Accept and never answer; the socket is closed when the mode changes."""
+        with contextlib.suppress(OSError):
+            while client.recv(65536):
+                pass
