@@ -9,7 +9,7 @@ LSVENV := .venv-localstack
 PY313 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3.13) python3.13)
 export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 20
 
-.PHONY: setup demo test test-fast lint typecheck lock synth bench clean
+.PHONY: setup demo test test-fast lint typecheck lock synth bench example-wheel clean
 
 setup: $(VENV)/.installed node_modules/.installed $(LSVENV)/.installed
 
@@ -69,6 +69,12 @@ synth: setup
 # Not part of `make test`: figures go to bench/RESULTS.md by hand, measured side by side.
 bench: $(VENV)/.installed
 	$(VENV)/bin/python -m bench.run
+
+# The example project's image installs persistent-celery from its wheels/ folder (a team
+# installs it from its own package index instead): build it before `cdk deploy` of dev/staging.
+example-wheel: $(VENV)/.installed
+	rm -f examples/django_shop/wheels/*.whl
+	$(VENV)/bin/pip wheel --quiet --no-deps --wheel-dir examples/django_shop/wheels .
 
 clean:
 	rm -rf $(VENV) $(LSVENV) node_modules cdk.out var build *.egg-info

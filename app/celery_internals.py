@@ -148,7 +148,8 @@ class PersistentRequest(Request):
         info = self.message.delivery_info or {}
         attributes = (info.get("sqs_message") or {}).get("Attributes") or {}
         receive_count = int(attributes.get("ApproximateReceiveCount") or 0)
-        contract = contract_of(info.get("sqs_queue"), info.get("routing_key"), self.task.queue)
+        declared = getattr(self.task, "pcelery_queue", None) or settings.catalog.default_queue
+        contract = contract_of(info.get("sqs_queue"), info.get("routing_key"), declared)
         try:
             store.finish_failure(
                 engine(), self.id, worker=child,

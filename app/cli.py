@@ -41,7 +41,9 @@ def worker(argv: list[str] | None = None) -> int:
     try:
         settings = Settings.from_env()
         worker_settings = WorkerSettings.from_env(settings)
+        celery_app = import_celery_app(worker_settings.celery_app)
         import_task_modules(worker_settings.task_modules)
+        define_tasks(celery_app)
     except SettingsError as exc:
         print(f"pcelery-worker: error: {exc}", file=sys.stderr)
         return startup.EXIT_BAD_SETTINGS
@@ -50,8 +52,11 @@ def worker(argv: list[str] | None = None) -> int:
     except (startup.Refused, startup.Unreachable) as exc:
         return startup.exit_for("pcelery-worker", exc)
     command = [
-        sys.executable, "-m", "celery", "-A", "pcelery.worker", "worker",
+        sys.executable, "-m", "celery", "-A", worker_settings.celery_app, "worker",
         "-Q", ",".join(worker_settings.queues),
+        # The task modules, imported by the worker as it starts (the app's own autodiscovery, if
+        # any, adds its own): a worker refuses messages for tasks it has not imported.
+        *(["--include", ",".join(worker_settings.task_modules)] if worker_settings.task_modules else []),
         "--concurrency", str(worker_settings.concurrency),
         "--hostname", worker_settings.node_name,
         "--without-gossip", "--without-mingle", "--without-heartbeat",
@@ -60,6 +65,34 @@ def worker(argv: list[str] | None = None) -> int:
     ]
     os.execv(sys.executable, command)
     return 0  # not reached
+
+
+def import_celery_app(spec: str) -> Any:
+    """The app `celery -A` will run must exist and be configured for SQS (pcelery.worker.configure)."""
+    from celery import Celery
+
+    from pcelery.settings import SettingsError
+    from pcelery.worker import _CONFIGURED
+
+    module, _, attribute = spec.partition(":")
+    try:
+        found = getattr(importlib.import_module(module), attribute)
+    except Exception as exc:  # noqa: BLE001 - whatever the module raises, name it and the setting
+        raise SettingsError(f"PCELERY_CELERY_APP: {spec!r} cannot be loaded ({type(exc).__name__}: {exc}): fix the "
+                            "name, or install the code that defines the app") from None
+    if not isinstance(found, Celery):
+        raise SettingsError(f"PCELERY_CELERY_APP: {spec!r} is a {type(found).__name__}, not a Celery app")
+    if found not in _CONFIGURED:
+        raise SettingsError(f"PCELERY_CELERY_APP: the app {spec!r} is not configured for SQS: call "
+                            "pcelery.worker.configure(app) right after creating it")
+    try:
+        # What the worker does first as well: the app's own imports, and its fix-ups' set-up
+        # (Celery's Django fix-up runs django.setup(), which the task modules' models need).
+        found.loader.import_default_modules()
+    except Exception as exc:  # noqa: BLE001 - whatever the app's set-up raises, name it and the setting
+        raise SettingsError(f"PCELERY_CELERY_APP: setting up the app {spec!r} failed ({type(exc).__name__}: "
+                            f"{exc}): fix the app's configuration (its imports, DJANGO_SETTINGS_MODULE...)") from None
+    return found
 
 
 def import_task_modules(modules: tuple[str, ...]) -> None:
@@ -74,6 +107,20 @@ def import_task_modules(modules: tuple[str, ...]) -> None:
             raise SettingsError(
                 f"PCELERY_TASK_MODULES: {module!r} cannot be imported ({type(exc).__name__}: {exc}): fix the module "
                 "name, or install the code that declares the tasks into this environment") from None
+
+
+def define_tasks(celery_app: Any) -> None:
+    """Define every task now: `@shared_task` and `@app.task` are lazy, and a task whose options
+    break the SQS contract (PersistentTask refuses them) would otherwise stop the worker with a
+    traceback when Celery first touches it."""
+    from pcelery.settings import SettingsError
+
+    try:
+        celery_app.finalize(auto=True)
+        for task in list(celery_app.tasks.values()):
+            task.name  # noqa: B018 - a pending task is defined when first touched
+    except ValueError as exc:
+        raise SettingsError(f"PCELERY_TASK_MODULES: {exc}") from None
 
 
 def wait_for_dependencies(settings: Any, worker_settings: Any) -> None:

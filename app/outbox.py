@@ -61,6 +61,7 @@ The relay (pcelery.relay, `pcelery-relay`) publishes what a submitter could not.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import difflib
 import json
 import logging
@@ -70,7 +71,7 @@ import threading
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import sqlalchemy as sa
 
@@ -216,6 +217,59 @@ def _unserializable(value: Any, path: str, depth: int = 0) -> tuple[str, str] | 
     return path, f"type {type(value).__name__}, which JSON cannot hold"
 
 
+def check_submit(catalog: Catalog, declarations: Mapping[str, str], task_name: Any, args: Any, kwargs: Any,
+                 queue: str | None, countdown: Any, task_id: Any = None, *,
+                 require_declared: bool = False) -> tuple[str, int]:
+    """(queue, delay seconds) of a task about to be submitted, given the catalog and the {task:
+    queue} declarations; SubmitError naming the argument and the fix when it cannot be accepted."""
+    if not isinstance(task_name, str) or not task_name.strip():
+        raise SubmitError(f"task_name={task_name!r} is empty or not a string: pass the registered task "
+                          "name, e.g. 'shop.send_receipt'")
+    if len(task_name) > 200:
+        raise SubmitError(f"task_name is {len(task_name)} characters; the limit is 200: shorten the task name")
+    declared = declarations.get(task_name)
+    if declared is None and require_declared:
+        known = sorted(declarations)
+        close = difflib.get_close_matches(task_name, known, n=3)
+        hint = f"did you mean {', '.join(map(repr, close))}?" if close else f"declared: {known[:10]}"
+        raise SubmitError(f"task_name={task_name!r} is not declared by any task module this process knows "
+                          f"({hint}): fix the name, or import the module that declares it")
+    wanted = queue if queue is not None else declared or catalog.default_queue
+    try:
+        contract = catalog.get(wanted)
+    except CatalogError:
+        raise SubmitError(f"queue={wanted!r} is not in the catalog: use one of {catalog.names()}") from None
+    if declared and wanted != declared:
+        # Its time limits come from the declared queue's contract, which the other queue's
+        # visibility timeout was not sized for.
+        raise SubmitError(f"queue={wanted!r} but {task_name!r} is declared for queue {declared!r}: "
+                          f"drop queue= or pass queue={declared!r}")
+    queue = wanted
+    if isinstance(countdown, bool) or not isinstance(countdown, (int, float)) or math.isnan(countdown):
+        raise SubmitError(f"countdown={countdown!r} is not a number of seconds: pass an int or float")
+    if countdown < 0:
+        raise SubmitError(f"countdown={countdown} is negative: pass 0 or more seconds")
+    if countdown > contract.max_countdown:
+        raise SubmitError(
+            f"countdown={countdown} exceeds queue {queue!r}'s max_countdown of {contract.max_countdown} s: "
+            "lower it, or schedule the task later from your own scheduler")
+    if not isinstance(args, (list, tuple)):
+        raise SubmitError(f"args of {task_name!r} must be a list or tuple, not {type(args).__name__}")
+    if not isinstance(kwargs, dict):
+        raise SubmitError(f"kwargs of {task_name!r} must be a dict, not {type(kwargs).__name__}")
+    for where, value in (("args", list(args)), ("kwargs", kwargs)):
+        found = _unserializable(value, where)
+        if found:
+            path, problem = found
+            raise SubmitError(
+                f"{path} of {task_name!r} has {problem}: pass plain str/int/float/bool/None/list/dict "
+                "values (e.g. an id instead of an object, an ISO string instead of a datetime)")
+    if task_id is not None and (not isinstance(task_id, str) or not task_id or len(task_id) > 36):
+        raise SubmitError(f"task_id={task_id!r} must be a non-empty string of at most 36 characters")
+    return queue, math.ceil(countdown)
+
+
+
 class Outbox:
     """Submit tasks inside the caller's transaction; publish them after it commits."""
 
@@ -255,10 +309,12 @@ class Outbox:
                     "see its COMMIT: pass a connection outside a transaction, or call "
                     "outbox.transaction() without one")
             self._units[id(conn)] = unit
+            active = _ACTIVE.set((self, conn))  # Task.delay() inside this block joins it
             try:
                 with conn.begin():
                     yield conn
             finally:
+                _ACTIVE.reset(active)
                 self._units.pop(id(conn), None)
         if unit.rows:
             self._publish_committed(unit)
@@ -274,14 +330,24 @@ class Outbox:
 
     def _publish_committed(self, unit: _Unit) -> None:
         rows = unit.rows
-        try:
-            if unit.in_savepoint:
-                # A rolled-back SAVEPOINT took some rows with it: publish only those that exist.
+        if unit.in_savepoint:
+            # A rolled-back SAVEPOINT took some rows with it: publish only those that exist.
+            try:
                 ids = [r.id for r in rows if r.id in unit.in_savepoint]
                 kept = store.existing_ids(self.engine, ids)
-                rows = [r for r in rows if r.id not in unit.in_savepoint or r.id in kept]
+            except Exception:
+                log.warning("publishing %d committed task(s) failed; the relay will send them", len(rows),
+                            exc_info=True)
+                return
+            rows = [r for r in rows if r.id not in unit.in_savepoint or r.id in kept]
+        self.publish_rows(rows)
+
+    def publish_rows(self, rows: list[OutboxEntry]) -> None:
+        """Publish committed rows now and mark them queued. Never raises: what is not sent stays
+        pending for the relay. (Django's on_commit hook calls this too.)"""
+        try:
             publish_and_mark(self.engine, self.publisher, rows)
-        except Exception:  # the rows are committed and pending: the relay finishes the job
+        except Exception:
             log.warning("publishing %d committed task(s) failed; the relay will send them", len(rows), exc_info=True)
 
     def declared_queue(self, task_name: str) -> str | None:
@@ -300,53 +366,12 @@ class Outbox:
 
     # -- validation --
 
-    def _check(self, task_name: Any, args: Any, kwargs: Any, queue: str | None, countdown: Any,
-               task_id: Any = None) -> tuple[str, int]:
-        if not isinstance(task_name, str) or not task_name.strip():
-            raise SubmitError(f"task_name={task_name!r} is empty or not a string: pass the registered task "
-                              "name, e.g. 'shop.send_receipt'")
-        if len(task_name) > 200:
-            raise SubmitError(f"task_name is {len(task_name)} characters; the limit is 200: shorten the task name")
-        declared = self.declared_queue(task_name)
-        if declared is None and self.require_declared:
-            known = sorted(self.declarations())
-            close = difflib.get_close_matches(task_name, known, n=3)
-            hint = f"did you mean {', '.join(map(repr, close))}?" if close else f"declared: {known[:10]}"
-            raise SubmitError(f"task_name={task_name!r} is not declared by any task module this process knows "
-                              f"({hint}): fix the name, or import the module that declares it")
-        wanted = queue if queue is not None else declared or self.catalog.default_queue
-        try:
-            contract = self.catalog.get(wanted)
-        except CatalogError:
-            raise SubmitError(f"queue={wanted!r} is not in the catalog: use one of {self.catalog.names()}") from None
-        if declared and wanted != declared:
-            # Its time limits come from the declared queue's contract, which the other queue's
-            # visibility timeout was not sized for.
-            raise SubmitError(f"queue={wanted!r} but {task_name!r} is declared for queue {declared!r}: "
-                              f"drop queue= or pass queue={declared!r}")
-        queue = wanted
-        if isinstance(countdown, bool) or not isinstance(countdown, (int, float)) or math.isnan(countdown):
-            raise SubmitError(f"countdown={countdown!r} is not a number of seconds: pass an int or float")
-        if countdown < 0:
-            raise SubmitError(f"countdown={countdown} is negative: pass 0 or more seconds")
-        if countdown > contract.max_countdown:
-            raise SubmitError(
-                f"countdown={countdown} exceeds queue {queue!r}'s max_countdown of {contract.max_countdown} s: "
-                "lower it, or schedule the task later from your own scheduler")
-        if not isinstance(args, (list, tuple)):
-            raise SubmitError(f"args of {task_name!r} must be a list or tuple, not {type(args).__name__}")
-        if not isinstance(kwargs, dict):
-            raise SubmitError(f"kwargs of {task_name!r} must be a dict, not {type(kwargs).__name__}")
-        for where, value in (("args", list(args)), ("kwargs", kwargs)):
-            found = _unserializable(value, where)
-            if found:
-                path, problem = found
-                raise SubmitError(
-                    f"{path} of {task_name!r} has {problem}: pass plain str/int/float/bool/None/list/dict "
-                    "values (e.g. an id instead of an object, an ISO string instead of a datetime)")
-        if task_id is not None and (not isinstance(task_id, str) or not task_id or len(task_id) > 36):
-            raise SubmitError(f"task_id={task_id!r} must be a non-empty string of at most 36 characters")
-        return queue, math.ceil(countdown)
+    def validate(self, task_name: Any, args: Any, kwargs: Any, queue: str | None, countdown: Any,
+                 task_id: Any = None) -> tuple[str, int]:
+        """(queue, delay seconds) of a task about to be submitted; SubmitError naming the argument
+        and the fix when it cannot be accepted. Every submit path checks through here."""
+        return check_submit(self.catalog, self.declarations(), task_name, args, kwargs, queue, countdown, task_id,
+                            require_declared=self.require_declared)
 
     # -- submitting --
 
@@ -354,8 +379,13 @@ class Outbox:
                countdown: float = 0, task_id: str | None = None, **kwargs: Any) -> str:
         """Insert a pending task row in conn's outbox transaction; returns the task id. The id is
         sent to SQS after the transaction commits."""
+        return self.add(conn, task_name, args, kwargs, queue=queue, countdown=countdown, task_id=task_id)
+
+    def add(self, conn: sa.Connection, task_name: str, args: Any, kwargs: Any, *, queue: str | None = None,
+            countdown: float = 0, task_id: str | None = None) -> str:
+        """`submit` with the arguments as a list and a dict (no clash with submit's own keywords)."""
         unit = self._unit_for(conn)
-        queue, delay = self._check(task_name, args, kwargs, queue, countdown, task_id)
+        queue, delay = self.validate(task_name, args, kwargs, queue, countdown, task_id)
         row = store.task_row(task_id=task_id or str(uuid.uuid4()), task_name=task_name, queue=queue,
                              args=list(args), kwargs=kwargs, delay_seconds=delay)
         if task_id is None:
@@ -378,7 +408,7 @@ class Outbox:
             except (TypeError, ValueError):
                 raise SubmitError(f"item {n} of submit_many is {item!r}: each item must be "
                                   "(task_name, args, kwargs)") from None
-            q, delay = self._check(task_name, args, kwargs, queue, countdown)
+            q, delay = self.validate(task_name, args, kwargs, queue, countdown)
             rows.append(store.task_row(task_id=str(uuid.uuid4()), task_name=task_name, queue=q,
                                        args=list(args), kwargs=kwargs, delay_seconds=delay))
         if rows:
@@ -408,3 +438,60 @@ class Outbox:
         the rest stay pending for the relay."""
         rows = store.pending_entries(self.engine, list(task_ids))
         return publish_and_mark(self.engine, self.publisher, rows).sent if rows else {}
+
+
+# --- Where Task.delay() goes ---------------------------------------------------------------------
+
+# The outbox transaction the calling code is inside (`with outbox.transaction() as conn:`).
+_ACTIVE: contextvars.ContextVar[tuple[Outbox, sa.Connection] | None] = contextvars.ContextVar(
+    "pcelery_outbox_transaction", default=None)
+
+
+class Submitter(Protocol):
+    """An integration that submits on the application's own database connection (Django's)."""
+
+    def submit(self, task_name: str, args: Any, kwargs: Any, *, queue: str | None, countdown: float,
+               task_id: str | None) -> str: ...
+
+
+_SUBMITTERS: list[Submitter] = []
+_DEFAULT: dict[int, Outbox] = {}  # pid -> the process's own outbox (an engine is not shared across a fork)
+
+
+def use_submitter(submitter: Submitter) -> None:
+    """Send Task.delay() calls made outside an outbox transaction through `submitter` (the Django
+    app registers its own: rows join the caller's atomic() block and publish on commit)."""
+    _SUBMITTERS[:] = [submitter]
+
+
+def default_outbox() -> Outbox:
+    """The process's outbox built from its settings (DATABASE_URL...), for submits that bring no
+    transaction of their own."""
+    import os
+
+    pid = os.getpid()
+    if pid not in _DEFAULT:
+        _DEFAULT.clear()
+        _DEFAULT[pid] = Outbox.from_settings(Settings.from_env())
+    return _DEFAULT[pid]
+
+
+def submit_task(task_name: str, args: Any, kwargs: Any, *, queue: str | None = None, countdown: float = 0,
+                task_id: str | None = None) -> str:
+    """Where a persistent task's `.delay()` / `.apply_async()` goes. In order:
+    1. inside `with outbox.transaction() as conn:` the row joins that transaction, published after COMMIT;
+    2. with a registered submitter (the Django app), through it: on Django's connection, in the
+       caller's atomic() block if there is one, published on commit;
+    3. otherwise in a transaction of its own on the process's store (default_outbox): durable
+       before it is published, but not atomic with the caller's own writes.
+    Returns the task id at once; SubmitError names what cannot be accepted."""
+    active = _ACTIVE.get()
+    if active is not None:
+        outbox, conn = active
+        return outbox.add(conn, task_name, args, kwargs, queue=queue, countdown=countdown, task_id=task_id)
+    if _SUBMITTERS:
+        return _SUBMITTERS[0].submit(task_name, args, kwargs, queue=queue, countdown=countdown, task_id=task_id)
+    outbox = default_outbox()
+    with outbox.transaction() as conn:
+        return outbox.add(conn, task_name, args, kwargs, queue=queue, countdown=countdown, task_id=task_id)
+

@@ -20,6 +20,7 @@ start for PCELERY_STARTUP_TIMEOUT.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import signal
@@ -121,8 +122,8 @@ def _batch(text: str) -> int:
     return int(text)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`pcelery-relay`."""
+def main(argv: list[str] | None = None, *, database_url: str | None = None) -> int:
+    """`pcelery-relay`. database_url: the store's, instead of the environment's (manage.py pcelery_relay)."""
     from pcelery.schema import make_engine
     from pcelery.settings import RelaySettings, Settings, SettingsError
     from pcelery.sqs import RELAY, make_client
@@ -130,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         settings = Settings.from_env()
+        if database_url:
+            settings = dataclasses.replace(settings, database_url=database_url)
         relay_settings = RelaySettings.from_env()
     except SettingsError as exc:
         print(f"pcelery-relay: error: {exc}", file=sys.stderr)

@@ -228,8 +228,9 @@ def unreachable_reason(exc: BaseException) -> str:
 
 # --- CLI: pcelery-migrate -------------------------------------------------------------------
 
-def main(argv: list[str] | None = None) -> int:
-    """`pcelery-migrate`: exit 0 migrated or current, 2 bad settings or database unreachable."""
+def main(argv: list[str] | None = None, *, database_url: str | None = None) -> int:
+    """`pcelery-migrate`: exit 0 migrated or current, 2 bad settings or database unreachable.
+    database_url: the store's, instead of the environment's (manage.py pcelery_migrate)."""
     parser = argparse.ArgumentParser(
         prog="pcelery-migrate",
         description="Create or upgrade the claim-check store's schema (idempotent, safe to run concurrently). "
@@ -239,12 +240,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from pcelery.settings import Settings, SettingsError
 
-    try:
-        settings = Settings.from_env()
-    except SettingsError as exc:
-        print(f"pcelery-migrate: error: {exc}", file=sys.stderr)
-        return 2
-    engine = make_engine(settings.database_url)
+    if database_url is None:
+        try:
+            database_url = Settings.from_env().database_url
+        except SettingsError as exc:
+            print(f"pcelery-migrate: error: {exc}", file=sys.stderr)
+            return 2
+    engine = make_engine(database_url)
     where = engine.url.render_as_string(hide_password=True)
     try:
         steps = migrate(engine)

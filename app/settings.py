@@ -22,6 +22,7 @@ worker-only variable.
 | REDIS_HOST REDIS_PORT REDIS_AUTH_TOKEN | worker | the same, as ECS passes ElastiCache's (always TLS) |
 | PCELERY_WORKER_QUEUES     | worker  | comma-separated catalog queues to consume (default all)     |
 | PCELERY_TASK_MODULES      | worker  | comma-separated modules that declare the tasks (required outside local) |
+| PCELERY_CELERY_APP        | worker  | the team's Celery app, module:attribute (default pcelery.worker:app) |
 | PCELERY_CONCURRENCY       | worker  | pool size (default: the largest `concurrency` of the consumed queues) |
 | PCELERY_WORKER_NAME       | worker  | Celery node name (default <queues>@<host>)                  |
 | PCELERY_RELAY_MIN_AGE     | relay   | seconds a row stays pending before the relay sends it (default 30) |
@@ -132,6 +133,7 @@ class WorkerSettings:
     log_level: str
     result_backend: str | None = None
     startup_timeout: float = DEFAULT_STARTUP_TIMEOUT
+    celery_app: str = "pcelery.worker:app"  # what `celery -A` runs
 
     @classmethod
     def from_env(cls, settings: Settings, environ: Environ | None = None) -> WorkerSettings:
@@ -168,6 +170,7 @@ class WorkerSettings:
             log_level=log_level(e),
             result_backend=_result_backend(e),
             startup_timeout=_seconds(e, "PCELERY_STARTUP_TIMEOUT", DEFAULT_STARTUP_TIMEOUT),
+            celery_app=_celery_app(e),
         )
 
 
@@ -233,6 +236,15 @@ def _task_modules(e: Environ) -> tuple[str, ...]:
     return modules
 
 
+def _celery_app(e: Environ) -> str:
+    raw = e.get("PCELERY_CELERY_APP") or "pcelery.worker:app"
+    module, _, attribute = raw.partition(":")
+    if not module or not attribute or not all(part.isidentifier() for part in (*module.split("."), attribute)):
+        raise SettingsError(f"PCELERY_CELERY_APP={raw!r} must name the team's Celery app as module:attribute, e.g. "
+                            "'myproject.celery:app'")
+    return raw
+
+
 def _seconds(e: Environ, name: str, default: float) -> float:
     raw = e.get(name)
     if not raw:
@@ -244,6 +256,12 @@ def _seconds(e: Environ, name: str, default: float) -> float:
     if value < 0 or not math.isfinite(value):
         raise SettingsError(f"{name}={raw!r} must be 0 or more seconds: fix it or unset it for {default:g}")
     return value
+
+
+def database_url(environ: Environ | None = None) -> str:
+    """The store's SQLAlchemy URL alone (Settings.database_url): what a Django project's settings
+    read (pcelery.django.database_settings) before anything else of the product is configured."""
+    return _database_url(_environ(environ))
 
 
 def _database_url(e: Environ) -> str:

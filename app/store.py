@@ -8,10 +8,12 @@ States and transitions (the only ones allowed):
        ^                   |                  |--failure-->  failed   (SQS will redeliver)
        |                   |                  |--failure on the last receive--> dead
        |                   |                  '--lease expired: may be claimed again
-       '------ replay (ops) from failed / dead / succeeded / queued / pending ------'
+       '------ replay (ops) from failed / dead / succeeded / queued / pending / cancelled
+    pending, queued, failed --cancel (ops, the Django admin)--> cancelled
 
 A `failed` row can be claimed again (SQS redelivered it); `succeeded` never runs again except
-by an explicit replay; `dead` runs again only if replayed or redriven from the DLQ.
+by an explicit replay; `dead` runs again only if replayed or redriven from the DLQ; a
+`cancelled` row never runs: its message, when it arrives, is acked without running.
 
 Claim accepts `pending` as well as `queued`: the worker can receive the message before the
 publisher has marked the row queued (SendMessage returns, then the UPDATE runs). A delivery of a
@@ -35,7 +37,8 @@ import sqlalchemy as sa
 
 from pcelery.schema import UTC, begin, tasks, utcnow
 
-STATES = ("pending", "queued", "running", "succeeded", "failed", "dead")
+STATES = ("pending", "queued", "running", "succeeded", "failed", "dead", "cancelled")
+CANCELLABLE = ("pending", "queued", "failed")  # not yet run to a verdict, and not running now
 # States a delivery may run from; `running` joins them once its lease has expired.
 _CLAIMABLE = ("pending", "queued", "failed", "dead")
 
@@ -49,6 +52,7 @@ class Claim:
     - "run": the row is now `running`, owned by this worker, attempts already incremented
     - "duplicate": the row is `succeeded`; ack the message, do not run
     - "busy": another worker holds a live lease; do not run a second copy
+    - "cancelled": the row was cancelled before it ran; ack the message, do not run
     - "missing": no row with that id (poison message)
 
     message_id: for "run", the SQS MessageId this claim was made for; for "busy", the one the
@@ -258,6 +262,8 @@ def claim(engine: sa.Engine, task_id: str, *, worker: str, lease_seconds: int,
         return Claim("missing", task_id)
     if current.state == "succeeded":
         return Claim("duplicate", task_id, current.task_name, attempts=current.attempts)
+    if current.state == "cancelled":
+        return Claim("cancelled", task_id, current.task_name, attempts=current.attempts)
     return Claim("busy", task_id, current.task_name, attempts=current.attempts, lease_until=current.lease_until,
                  message_id=current.claimed_message_id)
 
@@ -462,6 +468,24 @@ def mark_redriven(engine: sa.Engine, task_ids: list[str]) -> list[str]:
             ).scalars().all()
     order = {tid: i for i, tid in enumerate(task_ids)}
     return sorted(moved, key=order.__getitem__)
+
+
+def cancel(engine: sa.Engine, task_ids: list[str]) -> list[str]:
+    """Cancel tasks that have not run to a verdict and are not running (pending, queued, failed):
+    they never run; a message that still arrives is acked without running. Returns the ids
+    cancelled, in the order given (the others had run, were running, or do not exist)."""
+    now = utcnow()
+    c = tasks.c
+    cancelled: list[str] = []
+    with engine.begin() as conn:
+        for chunk in _chunks(task_ids):
+            cancelled += conn.execute(
+                sa.update(tasks).where(c.id.in_(chunk), c.state.in_(CANCELLABLE))
+                .values(state="cancelled", lease_until=None, finished_at=now, updated_at=now)
+                .returning(c.id)
+            ).scalars().all()
+    order = {tid: i for i, tid in enumerate(task_ids)}
+    return sorted(cancelled, key=order.__getitem__)
 
 
 def reset_for_replay(engine: sa.Engine, task_ids: list[str]) -> list[str]:

@@ -44,18 +44,20 @@ would silently delete every failed task there) and a store whose schema is behin
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import logging
 import os
 import socket
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import sqlalchemy as sa
-from celery import Celery, Task, signals
+from celery import Celery, Task, shared_task, signals
 from celery.exceptions import Ignore, Reject
 
 from pcelery import schema, store
@@ -66,8 +68,10 @@ from pcelery.settings import Settings
 logger = logging.getLogger("pcelery.worker")
 
 settings = Settings.from_env()
-app = Celery("pcelery")
-app.config_from_object("pcelery.celeryconfig")
+# The product's own app (`pcelery-worker` runs it unless PCELERY_CELERY_APP names a team's app);
+# not set as current, so it never takes over a team's app in their processes. Configured at the
+# end of this module, once PersistentTask exists.
+app = Celery("pcelery", set_as_current=False)
 
 T = TypeVar("T")
 
@@ -85,30 +89,37 @@ class TaskDeclaration:
 TASKS: dict[str, TaskDeclaration] = {}
 
 
+def declare(name: str, queue: str | None, transactional: bool) -> TaskDeclaration:
+    """Register a persistent task by its wire name. The queue must be a catalog queue (default:
+    the catalog's default); a second declaration of the name must say the same."""
+    try:
+        contract = settings.catalog.get(queue or settings.catalog.default_queue)
+    except ValueError as exc:  # CatalogError names the catalog's queues
+        raise ValueError(f"task {name!r}: {exc}") from None
+    declaration = TaskDeclaration(name, contract.name, transactional)
+    existing = TASKS.get(name)
+    if existing is not None and existing != declaration:
+        raise ValueError(f"task name {name!r} is declared twice ({existing} and {declaration}): task names must be "
+                         "unique")
+    TASKS[name] = declaration
+    return declaration
+
+
 def persistent_task(*, name: str, queue: str | None = None, transactional: bool = False) -> Callable[[Any], Any]:
-    """Declare an application task. `name` is its stable wire name; `queue` a catalog queue
-    (default: the catalog's default), whose contract gives the soft and hard time limits.
+    """Declare a task for any Celery app (it is a `shared_task` with PersistentTask as its base).
+    `name` is its stable wire name; `queue` a catalog queue (default: the catalog's default),
+    whose contract gives the soft and hard time limits.
 
     transactional=True passes a `db` keyword (a SQLAlchemy Connection) whose writes commit
     together with the task's success, so its effect happens exactly once. The task executes on
     `db` and never commits, rolls back or begins a transaction block on it itself (that would
-    commit its writes apart from the success). On failure, its writes are rolled back."""
-    contract = settings.catalog.get(queue or settings.catalog.default_queue)  # CatalogError names the queues
+    commit its writes apart from the success). On failure, its writes are rolled back.
 
-    def decorate(fn: Callable[..., Any]) -> Any:
-        if name in TASKS:
-            raise ValueError(f"task name {name!r} is declared twice: task names must be unique")
-        TASKS[name] = TaskDeclaration(name, contract.name, transactional)
-        return app.task(
-            name=name,
-            base=PersistentTask,
-            queue=contract.name,
-            soft_time_limit=contract.soft_time_limit,
-            time_limit=contract.hard_time_limit,
-            transactional=transactional,
-        )(fn)
-
-    return decorate
+    A team's existing Celery tasks need no decorator change: `configure(app)` makes every task
+    of their app persistent (or `base=PersistentTask` on one `@shared_task` / `@app.task`)."""
+    declare(name, queue, transactional)  # now: a bad queue fails the import, and the outbox knows the queue
+    return cast(Callable[[Any], Any],
+                shared_task(name=name, base=PersistentTask, pcelery_queue=queue, transactional=transactional))
 
 
 def route_task(name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **kw: Any) -> dict[str, str] | None:
@@ -352,15 +363,94 @@ class _LostOwnership(Exception):
 
 
 class PersistentTask(Task):
+    """The base of every persistent task: a Celery task whose message carries only its id, whose
+    row in the store is claimed before it runs, and whose `.delay()` / `.apply_async()` go
+    through the outbox (pcelery.outbox.submit_task) instead of Celery's producer.
+
+    Used as `base=` of a `@shared_task` / `@app.task`, or as the default of an app by
+    `configure(app)`. A task's options that conflict with the SQS contract are refused when the
+    task is defined: `acks_late=False`, `autoretry_for` (SQS redelivers a failed task; see the
+    queue's maxReceiveCount), a `queue` outside the catalog, a `time_limit` that outlasts its
+    queue's visibility timeout on a queue without heartbeats."""
+
     Request = "pcelery.celery_internals:PersistentRequest"
+    acks_late = True
     transactional = False
+    pcelery_queue: str | None = None  # the catalog queue (persistent_task's queue=, or the task's own `queue`)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        name = cls.__dict__.get("name")
+        # Celery first derives an app-bound base class (no name), then one class per task; its
+        # own built-in tasks ("celery.*") keep their behaviour and are not the team's to declare.
+        if name and not name.startswith("celery."):
+            cls._declare(name)
+
+    @classmethod
+    def _declare(cls, name: str) -> None:
+        own = cls.__dict__
+        if own.get("acks_late") is False:
+            raise ValueError(f"task {name!r} sets acks_late=False: a persistent task acks its message only after it "
+                             "ran, or a crash loses it; remove the option")
+        if own.get("autoretry_for"):
+            raise ValueError(f"task {name!r} sets autoretry_for: not supported on a persistent task yet; remove it "
+                             "and let the exception fail the attempt (SQS redelivers it, up to the queue's "
+                             "maxReceiveCount)")
+        declaration = declare(name, own.get("pcelery_queue") or own.get("queue"), bool(cls.transactional))
+        contract = settings.catalog.get(declaration.queue)
+        hard = own.get("time_limit")
+        if hard and hard + contract.visibility_margin > contract.visibility_timeout and not contract.heartbeat:
+            raise ValueError(f"task {name!r}: time_limit={hard} does not fit queue {contract.name!r}'s visibility "
+                             f"timeout of {contract.visibility_timeout} s (it would be delivered again while it "
+                             "runs): lower it, or declare the task for a queue with heartbeats")
+        cls.pcelery_queue = declaration.queue
+        cls.soft_time_limit = own.get("soft_time_limit") or contract.soft_time_limit
+        cls.time_limit = hard or contract.hard_time_limit
+
+    # Options of apply_async a persistent task can honour; the rest of Celery's are refused, not
+    # silently dropped. Publishing retries, serializer and compression are the outbox's business.
+    _IGNORED_OPTIONS = frozenset(("retry", "retry_policy", "serializer", "compression", "add_to_parent",
+                                  "ignore_result", "priority"))
+
+    def apply_async(self, args: Any = None, kwargs: Any = None, task_id: str | None = None, producer: Any = None,
+                    link: Any = None, link_error: Any = None, shadow: str | None = None, **options: Any) -> Any:
+        """Submit through the outbox (pcelery.outbox.submit_task: the caller's transaction, Django's
+        connection, or a transaction of its own) and return the AsyncResult of the id at once."""
+        from pcelery.outbox import SubmitError, submit_task
+
+        countdown = options.pop("countdown", None) or 0
+        eta = options.pop("eta", None)
+        queue = options.pop("queue", None)
+        refused = [k for k, v in (("producer", producer), ("link", link), ("link_error", link_error),
+                                  ("shadow", shadow)) if v]
+        refused += [k for k, v in options.items() if v not in (None, False) and k not in self._IGNORED_OPTIONS]
+        if refused:
+            raise SubmitError(f"{self.name}.apply_async({', '.join(sorted(refused))}=...): not supported on a "
+                              "persistent task (it is submitted through the outbox): drop the option")
+        if task_id is not None and task_id == self.request.id:
+            raise SubmitError(f"{self.name}: self.retry() is not supported on a persistent task: raise the exception "
+                              "instead, and SQS delivers the task again (up to its queue's maxReceiveCount)")
+        if eta is not None:
+            eta = eta if eta.tzinfo else eta.replace(tzinfo=dt.UTC)
+            countdown = max(0.0, (eta - dt.datetime.now(dt.UTC)).total_seconds())
+        if self.app.conf.task_always_eager:
+            # A test suite's CELERY_TASK_ALWAYS_EAGER: run here and now, as Celery would, after the
+            # same checks a real submit makes (so the suite still catches a bad option).
+            from pcelery.outbox import check_submit
+
+            check_submit(settings.catalog, {self.name: self.pcelery_queue or settings.catalog.default_queue},
+                         self.name, list(args or ()), dict(kwargs or {}), queue, countdown, task_id)
+            return self.apply(args, kwargs, task_id=task_id)
+        submitted = submit_task(self.name, list(args or ()), dict(kwargs or {}), queue=queue, countdown=countdown,
+                                task_id=task_id)
+        return self.AsyncResult(submitted)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         request = self.request
         if request.called_directly or request.is_eager:
             return self._run_inline(*args, **kwargs)
         task_id = request.id
-        delivery = Delivery.from_request(request, self.queue)
+        delivery = Delivery.from_request(request, self.pcelery_queue or settings.catalog.default_queue)
         worker = worker_identity()
         db = engine()
         try:
@@ -373,6 +463,9 @@ class PersistentTask(Task):
             logger.info("task %s[%s] already succeeded: duplicate delivery acked, not run", self.name, task_id)
             row = store.get_task(db, task_id)
             return row.result if row else None
+        if claim.outcome == "cancelled":
+            logger.info("task %s[%s] was cancelled: its message acked, not run", self.name, task_id)
+            return None
         if claim.outcome == "busy" and delivery.is_redundant_copy(claim):
             raise RedundantCopy(
                 f"task {task_id} is running on another worker for SQS message {claim.message_id} (lease until "
@@ -396,10 +489,10 @@ class PersistentTask(Task):
                 db, task_id, worker=worker, error=error, final=delivery.is_last_receive(claim.attempts)))
             raise error
 
-        if delivery.contract.name != self.queue:
+        if delivery.contract.name != self.pcelery_queue:
             logger.warning("task %s[%s] is declared for queue %r but came from %r, whose contract (visibility "
                            "timeout, heartbeat) now applies: submit it with queue=%r", self.name, task_id,
-                           self.queue, delivery.contract.name, self.queue)
+                           self.pcelery_queue, delivery.contract.name, self.pcelery_queue)
         heartbeat: contextlib.AbstractContextManager[Any] = (
             Heartbeat(task_id=task_id, worker=worker, delivery=delivery)
             if self._needs_heartbeat(delivery.contract) and delivery.queue_url and delivery.receipt_handle
@@ -544,3 +637,54 @@ def _refuse_unsafe_start(sender: Any = None, **_: Any) -> None:
     if problems:
         print("worker: refusing to start:\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stderr, flush=True)
         raise SystemExit(3)
+
+
+# --- A team's own Celery app ---------------------------------------------------------------------
+
+_CONFIGURED: weakref.WeakSet[Celery] = weakref.WeakSet()
+
+
+def configure(celery_app: Celery, *, persistent_by_default: bool = True) -> Celery:
+    """Run a Celery app on SQS with the claim-check store: the one change a team makes to the
+    `celery.py` of its existing project, right after `Celery(...)` and before any task exists.
+
+    - persistent_by_default: every task of the app is a PersistentTask, so the existing
+      `@shared_task` / `@app.task` functions need no change, and their `.delay()` goes through
+      the outbox. Without it, give `base=PersistentTask` to the tasks that should be.
+    - The product's settings (pcelery.celeryconfig.app_settings) replace the app's own for the
+      keys they name once the app has read its configuration; everything else of the app's
+      configuration (its timezone, its annotations...) stays.
+    - In a worker (pcelery-worker with PCELERY_CELERY_APP naming the app), the queues' URLs and
+      the rest of pcelery.celeryconfig.worker_settings are added when it starts.
+    """
+    from pcelery import celeryconfig
+
+    if persistent_by_default:
+        made = celery_app.__dict__.get("Task")  # Celery caches the app's task base class once built
+        if made is not None and not issubclass(made, PersistentTask):
+            raise RuntimeError("configure(app) came after the app built its task class (a task was already "
+                               "defined): call it right after Celery(...)")
+        celery_app.task_cls = PersistentTask
+    _CONFIGURED.add(celery_app)
+
+    def apply(sender: Celery, **_: Any) -> None:
+        sender.conf.update(celeryconfig.app_settings(settings))
+
+    if celery_app.configured:
+        apply(celery_app)
+    else:
+        celery_app.on_after_configure.connect(apply, weak=False)
+    return celery_app
+
+
+@signals.celeryd_init.connect
+def _add_worker_settings(sender: Any = None, instance: Any = None, conf: Any = None, **_: Any) -> None:
+    """Only a worker computes its queues' URLs (and only when it starts)."""
+    from pcelery import celeryconfig
+
+    if instance is not None and instance.app in _CONFIGURED:
+        conf.update(celeryconfig.worker_settings(settings, conf))
+
+
+configure(app)
+

@@ -93,7 +93,8 @@ def test_the_wheel_carries_the_package_and_nothing_else(source, tmp_path):
     [wheel] = tmp_path.glob("persistent_celery-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     files = {n for n in names if not n.split("/")[0].endswith(".dist-info")}
-    expected = {f"pcelery/{p.name}" for p in (REPO / "app").iterdir() if p.suffix == ".py" or p.name == "py.typed"}
+    expected = {f"pcelery/{p.relative_to(REPO / 'app')}" for p in (REPO / "app").rglob("*")
+                if p.suffix == ".py" or p.name == "py.typed"}
     expected |= {f"pcelery/ops/{p.name}" for p in (REPO / "ops").glob("*.py")}
     assert files == expected
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()

@@ -27,7 +27,13 @@ DOCKERFILE = (REPO / "Dockerfile").read_text()
 
 def test_the_package_is_app_and_ops_under_distinctive_names():
     assert PACKAGE_DIRS == {"pcelery": "app", "pcelery.ops": "ops"}
-    assert PYPROJECT["tool"]["setuptools"]["packages"] == ["pcelery", "pcelery.ops"]
+    # Every folder with an __init__.py under app/ ships: a subpackage missing from this list would
+    # be left out of the wheel without a word.
+    subpackages = sorted(".".join(("pcelery", *init.parent.relative_to(REPO / "app").parts))
+                         for init in (REPO / "app").rglob("__init__.py") if init.parent != REPO / "app")
+    assert PYPROJECT["tool"]["setuptools"]["packages"] == ["pcelery", "pcelery.ops", *subpackages]
+    assert subpackages == ["pcelery.django", "pcelery.django.management", "pcelery.django.management.commands",
+                           "pcelery.django.migrations"]
     assert set(SCRIPTS) == {"pcelery-worker", "pcelery-relay", "pcelery-migrate", "pcelery-ops"}
 
 

@@ -104,6 +104,10 @@ def test_worker_only_variables_do_not_stop_the_other_processes():
     ({"PCELERY_WORKER_QUEUES": "default,bulk"},
      "PCELERY_WORKER_QUEUES names ['bulk'], which the catalog does not have: use some of ['default', 'long']"),
     ({"PCELERY_TASK_MODULES": "shop/tasks.py"}, "PCELERY_TASK_MODULES='shop/tasks.py': ['shop/tasks.py'] are not"),
+    ({"PCELERY_CELERY_APP": "shopsite.celery"},
+     "PCELERY_CELERY_APP='shopsite.celery' must name the team's Celery app as module:attribute, e.g. "
+     "'myproject.celery:app'"),
+    ({"PCELERY_CELERY_APP": "shop-site.celery:app"}, "PCELERY_CELERY_APP='shop-site.celery:app' must name"),
     ({"PCELERY_CONCURRENCY": "0"}, "PCELERY_CONCURRENCY='0' must be a positive integer"),
     ({"PCELERY_CONCURRENCY": "four"}, "PCELERY_CONCURRENCY='four' must be a positive integer"),
     ({"PCELERY_LOG_LEVEL": "chatty"}, "PCELERY_LOG_LEVEL='chatty' is not a log level: use one of DEBUG, INFO"),
@@ -174,7 +178,7 @@ def _environment_reads(path: Path) -> list[str]:
 def test_only_the_settings_module_reads_the_environment():
     """Every setting read in one module: the runtime and ops take values as arguments. (The dev
     harness passes os.environ on to the processes it starts; that is not reading a setting.)"""
-    runtime = [p for folder in ("app", "ops") for p in sorted((REPO / folder).glob("*.py"))]
+    runtime = [p for folder in ("app", "ops") for p in sorted((REPO / folder).rglob("*.py"))]
     readers = [hit for p in runtime if p.name != "settings.py" for hit in _environment_reads(p)]
     assert readers == [], f"these read the environment outside pcelery.settings: {readers}"
     for p in [*runtime, *sorted((REPO / "devstack").glob("*.py")), *sorted((REPO / "infra").glob("*.py"))]:

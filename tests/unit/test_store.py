@@ -240,7 +240,7 @@ def test_counts_lists_and_pending_summary(engine):
     store.mark_queued(engine, {b: "m"})
     store.claim(engine, c, worker="w", lease_seconds=60)
     counts = store.count_by_state(engine)
-    assert counts == {"pending": 1, "queued": 1, "running": 1, "succeeded": 0, "failed": 0, "dead": 0}
+    assert counts == {"pending": 1, "queued": 1, "running": 1, "succeeded": 0, "failed": 0, "dead": 0, "cancelled": 0}
     assert [r.id for r in store.list_tasks(engine)] == [a, b, c]
     assert [r.id for r in store.list_tasks(engine, state="queued")] == [b]
     assert [r.id for r in store.list_tasks(engine, task_name="demo.other")] == [b]
