@@ -1,12 +1,22 @@
-"""RDS Postgres: the claim-check store (task rows, outbox, results)."""
+"""The claim-check store (task rows, outbox, results): RDS Postgres of the stack's own, or the
+team's existing Postgres (cdk.json `database.external`).
+
+Both constructs offer what the stateless stack wires up alike: `host`, `port`, `name`, the
+RDS-format `secret` (JSON keys username and password), the customer `keys` that encrypt it (none
+for RDS's own, on the AWS-managed key) and the `connections` whose security groups get the
+tasks' ingress rules.
+"""
 
 from __future__ import annotations
 
 from aws_cdk import Duration, RemovalPolicy
 from aws_cdk import aws_ec2 as ec2
+from aws_cdk import aws_kms as kms
 from aws_cdk import aws_logs as logs
 from aws_cdk import aws_rds as rds
 from constructs import Construct
+
+from .secrets import import_key, import_secret
 
 # Pinned to a minor version: an unpinned "17" lets RDS pick, and cfn-lint (W3691) rightly warns.
 # Bump it here deliberately; auto minor upgrades are off so the template stays the truth.
@@ -88,6 +98,11 @@ class Database(Construct):
             )
             self.instance.node.add_dependency(group)
         self.secret = self.instance.secret
+        self.host = self.instance.db_instance_endpoint_address
+        self.port = DATABASE_PORT
+        self.name = DATABASE_NAME
+        self.connections = self.instance.connections
+        self.keys: list[kms.IKey] = []  # the master secret uses the AWS-managed aws/secretsmanager key
         # Keep the credentials as long as the data: a retained snapshot without them needs a
         # master-password reset before anything can connect.
         self.instance.node.find_child("Secret").apply_removal_policy(removal_policy_for_logs(removal_policy))
@@ -101,3 +116,37 @@ class Database(Construct):
                 # cannot reach; it reaches the database from the task subnets instead.
                 vpc_subnets=rotation_subnets,
             )
+
+
+class ExternalDatabase(Construct):
+    """The team's existing Postgres, so that the task rows commit with the team's own data.
+
+    Nothing is created: the secret (and its customer key) and the security group are imported
+    references. The database must be reachable from the stack's VPC (peering or a Transit
+    Gateway, the team's to set up; infra/README.md). Without `security_group_id` the stack adds
+    no ingress rule and the team allows the tasks in itself.
+    """
+
+    def __init__(
+        self,
+        scope: Construct,
+        id: str,
+        *,
+        host: str,
+        port: int,
+        name: str,
+        secret_arn: str,
+        kms_key_arn: str | None,
+        security_group_id: str | None,
+    ) -> None:
+        super().__init__(scope, id)
+        self.host, self.port, self.name = host, port, name
+        self.secret = import_secret(self, "Secret", arn=secret_arn)
+        self.keys = [import_key(self, "SecretKey", arn=kms_key_arn)] if kms_key_arn else []
+        groups = []
+        if security_group_id:
+            # Not mutable: the stack adds its ingress rules as resources of its own (stacks.py),
+            # never by changing the team's group through the L2.
+            groups.append(ec2.SecurityGroup.from_security_group_id(
+                self, "SecurityGroup", security_group_id, mutable=False))
+        self.connections = ec2.Connections(security_groups=groups, default_port=ec2.Port.tcp(port))

@@ -52,7 +52,7 @@ class Monitoring(Construct):
         cluster_name: str,
         worker_service_names: dict[str, str],
         relay_service_name: str,
-        database: DatabaseTargets,
+        database: DatabaseTargets | None,
         cache_node_ids: list[str] | None,
         alarm_email: str | None,
         outbox_lag_alarm_seconds: int,
@@ -115,6 +115,27 @@ class Monitoring(Construct):
             threshold=outbox_lag_alarm_seconds, comparison=GT, periods=5, missing=MISSING_BAD,
         )
 
+        # Only for the RDS instance the stack owns: an external database is the team's to watch.
+        rds = self._database_alarms(database) if database else None
+        if cache_node_ids:
+            nodes = {
+                f"n{i}": cloudwatch.Metric(
+                    namespace="AWS/ElastiCache", metric_name="DatabaseMemoryUsagePercentage",
+                    statistic="Maximum", period=five, dimensions_map={"CacheClusterId": node},
+                )
+                for i, node in enumerate(cache_node_ids)
+            }
+            self._alarm("redis-memory-high", "alarm-redis-memory-high",
+                        "Redis result backend memory above 80% on some node: results will be evicted.",
+                        cloudwatch.MathExpression(expression=f"MAX([{', '.join(nodes)}])", using_metrics=nodes,
+                                                  period=five, label="max memory % of any node"),
+                        threshold=80, comparison=GT, periods=3, missing=MISSING_OK)
+
+        self.dashboard = self._dashboard(queue_rows, cluster_name, relay_service_name, rds)
+
+    def _database_alarms(self, database: DatabaseTargets):
+        """CPU, free storage and connections of the RDS instance; returns its metric factory."""
+        five = Duration.minutes(5)
         db = {"DBInstanceIdentifier": database.instance_identifier}
 
         def rds(name, stat="Average"):
@@ -135,21 +156,7 @@ class Monitoring(Construct):
                     f"{database.max_connections}) for 10 minutes.",
                     rds("DatabaseConnections", "Maximum"), threshold=conn_ceiling, comparison=GT, periods=2,
                     missing=MISSING_OK)
-        if cache_node_ids:
-            nodes = {
-                f"n{i}": cloudwatch.Metric(
-                    namespace="AWS/ElastiCache", metric_name="DatabaseMemoryUsagePercentage",
-                    statistic="Maximum", period=five, dimensions_map={"CacheClusterId": node},
-                )
-                for i, node in enumerate(cache_node_ids)
-            }
-            self._alarm("redis-memory-high", "alarm-redis-memory-high",
-                        "Redis result backend memory above 80% on some node: results will be evicted.",
-                        cloudwatch.MathExpression(expression=f"MAX([{', '.join(nodes)}])", using_metrics=nodes,
-                                                  period=five, label="max memory % of any node"),
-                        threshold=80, comparison=GT, periods=3, missing=MISSING_OK)
-
-        self.dashboard = self._dashboard(queue_rows, cluster_name, relay_service_name, rds)
+        return rds
 
     def _alarm(self, suffix, anchor, text, metric, *, threshold, comparison, periods, missing) -> cloudwatch.Alarm:
         name = resource_name(self.env_name, suffix)
@@ -223,8 +230,9 @@ class Monitoring(Construct):
                 right=[insights_metric("RunningTaskCount", cluster_name=cluster_name,
                                        service_name=relay_service_name, period=minute).with_(label="relay tasks")],
             ),
-            cloudwatch.GraphWidget(title="database: CPU % and connections", width=8,
-                                   left=[rds("CPUUtilization")], right=[rds("DatabaseConnections", "Maximum")]),
+            *([cloudwatch.GraphWidget(title="database: CPU % and connections", width=8,
+                                      left=[rds("CPUUtilization")], right=[rds("DatabaseConnections", "Maximum")])]
+              if rds else []),
             cloudwatch.AlarmStatusWidget(title="alarms", width=8, alarms=self.alarms),
         )
         return board

@@ -32,20 +32,11 @@ def acknowledge(scope: Construct, rule: str, reason: str) -> None:
     cdk.Validations.of(scope).acknowledge(cdk.Acknowledgment(id=rule, reason=reason))
 
 
-def acknowledge_stateful(config: EnvConfig, *, network: Network, database: Database, cache: Cache | None) -> None:
-    db = database.instance
-    acknowledge(db, "AwsSolutions-RDS11",
-                "The standard port 5432: the instance is reachable only from the task security group "
-                "in isolated subnets, so a non-standard port adds no protection.")
-    if not config.database.multi_az:
-        acknowledge(db, "AwsSolutions-RDS3",
-                    f"{config.name} runs single-AZ to halve the database cost; prod is Multi-AZ (cdk.json).")
-    if not config.protection.deletion_protection:
-        acknowledge(db, "AwsSolutions-RDS10",
-                    f"{config.name} is torn down and rebuilt freely; prod has deletion protection (cdk.json).")
-    if not config.database.rotation_days:
-        acknowledge(db.node.find_child("Secret"), "AwsSolutions-SMG4",
-                    f"{config.name} keeps its generated master password; prod rotates it (cdk.json rotation_days).")
+def acknowledge_stateful(config: EnvConfig, *, network: Network, database: Database | None,
+                         cache: Cache | None) -> None:
+    """`database` is None with database.external: the team's database is no resource of this app."""
+    if database:
+        _acknowledge_rds(config, database)
     acknowledge(network.vpc, "CloudFormation-Validate::W3010",
                 "Zones are named in cdk.json on purpose: synth must work offline, without an AZ lookup.")
     if not config.network.flow_logs:
@@ -63,11 +54,29 @@ def acknowledge_stateful(config: EnvConfig, *, network: Network, database: Datab
                         "so losing Redis loses nothing durable.")
 
 
+def _acknowledge_rds(config: EnvConfig, database: Database) -> None:
+    db = database.instance
+    acknowledge(db, "AwsSolutions-RDS11",
+                "The standard port 5432: the instance is reachable only from the task security group "
+                "in isolated subnets, so a non-standard port adds no protection.")
+    if not config.rds.multi_az:
+        acknowledge(db, "AwsSolutions-RDS3",
+                    f"{config.name} runs single-AZ to halve the database cost; prod is Multi-AZ (cdk.json).")
+    if not config.protection.deletion_protection:
+        acknowledge(db, "AwsSolutions-RDS10",
+                    f"{config.name} is torn down and rebuilt freely; prod has deletion protection (cdk.json).")
+    if not config.rds.rotation_days:
+        acknowledge(db.node.find_child("Secret"), "AwsSolutions-SMG4",
+                    f"{config.name} keeps its generated master password; prod rotates it (cdk.json rotation_days).")
+
+
 def acknowledge_task_definitions(tasks: Iterable[ecs.TaskDefinition]) -> None:
     for task in tasks:
         acknowledge(task.execution_role, "AwsSolutions-IAM5[Resource::*]",
                     "ecr:GetAuthorizationToken has no resource-level permissions; the image pull and "
                     "log actions CDK adds are scoped to the repository and log group.")
         acknowledge(task, "AwsSolutions-ECS2",
-                    "Only non-secret settings (env name, queue, DB host/port/name/CA path, Redis host) are "
-                    "environment variables; credentials are ECS secrets from Secrets Manager.")
+                    "Only non-secret settings (env name, catalog, queue, task modules, Celery app, DB "
+                    "host/port/name/CA path, Redis host, the team's application.environment, where config.py "
+                    "refuses credential-like names) are environment variables; credentials, the team's "
+                    "application.secrets among them, are ECS secrets from Secrets Manager.")

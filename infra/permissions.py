@@ -4,6 +4,10 @@ The stateless stack calls these with the queues of the stateful stack; nothing e
 adds a statement to a task role. No wildcard actions anywhere. The migration task gets no grant
 at all: it talks to Postgres only. tests/integration/test_infra.py holds the roles to exactly
 these lists, and the ops lists to exactly the calls in the ops source.
+
+Execution roles get what ECS needs to start a task: CDK grants the image pull, the log group and
+the read of each ECS secret as the containers are added; `grant_secret_keys` adds the decrypt on
+the customer keys of the team's secrets.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from aws_cdk import aws_iam as iam
+from aws_cdk import aws_kms as kms
 from aws_cdk import aws_sqs as sqs
 
 from .nag import acknowledge
@@ -67,3 +72,17 @@ def grant_ops(role: iam.IRole, *, queues: Iterable[sqs.IQueue]) -> None:
 def _publish(role: iam.IRole, queues: Iterable[sqs.IQueue]) -> None:
     role.add_to_principal_policy(iam.PolicyStatement(
         sid="PublishTasks", actions=PUBLISH_ACTIONS, resources=[q.queue_arn for q in queues]))
+
+
+def grant_secret_keys(role: iam.IRole, *, keys: Iterable[kms.IKey], region: str) -> None:
+    """kms:Decrypt on the customer keys of the secrets an execution role reads (cdk.json
+    kms_key_arn), and only through Secrets Manager in the environment's region.
+
+    On the role, not the key: the keys are imported, so their policies are the team's. Such a
+    policy must let the account's IAM policies use the key (the default key policy does); a key
+    of another account must name this account (infra/README.md)."""
+    for key in keys:
+        iam.Grant.add_to_principal(
+            grantee=role, actions=["kms:Decrypt"], resource_arns=[key.key_arn],
+            conditions={"StringEquals": {"kms:ViaService": f"secretsmanager.{region}.amazonaws.com"}},
+        )

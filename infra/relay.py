@@ -1,8 +1,8 @@
 """The outbox relay service and the one-off task definitions: schema migration and the ops CLI.
 
-All run the worker image with a different entry point. The relay publishes `pending` rows that
-their submitter failed to publish; one task is enough (it batches, and several would be safe
-thanks to SKIP LOCKED), so it does not scale.
+All run the environment's one application image (infra/image.py) with a different entry point.
+The relay publishes `pending` rows that their submitter failed to publish; one task is enough (it
+batches, and several would be safe thanks to SKIP LOCKED), so it does not scale.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class Relay(Construct):
             self, "Logs",
             retention=log_retention, removal_policy=log_removal_policy,
         )
-        # The image's ENTRYPOINT is the worker, so these override the entry point, not the command.
+        # Every container sets its entry point (the image's own may be the team's web server).
         self.task_definition, relay = _task(
             self, "Task", family=self.service_name, image=image, entry_point=RELAY_COMMAND,
             environment=environment, secrets=secrets, log_group=self.log_group, stream_prefix="relay",

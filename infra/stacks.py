@@ -4,42 +4,41 @@ Stateful (VPC, queues, RDS, Redis) changes rarely and holds data; stateless (clu
 scaling, alarms, dashboard) changes every release and can be destroyed and recreated at will.
 All grants (through permissions.py) and connections between the two are made in the stateless
 stack. Every name comes from `catalog.resource_name`: `<app>-<env>-<resource>`.
+
+With `database.external` the stateful stack has no database at all: the stateless stack imports
+the team's (its secret, key and security group) and wires it up exactly like the RDS instance.
 """
 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import aws_cdk as cdk
 from aws_cdk import RemovalPolicy, Stack
 from aws_cdk import aws_ec2 as ec2
-from aws_cdk import aws_ecr_assets as ecr_assets
 from aws_cdk import aws_ecs as ecs
 from aws_cdk import aws_logs as logs
 from constructs import Construct
 
-from pcelery.catalog import APP_NAME, CATALOG, Catalog, resource_name
+from pcelery.catalog import APP_NAME, resource_name
 
 from .cache import REDIS_PORT, Cache
 from .config import EnvConfig
 from .database import (
-    DATABASE_NAME,
-    DATABASE_PORT,
     RDS_CA_BUNDLE,
     Database,
+    ExternalDatabase,
     removal_policy_for_logs,
 )
+from .image import application_image
 from .monitoring import DatabaseTargets, Monitoring
 from .nag import acknowledge_stateful, acknowledge_task_definitions
 from .network import Network
-from .permissions import grant_ops, grant_relay, grant_worker
+from .permissions import grant_ops, grant_relay, grant_secret_keys, grant_worker
 from .queues import Queues
 from .relay import OpsTask, Relay
+from .secrets import ApplicationSecrets
 from .workers import Workers
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
 
 _RETENTION_NAMES = {
     1: "ONE_DAY", 3: "THREE_DAYS", 5: "FIVE_DAYS", 7: "ONE_WEEK", 14: "TWO_WEEKS", 30: "ONE_MONTH",
@@ -78,10 +77,11 @@ class _EnvStack(Stack):
 
 
 class StatefulStack(_EnvStack):
-    def __init__(self, scope: Construct, id: str, *, config: EnvConfig, catalog: Catalog) -> None:
+    def __init__(self, scope: Construct, id: str, *, config: EnvConfig) -> None:
         super().__init__(
             scope, id, config=config, termination_protection=config.protection.termination_protection,
-            description=f"{APP_NAME} {config.name}: VPC, SQS queues and DLQs, RDS Postgres, Redis (stateful)",
+            description=f"{APP_NAME} {config.name}: VPC, SQS queues and DLQs, "
+                        f"{'RDS Postgres, ' if config.rds else ''}Redis (stateful)",
         )
         removal = _REMOVAL[config.protection.removal_policy]
         retention = log_retention(config.log_retention_days)
@@ -97,27 +97,29 @@ class StatefulStack(_EnvStack):
             removal_policy=removal_policy_for_logs(removal),
         )
         self.queues = Queues(
-            self, "Queues", env_name=config.name, catalog=catalog,
+            self, "Queues", env_name=config.name, catalog=config.catalog,
             # A queue has no snapshot; "snapshot" keeps it.
             removal_policy=removal_policy_for_logs(removal),
         )
-        db = config.database
-        self.database = Database(
-            self, "Database",
-            vpc=self.network.vpc,
-            subnets=self.network.data_subnets,
-            rotation_subnets=self.network.task_subnets,
-            instance_name=resource_name(config.name),
-            instance_type=db.instance_type,
-            allocated_storage_gib=db.allocated_storage_gib,
-            max_allocated_storage_gib=db.max_allocated_storage_gib,
-            multi_az=db.multi_az,
-            backup_retention_days=db.backup_retention_days,
-            rotation_days=db.rotation_days,
-            deletion_protection=config.protection.deletion_protection,
-            removal_policy=removal,
-            log_retention=retention,
-        )
+        # None with database.external: the team's database is no resource of this app.
+        self.database: Database | None = None
+        if db := config.rds:
+            self.database = Database(
+                self, "Database",
+                vpc=self.network.vpc,
+                subnets=self.network.data_subnets,
+                rotation_subnets=self.network.task_subnets,
+                instance_name=resource_name(config.name),
+                instance_type=db.instance_type,
+                allocated_storage_gib=db.allocated_storage_gib,
+                max_allocated_storage_gib=db.max_allocated_storage_gib,
+                multi_az=db.multi_az,
+                backup_retention_days=db.backup_retention_days,
+                rotation_days=db.rotation_days,
+                deletion_protection=config.protection.deletion_protection,
+                removal_policy=removal,
+                log_retention=retention,
+            )
         self.cache = None
         if config.cache:
             self.cache = Cache(
@@ -133,8 +135,7 @@ class StatefulStack(_EnvStack):
 
 
 class StatelessStack(_EnvStack):
-    def __init__(self, scope: Construct, id: str, *, config: EnvConfig, catalog: Catalog,
-                 stateful: StatefulStack, image_directory: Path) -> None:
+    def __init__(self, scope: Construct, id: str, *, config: EnvConfig, stateful: StatefulStack) -> None:
         super().__init__(
             scope, id, config=config,
             description=f"{APP_NAME} {config.name}: ECS workers, outbox relay, scaling, alarms, dashboard (stateless)",
@@ -142,33 +143,50 @@ class StatelessStack(_EnvStack):
         self.add_stack_dependency(stateful)
         retention = log_retention(config.log_retention_days)
         log_removal = removal_policy_for_logs(_REMOVAL[config.protection.removal_policy])
-        network, queues, database, cache = stateful.network, stateful.queues, stateful.database, stateful.cache
+        network, queues, cache = stateful.network, stateful.queues, stateful.cache
+        application, catalog = config.application, config.catalog
+        # The stateful stack's RDS instance, or the team's database (database.external), imported
+        # here: its secret, key and security group are the stateless stack's references only.
+        database = stateful.database or self._external_database(config)
 
-        # The asset copies its folder into cdk.out on every synth, filtered by the folder's
-        # .dockerignore (an allowlist): only what the image is built from, so an infra-only change
-        # builds no new image.
-        image = ecs.ContainerImage.from_asset(
-            str(image_directory), platform=ecr_assets.Platform.LINUX_AMD64, ignore_mode=cdk.IgnoreMode.DOCKER,
-        )
+        # One image for every container of the environment: the team's, with persistent-celery
+        # installed, whose console scripts are the entry points. The relay and ops need the team's
+        # catalog module, which only its image has, and one image keeps the application and the
+        # product in lockstep (infra/image.py).
+        image = application_image(self, image=application.image)
         environment = {
             "PCELERY_ENV": config.name,
+            # The spec synth loaded the catalog from: infra and every container read the same queues.
+            "PCELERY_CATALOG": application.catalog_spec,
             "AWS_REGION": config.region,
-            "DB_HOST": database.instance.db_instance_endpoint_address,
-            "DB_PORT": str(DATABASE_PORT),
-            "DB_NAME": DATABASE_NAME,
+            "DB_HOST": database.host,
+            "DB_PORT": str(database.port),
+            "DB_NAME": database.name,
             "DB_SSLROOTCERT": RDS_CA_BUNDLE,
+            # The team's own non-secret settings (DJANGO_SETTINGS_MODULE...); config.py refuses
+            # the names above and anything that looks like a credential.
+            **application.environment,
         }
         # Credentials only ever as ECS secrets: resolved by the agent at task start, never in the
-        # task definition or the template.
+        # task definition or the template. Adding a container grants its execution role the read
+        # of exactly these secrets. The team's own (application.secrets) go wherever its
+        # application.environment goes: every container.
+        application_secrets = ApplicationSecrets(self, "ApplicationSecrets", secrets=application.secrets)
         secrets = {
             "DB_USER": ecs.Secret.from_secrets_manager(database.secret, "username"),
             "DB_PASSWORD": ecs.Secret.from_secrets_manager(database.secret, "password"),
+            **application_secrets.container_secrets,
         }
         # The ops task talks to SQS and Postgres only: no Redis host, no Redis token.
         ops_environment, ops_secrets = dict(environment), dict(secrets)
         if cache:
             environment.update(REDIS_HOST=cache.host, REDIS_PORT=str(REDIS_PORT))
             secrets["REDIS_AUTH_TOKEN"] = ecs.Secret.from_secrets_manager(cache.auth_token)
+        # What only a worker needs: the modules that declare its tasks and, if the team has one,
+        # its own Celery app (else the product's). The migrate init container shares the task's.
+        worker_environment = {**environment, "PCELERY_TASK_MODULES": ",".join(application.task_modules)}
+        if application.celery_app:
+            worker_environment["PCELERY_CELERY_APP"] = application.celery_app
 
         self.workers = Workers(
             self, "Workers",
@@ -181,7 +199,7 @@ class StatelessStack(_EnvStack):
             image=image,
             cpu=config.workers.cpu,
             memory_mib=config.workers.memory_mib,
-            environment=environment,
+            environment=worker_environment,
             secrets=secrets,
             log_retention=retention,
             log_removal_policy=log_removal,
@@ -218,11 +236,15 @@ class StatelessStack(_EnvStack):
 
         # Ingress rules made here, in the stateless stack: the L2 `allow_from` would put them in
         # the stateful stack next to the target group and make the two stacks reference each other.
+        # On an external database's own group too, where cdk.json names it (database.external.
+        # security_group_id); both task groups allow all outbound, so nothing else is needed here.
+        # The team's group says whose rules they are.
+        owner = f"{resource_name(config.name)} " if config.external_database else ""
         tasks = self.workers.security_group
-        self._allow(tasks, database.instance.connections, DATABASE_PORT, "DatabaseFromTasks",
-                    "workers, relay and migrations")
-        self._allow(self.ops.security_group, database.instance.connections, DATABASE_PORT, "DatabaseFromOps",
-                    "the ops one-off task")
+        self._allow(tasks, database.connections, database.port, "DatabaseFromTasks",
+                    f"{owner}workers, relay and migrations")
+        self._allow(self.ops.security_group, database.connections, database.port, "DatabaseFromOps",
+                    f"{owner}the ops one-off task")
         if cache:
             self._allow(tasks, cache.connections, REDIS_PORT, "CacheFromTasks", "workers and relay")
 
@@ -235,11 +257,13 @@ class StatelessStack(_EnvStack):
             cluster_name=self.workers.cluster_name,
             worker_service_names=dict(self.workers.service_names),
             relay_service_name=self.relay.service_name,
+            # The RDS alarms and dashboard widget watch the instance this app owns; the team
+            # watches its own database.
             database=DatabaseTargets(
-                instance_identifier=database.instance.instance_identifier,
-                allocated_storage_gib=config.database.allocated_storage_gib,
-                max_connections=config.database.max_connections,
-            ),
+                instance_identifier=stateful.database.instance.instance_identifier,
+                allocated_storage_gib=config.rds.allocated_storage_gib,
+                max_connections=config.rds.max_connections,
+            ) if stateful.database else None,
             cache_node_ids=cache.node_ids if cache else None,
             alarm_email=config.alarm_email,
             outbox_lag_alarm_seconds=config.outbox_lag_alarm_seconds,
@@ -260,10 +284,27 @@ class StatelessStack(_EnvStack):
         for q in catalog:
             cdk.CfnOutput(self, f"WorkerLogGroup{_output_id(q.name)}",
                           value=self.workers.log_groups[q.name].log_group_name)
-        acknowledge_task_definitions([
+        task_definitions = [
             *(s.task_definition for s in self.workers.services.values()),
             self.relay.task_definition, self.relay.migrate_task_definition, self.ops.task_definition,
-        ])
+        ]
+        # Every task reads the database's secret and the team's: the customer keys of both.
+        for task in task_definitions:
+            grant_secret_keys(task.execution_role, keys=[*database.keys, *application_secrets.keys],
+                              region=config.region)
+        acknowledge_task_definitions(task_definitions)
+
+    def _external_database(self, config: EnvConfig) -> ExternalDatabase:
+        external = config.external_database
+        return ExternalDatabase(
+            self, "ExternalDatabase",
+            host=external.host,
+            port=external.port,
+            name=external.name,
+            secret_arn=external.secret_arn,
+            kms_key_arn=external.kms_key_arn,
+            security_group_id=external.security_group_id,
+        )
 
     def _allow(self, source: ec2.ISecurityGroup, target: ec2.Connections, port: int, id: str,
                description: str) -> None:
@@ -280,14 +321,12 @@ def _output_id(name: str) -> str:
     return "".join(part.capitalize() for part in re.split(r"[^A-Za-z0-9]+", name))
 
 
-def build_app(app: cdk.App, configs: list[EnvConfig], *, catalog: Catalog = CATALOG,
-              image_directory: Path = REPO_ROOT) -> dict[str, tuple[StatefulStack, StatelessStack]]:
-    """Both stacks of every given environment, in `app`."""
+def build_app(app: cdk.App, configs: list[EnvConfig]) -> dict[str, tuple[StatefulStack, StatelessStack]]:
+    """Both stacks of every given environment, in `app`, each with its own catalog and image."""
     stacks = {}
     for config in configs:
         stateful_name, stateless_name = stack_names(config.name)
-        stateful = StatefulStack(app, stateful_name, config=config, catalog=catalog)
-        stateless = StatelessStack(app, stateless_name, config=config, catalog=catalog,
-                                   stateful=stateful, image_directory=image_directory)
+        stateful = StatefulStack(app, stateful_name, config=config)
+        stateless = StatelessStack(app, stateless_name, config=config, stateful=stateful)
         stacks[config.name] = (stateful, stateless)
     return stacks

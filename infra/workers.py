@@ -21,6 +21,9 @@ from pcelery.catalog import Catalog, QueueContract, resource_name
 
 ECS_MAX_STOP_TIMEOUT = 120
 MIGRATE_COMMAND = ["pcelery-migrate"]
+# Set on the container rather than left to the image: a team's image often has an ENTRYPOINT of
+# its own (its web server, an entrypoint script) and also runs its web tier.
+WORKER_ENTRY_POINT = ["pcelery-worker"]
 # Time a warm shutdown needs beyond the task itself: finish the ack, close the pool, exit.
 SHUTDOWN_SLACK = 15
 
@@ -142,7 +145,7 @@ class Workers(Construct):
             ),
         )
         worker = task.add_container(
-            "worker", image=image, environment=environment, secrets=secrets,
+            "worker", image=image, entry_point=WORKER_ENTRY_POINT, environment=environment, secrets=secrets,
             logging=ecs.LogDrivers.aws_logs(stream_prefix="worker", log_group=log_group),
             stop_timeout=Duration.seconds(stop_timeout(contract)),
         )

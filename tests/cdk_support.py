@@ -5,7 +5,8 @@ uses them); everything from `synth()` on imports aws_cdk, which starts node, so 
 tests/integration uses it. `synth_templates(env)` is what other tests use (the RUNBOOK test lists every alarm through
 `alarms(env)`). The first call synthesizes every environment in one App, with cdk-nag and
 CloudFormation validation on, exactly like `npx cdk synth`; later calls are dictionary look-ups.
-`python app.py` does not read cdk.json, so the context is loaded here the way the CLI passes it.
+`python app.py` does not read cdk.json, so the context is loaded here the way the CLI passes it,
+with the repository's root (cdk.json's directory) as the base of the application's paths.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import os
 import shutil
 import tempfile
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 os.environ.setdefault("JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION", "20")
@@ -55,7 +56,7 @@ def configs() -> dict:
     """{env: EnvConfig} of every deployable environment, parsed from cdk.json as synth does."""
     from infra.config import load_configs
 
-    return {c.name: c for c in load_configs({**cdk_context(), "env": None}.get)}
+    return {c.name: c for c in load_configs({**cdk_context(), "env": None}.get, base_dir=REPO_ROOT)}
 
 
 @dataclass
@@ -72,20 +73,25 @@ class Synth:
 
 
 def synth(envs=ENVS, *, catalog=None, context: dict | None = None, nag: bool = True) -> Synth:
-    """One App with both stacks of every env in `envs`, synthesized into a temporary cdk.out."""
+    """One App with both stacks of every env in `envs`, synthesized into a temporary cdk.out.
+
+    `catalog` replaces the catalog every environment loaded from its `application.catalog` (the
+    containers still get the spec): a test's own catalog without a module to import it from."""
     import aws_cdk as cdk
 
     from infra.config import load_configs
     from infra.nag import add_checks
     from infra.stacks import build_app
-    from pcelery.catalog import CATALOG
 
     outdir = Path(tempfile.mkdtemp(prefix="pcelery-cdk-"))
     atexit.register(shutil.rmtree, outdir, ignore_errors=True)
     ctx = dict(cdk_context() if context is None else context)
     ctx["env"] = ",".join(envs)
     app = cdk.App(context=ctx, outdir=str(outdir))
-    built = build_app(app, load_configs(app.node.try_get_context), catalog=catalog or CATALOG)
+    loaded = load_configs(app.node.try_get_context, base_dir=REPO_ROOT)
+    if catalog is not None:
+        loaded = [replace(c, application=replace(c.application, catalog=catalog)) for c in loaded]
+    built = build_app(app, loaded)
     if nag:
         add_checks(app)
     app.synth()

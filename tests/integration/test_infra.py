@@ -1,11 +1,14 @@
 """The CDK app: cdk-nag, cfn-lint and the contract each construct must keep.
 
 All template tests share one in-process synth of every environment (tests/cdk_support.py);
-the 3-queue catalog gets one more synth of dev, and the real CLI runs once. The cdk.json
+the 3-queue catalog and an image with file and build_args get one more synth of dev each, and the
+real CLI runs once. The cdk.json
 validation that needs no synth is in tests/unit/test_infra_config.py; app.py failing on a bad key
-stays here because it starts a process. Stack, queue, alarm and task names are spelled out
-literally on purpose: they are the contract RUNBOOK.md and on-call rely on, checked independently
-of `catalog.resource_name`.
+stays here because it starts a process. Every environment deploys the example shop
+(examples/django_shop, cdk.json `application`), so each test reads the queues from the
+environment's own catalog (`CONFIGS[env].catalog`, shop.queues:CATALOG). Stack, queue, alarm and
+task names are spelled out literally on purpose: they are the contract RUNBOOK.md and on-call rely
+on, checked independently of `catalog.resource_name`.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from infra.relay import MIGRATE_COMMAND, OPS_CONTAINER, OPS_ENTRY_POINT, RELAY_C
 from infra.workers import (
     ECS_MAX_STOP_TIMEOUT,
     IDLE_SCALE_IN_MINUTES,
+    WORKER_ENTRY_POINT,
     outlasts_stop_timeout,
     stop_timeout,
 )
@@ -118,14 +122,31 @@ def as_list(x):
 # --------------------------------------------------------------------------- config (through app.py)
 
 
-def test_app_py_fails_synth_naming_the_bad_key(tmp_path):
-    """The real entry point, given context the way the CLI gives it (CDK_CONTEXT_JSON)."""
-    ctx = context_with("staging", "database.backup_retention_days", 0)
+@pytest.mark.parametrize("path, value, expected", [
+    ("database.backup_retention_days", 0,
+     "pcelery:environments.staging.database.backup_retention_days: 0 is not valid"),
+    # A deployed environment never runs the demo tasks: no task modules, no synth.
+    ("application.task_modules", KeyError,
+     "pcelery:environments.staging.application.task_modules: missing: set it (list, the modules that declare your "
+     "tasks"),
+    ("application.catalog", "shop.queues:Catalog",
+     "pcelery:environments.staging.application.catalog: catalog spec 'shop.queues:Catalog' names a type, not a "
+     "Catalog"),
+    # An external database beside the keys of the stack's own RDS instance (staging keeps them all).
+    ("database.external", {"host": "shop-db.abcdefghijkl.eu-west-1.rds.amazonaws.com", "port": 5432, "name": "shop",
+                           "secret_arn": "arn:aws:secretsmanager:eu-west-1:222222222222:secret:shop/db-AbCdEf"},
+     "pcelery:environments.staging.database.instance_type: sizes the RDS instance the stack creates, and with "
+     "database.external it creates none: remove it"),
+])
+def test_app_py_fails_synth_naming_the_bad_key(tmp_path, path, value, expected):
+    """The real entry point, given context the way the CLI gives it (CDK_CONTEXT_JSON), from
+    another working directory: the application's paths are relative to cdk.json's directory."""
+    ctx = context_with("staging", path, value)
     env = {**os.environ, "CDK_CONTEXT_JSON": json.dumps(ctx), "CDK_OUTDIR": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "app.py"], check=False, cwd=REPO_ROOT, env=env, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "app.py")], check=False, cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
-    assert "pcelery:environments.staging.database.backup_retention_days: 0 is not valid" in proc.stderr
+    assert expected in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
@@ -175,17 +196,22 @@ def test_nag_fails_synth_on_an_unacknowledged_finding(tmp_path):
     assert "AwsSolutions-SQS3" in report or "AwsSolutions-SQS2" in report
 
 
-@pytest.mark.parametrize("env", ENVS)
-def test_cfn_lint_finds_no_errors_and_only_explained_warnings(env):
+def assert_cfn_lint_clean(templates: dict[str, dict], region: str) -> None:
+    """No cfn-lint error and no warning but the explained ones, in any of `templates`."""
     from cfnlint.api import lint
 
-    for name, template in synth_templates(env).items():
-        matches = lint(json.dumps(template), regions=[CONFIGS[env].region])
+    for name, template in templates.items():
+        matches = lint(json.dumps(template), regions=[region])
         errors = [f"{m.rule.id} {m.message} ({m.path_string})" for m in matches if m.rule.id[0] == "E"]
         unexplained = [f"{m.rule.id} {m.message}" for m in matches if m.rule.id[0] == "W"
                        and not EXPLAINED_WARNINGS.get(m.rule.id, lambda _: False)(m.message)]
         assert not errors, f"{name}: {errors}"
         assert not unexplained, f"{name}: fix or explain in EXPLAINED_WARNINGS: {unexplained}"
+
+
+@pytest.mark.parametrize("env", ENVS)
+def test_cfn_lint_finds_no_errors_and_only_explained_warnings(env):
+    assert_cfn_lint_clean(synth_templates(env), CONFIGS[env].region)
 
 
 # --------------------------------------------------------------------------- queues
@@ -197,8 +223,8 @@ def test_queues_and_dlqs_carry_the_catalog_contract(env):
     cfg = CONFIGS[env]
     by_name = {r["Properties"]["QueueName"]: (lid, r["Properties"])
                for lid, r in resources({"t": t}, "AWS::SQS::Queue").items()}
-    assert len(by_name) == 2 * len(CATALOG)
-    for q in CATALOG:
+    assert len(by_name) == 2 * len(CONFIGS[env].catalog)
+    for q in CONFIGS[env].catalog:
         _work_id, work = by_name[sqs_queue_name(env, q.name)]
         dlq_id, dlq = by_name[sqs_queue_name(env, q.name, dlq=True)]
         want = q.sqs_attributes(dlq_arn="<dlq>")
@@ -248,8 +274,8 @@ def test_no_wildcard_actions_anywhere(env):
 @pytest.mark.parametrize("env", ENVS)
 def test_worker_role_consumes_its_own_queue_publishes_work_and_never_touches_a_dlq(env):
     t, producer = stateless(env), stateful(env)
-    work_names = {sqs_queue_name(env, q.name) for q in CATALOG}
-    for q in CATALOG:
+    work_names = {sqs_queue_name(env, q.name) for q in CONFIGS[env].catalog}
+    for q in CONFIGS[env].catalog:
         task = task_definition(t, f"pcelery-{env}-worker-{q.name}")
         grants: dict[str, set[str]] = {}
         for st in statements_of_role(t, task["TaskRoleArn"]):
@@ -272,7 +298,7 @@ def test_relay_only_publishes_and_migration_has_no_sqs_access(env):
     statements = statements_of_role(t, relay["TaskRoleArn"])
     assert {a for st in statements for a in as_list(st["Action"])} == set(PUBLISH_ACTIONS)
     assert {queue_name_of(r, producer) for st in statements for r in as_list(st["Resource"])} == {
-        sqs_queue_name(env, q.name) for q in CATALOG}
+        sqs_queue_name(env, q.name) for q in CONFIGS[env].catalog}
     migrate = task_definition(t, f"pcelery-{env}-migrate")
     assert statements_of_role(t, migrate["TaskRoleArn"]) == []
 
@@ -284,11 +310,17 @@ def test_relay_only_publishes_and_migration_has_no_sqs_access(env):
 def test_containers_get_the_runtime_contract_and_secrets_only_as_secrets(env):
     t = stateless(env)
     cfg = CONFIGS[env]
-    secret_names = {"DB_USER", "DB_PASSWORD"} | ({"REDIS_AUTH_TOKEN"} if cfg.cache else set())
-    plain_names = {"PCELERY_ENV", "AWS_REGION", "DB_HOST", "DB_PORT", "DB_NAME", "DB_SSLROOTCERT"} | (
-        {"REDIS_HOST", "REDIS_PORT"} if cfg.cache else set())
+    # The team's secrets (application.secrets: the shop's DJANGO_SECRET_KEY) go where its environment goes.
+    app_secrets = set(cfg.application.secrets)
+    assert app_secrets == {"DJANGO_SECRET_KEY"}
+    secret_names = {"DB_USER", "DB_PASSWORD"} | app_secrets | ({"REDIS_AUTH_TOKEN"} if cfg.cache else set())
+    # The catalog spec and the team's own settings go to every container (cdk.json application).
+    plain_names = {"PCELERY_ENV", "PCELERY_CATALOG", "AWS_REGION", "DB_HOST", "DB_PORT", "DB_NAME", "DB_SSLROOTCERT",
+                   "DJANGO_SETTINGS_MODULE"} | ({"REDIS_HOST", "REDIS_PORT"} if cfg.cache else set())
+    # What runs tasks only goes to the worker tasks (whose migrate init container shares it).
+    worker_names = {"PCELERY_WORKER_QUEUES", "PCELERY_TASK_MODULES", "PCELERY_CELERY_APP"}
     tasks = [r["Properties"] for r in resources({"t": t}, "AWS::ECS::TaskDefinition").values()]
-    assert len(tasks) == len(CATALOG) + 3
+    assert len(tasks) == len(CONFIGS[env].catalog) + 3
     for task in tasks:
         family = task["Family"]
         # The ops CLI never touches Redis, so it gets neither its host nor its token.
@@ -300,10 +332,16 @@ def test_containers_get_the_runtime_contract_and_secrets_only_as_secrets(env):
                 assert not re.search(r"PASSWORD|TOKEN|SECRET|KEY", name), name
                 assert "secretsmanager" not in json.dumps(value), f"{family}: {name} resolves a secret"
             assert {s["Name"] for s in container["Secrets"]} == (
-                {"DB_USER", "DB_PASSWORD"} if ops else secret_names), family
-            assert set(env_vars) - {"PCELERY_WORKER_QUEUES"} == (
-                plain_names - {"REDIS_HOST", "REDIS_PORT"} if ops else plain_names), family
+                {"DB_USER", "DB_PASSWORD"} | app_secrets if ops else secret_names), family
+            worker = "-worker-" in family
+            assert set(env_vars) == (plain_names - {"REDIS_HOST", "REDIS_PORT"} if ops else plain_names) | (
+                worker_names if worker else set()), f"{family}/{container['Name']}"
             assert env_vars["PCELERY_ENV"] == env
+            assert env_vars["PCELERY_CATALOG"] == "shop.queues:CATALOG"
+            assert env_vars["DJANGO_SETTINGS_MODULE"] == "shopsite.settings"
+            if worker:
+                assert env_vars["PCELERY_TASK_MODULES"] == "shop.tasks"
+                assert env_vars["PCELERY_CELERY_APP"] == "shopsite.celery:app"
             assert container["LogConfiguration"]["LogDriver"] == "awslogs"
         main = [c for c in task["ContainerDefinitions"] if c.get("Essential", True)]
         [container] = main
@@ -322,8 +360,8 @@ def test_containers_get_the_runtime_contract_and_secrets_only_as_secrets(env):
             queue = family.rsplit("-worker-", 1)[1]
             env_vars = {e["Name"]: e["Value"] for e in container["Environment"]}
             assert env_vars["PCELERY_WORKER_QUEUES"] == queue
-            assert "EntryPoint" not in container  # the image's ENTRYPOINT, pcelery-worker
-            assert container["StopTimeout"] == stop_timeout(CATALOG.get(queue)) <= ECS_MAX_STOP_TIMEOUT
+            assert container["EntryPoint"] == WORKER_ENTRY_POINT  # whatever the team's image's ENTRYPOINT is
+            assert container["StopTimeout"] == stop_timeout(CONFIGS[env].catalog.get(queue)) <= ECS_MAX_STOP_TIMEOUT
 
 
 @pytest.mark.parametrize("env", ENVS)
@@ -339,9 +377,161 @@ def test_every_container_that_reaches_the_database_verifies_its_certificate(env)
                     f"{task['Family']}/{container['Name']}")
                 checked.append(f"{task['Family']}/{container['Name']}")
     # Workers and relay with their migrate init containers, the migrate task and the ops task.
-    assert len(checked) == 2 * len(CATALOG) + 2 + 2, checked
-    # The image really puts the CA bundle where the containers look for it.
-    assert " /etc/ssl/certs/rds-global-bundle.pem" in (REPO_ROOT / "Dockerfile").read_text()
+    assert len(checked) == 2 * len(CONFIGS[env].catalog) + 2 + 2, checked
+    # The image really puts the CA bundle where the containers look for it: the team's image must
+    # (infra/README.md), as the example shop's and the product's own base image do.
+    image = CONFIGS[env].application.image
+    dockerfiles = [REPO_ROOT / "Dockerfile"]
+    if image.directory:
+        dockerfiles.append(image.directory / (image.file or "Dockerfile"))
+    for dockerfile in dockerfiles:
+        assert " /etc/ssl/certs/rds-global-bundle.pem" in dockerfile.read_text(), dockerfile
+
+
+# --------------------------------------------------------------------------- the application image
+
+
+def containers(template: dict) -> dict[str, dict]:
+    """{family/container: container definition} of every task definition of a template."""
+    return {f"{t['Properties']['Family']}/{c['Name']}": c
+            for t in resources({"t": template}, "AWS::ECS::TaskDefinition").values()
+            for c in t["Properties"]["ContainerDefinitions"]}
+
+
+def pull_grants(template: dict) -> dict[str, list[str]]:
+    """{task family: the ECR repositories (resources as JSON) its execution role may pull from}."""
+    grants = {}
+    for task in resources({"t": template}, "AWS::ECS::TaskDefinition").values():
+        props = task["Properties"]
+        grants[props["Family"]] = [
+            json.dumps(r, sort_keys=True)
+            for st in statements_of_role(template, props["ExecutionRoleArn"])
+            if "ecr:BatchGetImage" in as_list(st["Action"]) for r in as_list(st["Resource"])]
+    return grants
+
+
+def join(value) -> str:
+    """A Fn::Join of strings and AWS::URLSuffix, as the image URI the task pulls."""
+    return "".join("amazonaws.com" if part == {"Ref": "AWS::URLSuffix"} else part for part in value["Fn::Join"][1])
+
+
+@pytest.mark.parametrize("env", ENVS)
+def test_one_application_image_runs_every_container_of_the_environment(env):
+    """Workers, relay, the migrate init containers, the migrate and ops tasks: the team's image,
+    with the product's console scripts as entry points."""
+    found = containers(stateless(env))
+    assert len(found) == 2 * len(CONFIGS[env].catalog) + 2 + 1 + 1
+    assert len({json.dumps(c["Image"], sort_keys=True) for c in found.values()}) == 1, found.keys()
+
+
+@pytest.mark.parametrize("env", ["dev", "staging"])
+def test_a_directory_image_is_an_asset_of_the_teams_build_context(env):
+    """dev and staging build examples/django_shop at deploy: one linux/amd64 asset, pushed to the
+    CDK asset repository, which every execution role may pull from."""
+    s, name = synth_all(), f"pcelery-{env}-stateless"
+    images = json.loads((s.outdir / f"{name}.assets.json").read_text())["dockerImages"]
+    [(asset_hash, asset)] = images.items()
+    assert asset["source"]["platform"] == "linux/amd64"
+    assert "dockerFile" not in asset["source"] and "dockerBuildArgs" not in asset["source"]
+    [destination] = asset["destinations"].values()
+    repository = destination["repositoryName"]
+    assert repository == f"cdk-hnb659fds-container-assets-{CONFIGS[env].account}-{CONFIGS[env].region}"
+    # The staged build context is the shop's, and nothing of the dev harness.
+    context = s.outdir / asset["source"]["directory"]
+    shop = REPO_ROOT / "examples" / "django_shop"
+    assert (context / "Dockerfile").read_text() == (shop / "Dockerfile").read_text()
+    assert (context / "shop" / "queues.py").is_file()
+    assert not any("devstack" in p.parts for p in context.rglob("*"))
+    t = stateless(env)
+    for container in containers(t).values():
+        assert container["Image"]["Fn::Sub"].endswith(f"/{repository}:{asset_hash}")
+    for family, repos in pull_grants(t).items():
+        assert len(repos) == 1 and repository in repos[0], (family, repos)
+
+
+def test_a_pinned_uri_image_is_pulled_from_its_ecr_repository_with_the_pull_granted():
+    t = stateless("prod")
+    for name, container in containers(t).items():
+        assert join(container["Image"]) == "333333333333.dkr.ecr.eu-west-1.amazonaws.com/shop:1.0.0", name
+    grants = pull_grants(t)
+    assert len(grants) == len(CONFIGS["prod"].catalog) + 3
+    for family, repos in grants.items():
+        assert repos == [json.dumps("arn:aws:ecr:eu-west-1:333333333333:repository/shop")], (family, repos)
+    # Nothing to build: prod deploys no image asset.
+    assets = json.loads((synth_all().outdir / "pcelery-prod-stateless.assets.json").read_text())
+    assert not assets.get("dockerImages")
+
+
+def test_a_directory_image_honours_file_and_build_args():
+    ctx = context_with("dev", "application.image", {
+        "directory": "examples/django_shop", "file": "Dockerfile", "build_args": {"PCELERY_TEST_ARG": "on"}})
+    s = synth(("dev",), context=ctx, nag=False)
+    images = json.loads((s.outdir / "pcelery-dev-stateless.assets.json").read_text())["dockerImages"]
+    [asset] = images.values()
+    assert asset["source"]["dockerFile"] == "Dockerfile"
+    assert asset["source"]["dockerBuildArgs"] == {"PCELERY_TEST_ARG": "on"}
+    assert asset["source"]["platform"] == "linux/amd64"
+
+
+@pytest.mark.parametrize("env", ENVS)
+def test_no_container_anywhere_runs_the_demo_tasks(env):
+    """A deployed environment runs the team's task modules; nothing of the dev harness (devstack/)
+    is named in either stack, and every worker names its task modules."""
+    for name, template in synth_templates(env).items():
+        assert "devstack" not in json.dumps(template), name
+    for name, container in containers(stateless(env)).items():
+        env_vars = {e["Name"]: e["Value"] for e in container["Environment"]}
+        if "-worker-" in name.split("/")[0]:
+            modules = env_vars["PCELERY_TASK_MODULES"].split(",")
+            assert modules == list(CONFIGS[env].application.task_modules) == ["shop.tasks"], name
+        else:
+            assert "PCELERY_TASK_MODULES" not in env_vars, name
+
+
+# --------------------------------------------------------------------------- secrets the stack does not own
+
+
+def secret_reads(template: dict, task: dict) -> list:
+    """What the execution role of `task` may read from Secrets Manager (resources as written)."""
+    reads = []
+    for st in statements_of_role(template, task["ExecutionRoleArn"]):
+        actions = set(as_list(st["Action"]))
+        if any(a.startswith("secretsmanager:") for a in actions):
+            assert actions == {"secretsmanager:GetSecretValue", "secretsmanager:DescribeSecret"}, actions
+            assert st["Effect"] == "Allow" and "Condition" not in st
+            reads += as_list(st["Resource"])
+    return reads
+
+
+def key_decrypts(template: dict, task: dict) -> list[dict]:
+    """The KMS statements of the execution role of `task`."""
+    return [st for st in statements_of_role(template, task["ExecutionRoleArn"])
+            if any(a.startswith("kms:") for a in as_list(st["Action"]))]
+
+
+@pytest.mark.parametrize("env", ENVS)
+def test_the_teams_secrets_reach_every_container_and_only_their_arn_is_read(env):
+    """application.secrets (the shop's DJANGO_SECRET_KEY, one placeholder secret per environment)
+    is an ECS secret of every container, and each execution role reads exactly its ARN."""
+    cfg, t = CONFIGS[env], stateless(env)
+    ref = cfg.application.secrets["DJANGO_SECRET_KEY"]
+    assert ref.arn == f"arn:aws:secretsmanager:{cfg.region}:{cfg.account}:secret:shop/{env}/django-AbCdEf"
+    found = containers(t)
+    assert len(found) == 2 * len(cfg.catalog) + 2 + 1 + 1
+    for name, container in found.items():
+        secrets = {s["Name"]: s["ValueFrom"] for s in container["Secrets"]}
+        assert secrets["DJANGO_SECRET_KEY"] == f"{ref.arn}:secret_key::", name
+    for task in (r["Properties"] for r in resources({"t": t}, "AWS::ECS::TaskDefinition").values()):
+        reads = secret_reads(t, task)
+        # Exactly the ARN from cdk.json, never a wildcard; beside it only the stack's own secrets
+        # (the RDS master secret, and the Redis token but for ops), by reference.
+        assert [r for r in reads if isinstance(r, str)] == [ref.arn], task["Family"]
+        stack_own = 1 + (1 if cfg.cache and not task["Family"].endswith("-ops") else 0)
+        assert len(reads) == 1 + stack_own and all("Fn::GetStackOutput" in r for r in reads if r != ref.arn)
+        assert key_decrypts(t, task) == []  # no customer key named: the AWS-managed key needs no grant
+        # The task role (the application's code) reads no secret: ECS injects them at start.
+        assert not [st for st in statements_of_role(t, task["TaskRoleArn"])
+                    if any(a.startswith(("secretsmanager:", "kms:")) for a in as_list(st["Action"]))]
 
 
 # --------------------------------------------------------------------------- the ops one-off task
@@ -418,7 +608,7 @@ def test_ops_task_runs_the_cli_in_the_vpc_with_the_relays_database_settings(env)
         assert env_vars[name] == relay_env[name], name
     relay_secrets = {s["Name"]: s["ValueFrom"] for s in relay["Secrets"]}
     assert {s["Name"]: s["ValueFrom"] for s in container["Secrets"]} == {
-        k: relay_secrets[k] for k in ("DB_USER", "DB_PASSWORD")}
+        k: relay_secrets[k] for k in ("DB_USER", "DB_PASSWORD", "DJANGO_SECRET_KEY")}
     assert "password" not in json.dumps(container["Environment"]).lower()
 
     # Its own log group: an operator's output is not buried in a service's logs.
@@ -453,8 +643,8 @@ def test_ops_role_has_exactly_what_the_cli_needs_on_this_environments_queues(env
         for resource in as_list(st["Resource"]):
             name = "*" if resource == "*" else queue_name_of(resource, producer)
             grants.setdefault(name, set()).update(as_list(st["Action"]))
-    work = {sqs_queue_name(env, q.name) for q in CATALOG}
-    dead = {sqs_queue_name(env, q.name, dlq=True) for q in CATALOG}
+    work = {sqs_queue_name(env, q.name) for q in CONFIGS[env].catalog}
+    dead = {sqs_queue_name(env, q.name, dlq=True) for q in CONFIGS[env].catalog}
     # Every queue and DLQ of this environment, nothing else; "*" only for reading metrics.
     assert set(grants) == work | dead | {"*"}
     assert grants.pop("*") == set(OPS_METRIC_ACTIONS) == {"cloudwatch:GetMetricStatistics"}
@@ -464,7 +654,7 @@ def test_ops_role_has_exactly_what_the_cli_needs_on_this_environments_queues(env
     # A native redrive is authorized on the DLQ (move task, receive, delete, attributes) and on
     # the destination (send); a client redrive is the same set by hand. Spelled out, not
     # derived from OPS_QUEUE_ACTIONS, so shrinking that list cannot silently break a redrive.
-    for q in CATALOG:
+    for q in CONFIGS[env].catalog:
         assert {"sqs:StartMessageMoveTask", "sqs:ListMessageMoveTasks", "sqs:CancelMessageMoveTask",
                 "sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes",
                 "sqs:ListDeadLetterSourceQueues", "sqs:ChangeMessageVisibility",
@@ -516,7 +706,7 @@ def test_worker_services_roll_back_and_scale_on_backlog_per_task(env):
     targets = list(resources({"t": t}, "AWS::ApplicationAutoScaling::ScalableTarget").items())
     policies = resources({"t": t}, "AWS::ApplicationAutoScaling::ScalingPolicy")
     alarms_ = resources({"t": t}, "AWS::CloudWatch::Alarm").values()
-    for q in CATALOG:
+    for q in CONFIGS[env].catalog:
         name = f"pcelery-{env}-worker-{q.name}"
         service = services[name]
         assert service["DeploymentConfiguration"]["DeploymentCircuitBreaker"] == {"Enable": True, "Rollback": True}
@@ -647,7 +837,7 @@ def test_network_matches_the_env(env):
 
 def expected_alarms(env: str) -> dict[str, str]:
     names = {}
-    for q in CATALOG:
+    for q in CONFIGS[env].catalog:
         names[f"pcelery-{env}-{q.name}-dlq-not-empty"] = "alarm-dlq-not-empty"
         names[f"pcelery-{env}-{q.name}-oldest-message-age"] = "alarm-queue-backlog-old"
         names[f"pcelery-{env}-worker-{q.name}-running-low"] = "alarm-service-running-low"
@@ -676,7 +866,7 @@ def test_alarm_names_and_runbook_anchors_follow_the_contract(env):
     assert lag["Namespace"] == "PersistentCelery" and lag["MetricName"] == "OutboxOldestPendingAgeSeconds"
     assert lag["Dimensions"] == [{"Name": "Environment", "Value": env}]
     assert lag["TreatMissingData"] == "breaching"  # a dead relay reports nothing
-    for q in CATALOG:
+    for q in CONFIGS[env].catalog:
         age = by_name[f"pcelery-{env}-{q.name}-oldest-message-age"]
         assert age["Threshold"] == q.oldest_message_alarm_seconds()
         dlq = by_name[f"pcelery-{env}-{q.name}-dlq-not-empty"]
@@ -710,8 +900,138 @@ def test_dashboard_shows_depth_age_dlq_workers_and_throughput(env):
     for metric in ("ApproximateNumberOfMessagesVisible", "ApproximateAgeOfOldestMessage", "RunningTaskCount",
                    "NumberOfMessagesDeleted", "OutboxOldestPendingAgeSeconds"):
         assert metric in body, metric
-    for q in CATALOG:
+    for q in CONFIGS[env].catalog:
         assert f"{q.name}: DLQ depth" in body and f"{q.name}: throughput" in body
+
+
+# --------------------------------------------------------------------------- database.external
+
+EXTERNAL_DB = {
+    "host": "shop-db.abcdefghijkl.eu-west-1.rds.amazonaws.com", "port": 5433, "name": "shop",
+    "secret_arn": "arn:aws:secretsmanager:eu-west-1:333333333333:secret:shop/db-AbCdEf",
+    "kms_key_arn": "arn:aws:kms:eu-west-1:333333333333:key/0123abcd-4567-89ab-cdef-0123456789ab",
+    "security_group_id": "sg-0123456789abcdef0",
+}
+APP_SECRET_KEY = "arn:aws:kms:eu-west-1:333333333333:key/89abcdef-0123-4567-89ab-cdef01234567"
+# A second secret of the team's, passed whole (no field).
+STRIPE_SECRET = "arn:aws:secretsmanager:eu-west-1:333333333333:secret:shop/stripe-AbCdEf"
+
+
+@pytest.fixture(scope="module")
+def external_prod():
+    """prod on the team's database (port 5433, its security group, the secret under a customer
+    key), the shop's Django secret under another key and a whole-value secret; with cdk-nag, like
+    every synth."""
+    from infra.config import CONTEXT_KEY
+
+    ctx = context_with("prod", "database", {"external": EXTERNAL_DB})
+    secrets = ctx[CONTEXT_KEY]["prod"]["application"]["secrets"]
+    secrets["DJANGO_SECRET_KEY"]["kms_key_arn"] = APP_SECRET_KEY
+    secrets["STRIPE_API_KEY"] = {"arn": STRIPE_SECRET}
+    s = synth(("prod",), context=ctx)
+    return s, s.templates["prod"]["pcelery-prod-stateful"], s.templates["prod"]["pcelery-prod-stateless"]
+
+
+def test_an_external_database_leaves_out_the_rds_instance_its_secret_rotation_and_alarms(external_prod):
+    s, producer, t = external_prod
+    kinds = {r["Type"] for template in (producer, t) for r in template["Resources"].values()}
+    assert not {k for k in kinds if k.startswith("AWS::RDS::")}, kinds
+    # prod rotates its own master password (a rotation schedule and its SAR Lambda); nothing here.
+    assert not {"AWS::SecretsManager::RotationSchedule", "AWS::Serverless::Application",
+                "AWS::SecretsManager::SecretTargetAttachment"} & kinds
+    # The one secret left is the Redis token: no pcelery-prod/master.
+    secrets = [r["Properties"].get("Name") for r in resources({"t": producer}, "AWS::SecretsManager::Secret").values()]
+    assert secrets == ["pcelery-prod/redis-auth-token"]
+    assert not [r for r in resources({"t": producer}, "AWS::Logs::LogGroup").values()
+                if "/aws/rds/" in json.dumps(r["Properties"].get("LogGroupName", ""))]
+    # Nothing of a database crosses the stacks.
+    assert not [o for o in producer.get("Outputs", {}) if "Database" in o]
+    # The team watches its own database: no db-* alarm, no RDS metric on the dashboard.
+    found = summary({"t": t})["t"]["alarms"]
+    assert set(found) == {n for n in expected_alarms("prod") if "-db-" not in n}
+    [board] = resources({"t": t}, "AWS::CloudWatch::Dashboard").values()
+    assert "AWS/RDS" not in json.dumps(board["Properties"]["DashboardBody"])
+    # Everything else of prod is as it was: the queues, the services, the cache.
+    queues = summary({"t": producer})["t"]["queues"]
+    assert queues == summary(synth_templates("prod"))["pcelery-prod-stateful"]["queues"]
+    assert s.termination_protection["pcelery-prod-stateful"] is True
+
+
+def test_every_container_connects_to_the_external_database_with_its_secret(external_prod):
+    _, _, t = external_prod
+    arn = EXTERNAL_DB["secret_arn"]
+    found = containers(t)
+    assert len(found) == 2 * len(CONFIGS["prod"].catalog) + 2 + 1 + 1
+    for name, container in found.items():
+        env_vars = {e["Name"]: e["Value"] for e in container["Environment"]}
+        assert {k: env_vars[k] for k in ("DB_HOST", "DB_PORT", "DB_NAME", "DB_SSLROOTCERT")} == {
+            "DB_HOST": "shop-db.abcdefghijkl.eu-west-1.rds.amazonaws.com", "DB_PORT": "5433", "DB_NAME": "shop",
+            "DB_SSLROOTCERT": "/etc/ssl/certs/rds-global-bundle.pem"}, name
+        secrets = {s["Name"]: s["ValueFrom"] for s in container["Secrets"]}
+        # The RDS secret format: JSON keys username and password.
+        assert (secrets["DB_USER"], secrets["DB_PASSWORD"]) == (f"{arn}:username::", f"{arn}:password::"), name
+        assert secrets["DJANGO_SECRET_KEY"].endswith(":secret:shop/prod/django-AbCdEf:secret_key::"), name
+        assert secrets["STRIPE_API_KEY"] == STRIPE_SECRET, name  # no field: the whole value
+
+
+def test_execution_roles_read_exactly_the_external_secret_and_decrypt_only_through_secrets_manager(external_prod):
+    _, _, t = external_prod
+    django = CONFIGS["prod"].application.secrets["DJANGO_SECRET_KEY"].arn
+    tasks = [r["Properties"] for r in resources({"t": t}, "AWS::ECS::TaskDefinition").values()]
+    assert len(tasks) == len(CONFIGS["prod"].catalog) + 3
+    for task in tasks:
+        reads = secret_reads(t, task)
+        literal = sorted(r for r in reads if isinstance(r, str))
+        assert literal == sorted([EXTERNAL_DB["secret_arn"], django, STRIPE_SECRET]), task["Family"]
+        # By reference only the Redis token (not for ops, which never uses the cache).
+        assert len(reads) - len(literal) == (0 if task["Family"].endswith("-ops") else 1), task["Family"]
+        decrypts = key_decrypts(t, task)
+        assert {a for st in decrypts for a in as_list(st["Action"])} == {"kms:Decrypt"}
+        assert sorted(r for st in decrypts for r in as_list(st["Resource"])) == sorted(
+            [EXTERNAL_DB["kms_key_arn"], APP_SECRET_KEY]), task["Family"]
+        for st in decrypts:
+            assert st["Condition"] == {"StringEquals": {"kms:ViaService": "secretsmanager.eu-west-1.amazonaws.com"}}
+
+
+def test_the_external_databases_own_security_group_lets_the_tasks_and_ops_in(external_prod):
+    _, _, t = external_prod
+    ingress = [r["Properties"] for r in resources({"t": t}, "AWS::EC2::SecurityGroupIngress").values()]
+    on_db = [i for i in ingress if i["GroupId"] == EXTERNAL_DB["security_group_id"]]
+    assert {json.dumps(i["SourceSecurityGroupId"], sort_keys=True) for i in on_db} == {
+        json.dumps(t["Outputs"][o]["Value"], sort_keys=True) for o in ("TaskSecurityGroup", "OpsSecurityGroup")}
+    assert [(i["IpProtocol"], i["FromPort"], i["ToPort"]) for i in on_db] == [("tcp", 5433, 5433)] * 2
+    # The team's group says whose rules they are.
+    assert all(i["Description"].startswith("from pcelery-prod ") for i in on_db), on_db
+    # Besides them only the cache's rule: nothing is opened on 5432 or anywhere else.
+    assert [(i["FromPort"]) for i in ingress if i not in on_db] == [6379]
+
+
+def test_nag_and_cfn_lint_accept_an_external_database(external_prod):
+    """The synth ran with cdk-nag (an unacknowledged finding fails it); no RDS acknowledgment is
+    left over, and cfn-lint is as clean as for the stack's own database."""
+    s, producer, t = external_prod
+    acknowledged = [(path, rule) for metadata in s.metadata.values() for path, entries in metadata.items()
+                    for entry in entries if entry["type"] == "aws:cdk:acknowledged-rules" for rule in entry["data"]]
+    assert acknowledged
+    assert not [(p, r) for p, r in acknowledged if r.startswith("AwsSolutions-RDS") or "/Database/" in p]
+    assert_cfn_lint_clean({"stateful": producer, "stateless": t}, "eu-west-1")
+
+
+def test_without_its_security_group_an_external_database_gets_no_rule_but_stays_reachable():
+    """Left out, the team allows the tasks in on its side (infra/README.md); the task groups
+    allow all outbound, so the tasks reach the database once it does. No customer key: no decrypt."""
+    external = {k: v for k, v in EXTERNAL_DB.items() if k not in ("security_group_id", "kms_key_arn")}
+    external.update(port=5432, secret_arn=external["secret_arn"].replace("333333333333", "111111111111"))
+    t = synth(("dev",), context=context_with("dev", "database", {"external": external})
+              ).templates["dev"]["pcelery-dev-stateless"]
+    ingress = [r["Properties"] for r in resources({"t": t}, "AWS::EC2::SecurityGroupIngress").values()]
+    assert ingress == []  # dev has no cache either
+    for output in ("TaskSecurityGroup", "OpsSecurityGroup"):
+        group = t["Resources"][t["Outputs"][output]["Value"]["Fn::GetAtt"][0]]["Properties"]
+        assert [(e["CidrIp"], e["IpProtocol"]) for e in group["SecurityGroupEgress"]] == [("0.0.0.0/0", "-1")]
+    for task in (r["Properties"] for r in resources({"t": t}, "AWS::ECS::TaskDefinition").values()):
+        assert external["secret_arn"] in secret_reads(t, task)
+        assert key_decrypts(t, task) == []
 
 
 # --------------------------------------------------------------------------- catalog drives everything
@@ -733,7 +1053,7 @@ def _without_image(resource: dict) -> dict:
 
 
 def test_adding_a_queue_adds_its_queue_dlq_permissions_and_alarms_and_nothing_else():
-    three = synth(("dev",), catalog=Catalog(queues=(*CATALOG.queues, EXTRA))).templates["dev"]
+    three = synth(("dev",), catalog=Catalog(queues=(*CONFIGS["dev"].catalog.queues, EXTRA))).templates["dev"]
     two = synth_templates("dev")
     per_queue = {
         "pcelery-dev-stateful": {"AWS::SQS::Queue": 2, "AWS::SQS::QueuePolicy": 2},

@@ -75,11 +75,13 @@ def _constant(path: Path, name: str) -> object:
 def test_the_cdk_task_definitions_run_declared_console_scripts():
     # Read without importing infra (aws_cdk starts a node process).
     commands = {
+        "worker": _constant(REPO / "infra" / "workers.py", "WORKER_ENTRY_POINT"),
         "migrate": _constant(REPO / "infra" / "workers.py", "MIGRATE_COMMAND"),
         "relay": _constant(REPO / "infra" / "relay.py", "RELAY_COMMAND"),
         "ops": _constant(REPO / "infra" / "relay.py", "OPS_ENTRY_POINT"),
     }
-    assert commands == {"migrate": ["pcelery-migrate"], "relay": ["pcelery-relay"], "ops": ["pcelery-ops"]}
+    assert commands == {"worker": ["pcelery-worker"], "migrate": ["pcelery-migrate"], "relay": ["pcelery-relay"],
+                        "ops": ["pcelery-ops"]}
     for command in commands.values():
         assert command[0] in SCRIPTS
 
