@@ -310,7 +310,11 @@ class PersistentChannel(SQSChannel):
         self._receive_failures: dict[str, int] = {}
         self._retry_in: dict[str, float] = {}
         self._trouble = TroubleLog(logger)
-        self._deleter = Deleter(self._trouble)
+        options = self.transport_options
+        # pcelery.celeryconfig.worker_settings sizes these from the consumed queues' contracts.
+        self._receive_batch = int(options.get("pcelery_receive_batch", 1))
+        self._deleter = Deleter(self._trouble, linger=float(options.get("pcelery_ack_linger", 0.0)))
+        self._keeper = VisibilityKeeper(self._trouble)
 
     def asynsqs(self, queue: Any = None) -> Any:
         client = super().asynsqs(queue=queue)
@@ -324,6 +328,15 @@ class PersistentChannel(SQSChannel):
         if STORE_BREAKER.is_open:
             self._later(self.BREAKER_RECHECK, queue)
             return
+        if self._receive_batch > 1 and queue in self._active_queues:
+            # Receive when a whole batch fits in the prefetch window (kombu asks for as many
+            # messages as are free, so refilling one slot at a time costs a ReceiveMessage per
+            # task). The window holds concurrency + a batch, so until a batch fits every pool
+            # slot is busy and messages still wait: the wait costs no throughput.
+            free = self.qos.can_consume_max_estimate()
+            if free is not None and 0 < free < min(self._receive_batch, self.qos.prefetch_count or 1):
+                self._later(self.connection.polling_interval or 0.05, queue)
+                return
         try:
             super()._schedule_queue(queue)
         except Exception as exc:  # noqa: BLE001 - e.g. signing without credentials: retried, logged once
@@ -363,14 +376,18 @@ class PersistentChannel(SQSChannel):
         if callback is None:
             self._release_messages(queue, qname, msgs)
             return 0
+        contract = contract_of(queue, qname, settings.catalog.default_queue)
         for msg in msgs:
             problem = envelope_problem(msg.get("Body", ""))
             if problem:
                 self._poison(queue, qname, msg, problem)
                 continue
+            receipt = msg.get("ReceiptHandle", "")
+            self._keeper.track(self.sqs(queue=self.canonical_queue_name(qname)), queue, receipt, contract)
             try:
                 callback(self._message_to_python(msg, qname, queue))
             except Exception as exc:  # noqa: BLE001 - one message's trouble stays that message's
+                self._keeper.forget(receipt)
                 self._poison(queue, qname, msg, _short(exc))
         return len(msgs)
 
@@ -406,22 +423,35 @@ class PersistentChannel(SQSChannel):
             return
         queue = self.canonical_queue_name(info["routing_key"]) if "routing_key" in info else None
         client = self.sqs(queue=queue)
+        self._keeper.forget(receipt)
         virtual.Channel.basic_ack(self, delivery_tag)  # frees the prefetch slot; no SQS call here
         self._deleter.delete(client, queue_url, receipt)
 
+    def basic_reject(self, delivery_tag: Any, requeue: bool = False) -> None:
+        self._keeper.forget(delivery_tag)  # left for SQS: its visibility must now run out
+        super().basic_reject(delivery_tag, requeue=requeue)
+
     def close(self) -> None:
+        self._keeper.stop()
         self._deleter.flush(timeout=10.0)
         super().close()
 
 
-class Deleter:
-    """Deletes acked messages from SQS on a thread of its own, in the order acked. A failure is
-    logged once per outage and the message left: SQS delivers it again after its visibility
-    timeout and the claim acks it as a duplicate. `flush` waits for what is queued (shutdown)."""
+SQS_BATCH = 10  # entries per DeleteMessageBatch / ChangeMessageVisibilityBatch (the SQS maximum)
 
-    def __init__(self, trouble: TroubleLog):
-        self._queue: queue.Queue[tuple[Any, str, str]] = queue.Queue()
+
+class Deleter:
+    """Deletes acked messages from SQS on a thread of its own, in batches: DeleteMessageBatch of up
+    to 10 per queue, sent when 10 are waiting or `linger` seconds after the first, at once on
+    `flush` (shutdown). Deferring is safe: a task's verdict is committed before its ack, and a
+    message that comes back (the worker died with acks buffered, a delete failed) is acked as a
+    duplicate without running. A failure is logged once per outage and the message left."""
+
+    def __init__(self, trouble: TroubleLog, *, linger: float = 0.0):
+        self._queue: queue.Queue[tuple[Any, str, str] | None] = queue.Queue()
         self._trouble = trouble
+        self._linger = linger
+        self._flushing = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
@@ -433,30 +463,154 @@ class Deleter:
         self._queue.put((client, queue_url, receipt))
 
     def flush(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while self._queue.unfinished_tasks and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return not self._queue.unfinished_tasks
+        """Send what is buffered now and wait for it (up to timeout); True when nothing is left."""
+        self._flushing.set()
+        self._queue.put(None)  # wakes a batch that is lingering
+        try:
+            deadline = time.monotonic() + timeout
+            while self._queue.unfinished_tasks and time.monotonic() < deadline:
+                time.sleep(0.02)
+            return not self._queue.unfinished_tasks
+        finally:
+            self._flushing.clear()
+
+    def _next_batch(self) -> list[tuple[Any, str, str] | None]:
+        batch = [self._queue.get()]
+        deadline = time.monotonic() + self._linger
+        while len(batch) < SQS_BATCH and batch[-1] is not None:
+            wait = 0.0 if self._flushing.is_set() else deadline - time.monotonic()
+            try:
+                batch.append(self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return batch
 
     def _run(self) -> None:
         while True:
-            client, queue_url, receipt = self._queue.get()
-            try:
-                client.delete_message(QueueUrl=queue_url, ReceiptHandle=receipt)
-            except ClientError as exc:
-                code = exc.response.get("Error", {}).get("Code", "")
-                if code in ("ReceiptHandleIsInvalid", "InvalidParameterValue"):
-                    logger.debug("DeleteMessage of a stale receipt handle on %s: %s", queue_url, code)
-                else:
-                    self._trouble.failed("DeleteMessage", f"{_short(exc)}; the message comes back after its "
-                                                          "visibility timeout and is acked as a duplicate")
-            except (BotoCoreError, OSError) as exc:
-                self._trouble.failed("DeleteMessage", f"{_short(exc)}; the message comes back after its "
-                                                      "visibility timeout and is acked as a duplicate")
-            else:
-                self._trouble.recovered("DeleteMessage")
-            finally:
-                self._queue.task_done()
+            batch = self._next_batch()
+            by_queue: dict[tuple[int, str], list[tuple[Any, str, str]]] = {}
+            for item in batch:
+                if item is None:  # a flush's wake-up call
+                    self._queue.task_done()
+                    continue
+                by_queue.setdefault((id(item[0]), item[1]), []).append(item)
+            for items in by_queue.values():
+                try:
+                    self._delete(items[0][0], items[0][1], [receipt for _, _, receipt in items])
+                finally:
+                    for _ in items:
+                        self._queue.task_done()
+
+    def _delete(self, client: Any, queue_url: str, receipts: list[str]) -> None:
+        lost = ("the message comes back after its visibility timeout and is acked as a duplicate")
+        try:
+            answer = client.delete_message_batch(
+                QueueUrl=queue_url, Entries=[{"Id": str(i), "ReceiptHandle": r} for i, r in enumerate(receipts)])
+        except (BotoCoreError, ClientError, OSError) as exc:
+            self._trouble.failed("DeleteMessageBatch", f"{_short(exc)}; {lost} ({len(receipts)} message(s))")
+            return
+        failed = [f for f in answer.get("Failed") or [] if f.get("Code") not in STALE_RECEIPT_CODES]
+        stale = len(answer.get("Failed") or []) - len(failed)
+        if stale:
+            logger.debug("DeleteMessageBatch on %s: %d stale receipt handle(s)", queue_url, stale)
+        if failed:
+            self._trouble.failed("DeleteMessageBatch", f"{len(failed)} of {len(receipts)} entries failed "
+                                                       f"({failed[0].get('Code')}: {failed[0].get('Message')}); {lost}")
+        else:
+            self._trouble.recovered("DeleteMessageBatch")
+
+
+# What SQS says of a receipt handle that no longer names a received message (it was received
+# again, or its visibility ran out): nothing to delete or extend, and nothing to report.
+STALE_RECEIPT_CODES = ("ReceiptHandleIsInvalid", "InvalidParameterValue", "MessageNotInflight")
+
+
+@dataclass
+class _Held:
+    client: Any
+    queue_url: str
+    deadline: float  # monotonic time at which SQS makes the message visible again
+    needed: float  # seconds of visibility a message must have left when it starts running
+    visibility: int
+
+
+class VisibilityKeeper:
+    """Keeps a received message that waits in the prefetch window from reappearing on SQS.
+
+    The worker prefetches a batch beyond its pool's concurrency (pcelery.celeryconfig), so a
+    message may wait behind running tasks. Whatever the wait, it must start with enough
+    visibility left for the run its queue's contract allows (hard time limit + margin), or SQS
+    would hand it to another worker while it runs. Every second this thread looks at the held
+    messages and extends (ChangeMessageVisibilityBatch, to the full visibility timeout) those about
+    to fall short of that. A message acked or rejected is forgotten at once: a rejected one must
+    reappear. Messages that start soon after arriving, the usual case, cost nothing.
+    Queues with heartbeats are not prefetched beyond their concurrency and are not kept here:
+    their running tasks extend their own messages."""
+
+    TICK = 1.0
+
+    def __init__(self, trouble: TroubleLog):
+        self._trouble = trouble
+        self._held: dict[str, _Held] = {}
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def track(self, client: Any, queue_url: str, receipt: str, contract: Any) -> None:
+        if contract.heartbeat or not receipt:
+            return
+        held = _Held(client, queue_url, time.monotonic() + contract.visibility_timeout,
+                     contract.uncovered_run + contract.visibility_margin, contract.visibility_timeout)
+        with self._lock:
+            self._held[receipt] = held
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, daemon=True, name="sqs-visibility-keeper")
+                self._thread.start()
+
+    def forget(self, receipt: str) -> None:
+        with self._lock:
+            self._held.pop(receipt, None)
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self.TICK):
+            now = time.monotonic()
+            with self._lock:
+                due = [(r, h) for r, h in self._held.items() if h.deadline - now < h.needed + 2 * self.TICK]
+            by_queue: dict[tuple[int, str], list[tuple[str, _Held]]] = {}
+            for receipt, held in due:
+                by_queue.setdefault((id(held.client), held.queue_url), []).append((receipt, held))
+            for items in by_queue.values():
+                for start in range(0, len(items), SQS_BATCH):
+                    self._extend(items[start:start + SQS_BATCH])
+
+    def _extend(self, items: list[tuple[str, _Held]]) -> None:
+        client, queue_url = items[0][1].client, items[0][1].queue_url
+        sent_at = time.monotonic()
+        try:
+            answer = client.change_message_visibility_batch(QueueUrl=queue_url, Entries=[
+                {"Id": str(i), "ReceiptHandle": receipt, "VisibilityTimeout": held.visibility}
+                for i, (receipt, held) in enumerate(items)])
+        except (BotoCoreError, ClientError, OSError) as exc:
+            self._trouble.failed("ChangeMessageVisibilityBatch", f"{_short(exc)}; retried next second while the "
+                                                                 "messages wait")
+            return
+        done = {int(entry["Id"]) for entry in answer.get("Successful") or []}
+        failed = {int(entry["Id"]): entry.get("Code") for entry in answer.get("Failed") or []}
+        with self._lock:
+            for i, (receipt, held) in enumerate(items):
+                if i in done and receipt in self._held:
+                    held.deadline = sent_at + held.visibility
+                elif failed.get(i) in STALE_RECEIPT_CODES:
+                    self._held.pop(receipt, None)  # no longer this worker's to keep
+        others = [code for code in failed.values() if code not in STALE_RECEIPT_CODES]
+        if others:
+            self._trouble.failed("ChangeMessageVisibilityBatch", f"{len(others)} entries failed ({others[0]}); "
+                                                                 "retried next second while the messages wait")
+        else:
+            self._trouble.recovered("ChangeMessageVisibilityBatch")
 
 
 class PersistentTransport(SQSTransport):

@@ -13,6 +13,7 @@ pcelery.worker.configure(app) applies them to the product's own app and to a tea
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Any
 
@@ -20,6 +21,8 @@ from pcelery import startup
 from pcelery.catalog import LONG_POLL_SECONDS, queue_prefix
 from pcelery.settings import Settings, SettingsError, WorkerSettings
 from pcelery.sqs import KOMBU, WORKER, make_client, sqs_timeouts
+
+RECEIVE_BATCH = 10  # messages per ReceiveMessage, the SQS maximum
 
 
 def app_settings(settings: Settings) -> dict[str, Any]:
@@ -39,9 +42,7 @@ def app_settings(settings: Settings) -> dict[str, Any]:
         "task_acks_on_failure": False,  # a failed task is rejected and left for SQS to redeliver, then DLQ
         "task_acks_on_timeout": False,  # a hard time limit kill is requeued too, never silently deleted
         "task_reject_on_worker_lost": True,  # a SIGKILLed pool child's task comes back instead of being lost
-        # Prefetch = concurrency: with late acks, a prefetched message waits invisible behind
-        # running tasks while its visibility timeout runs out (and nothing heartbeats it); 1 keeps
-        # every received message running, at the cost of one ReceiveMessage per batch of free slots.
+        # Prefetch = concurrency until a worker starts (worker_settings sizes it from its queues).
         "worker_prefetch_multiplier": 1,
         # --- Serialization: JSON only (SQS carries the id; the payload is JSON in the store) ---
         "task_serializer": "json",  # never pickle: a message must not be able to run code
@@ -53,6 +54,21 @@ def app_settings(settings: Settings) -> dict[str, Any]:
         "worker_enable_remote_control": False,  # SQS has no broadcast: the pidbox queue would be undefined
         "worker_send_task_events": False,  # no event consumer on SQS (Flower shows nothing); the store is the record
     }
+
+
+def receives_in_batches(settings: Settings, worker: WorkerSettings) -> bool:
+    """Receive in batches of 10 where messages may wait: the prefetch window then holds the pool's
+    concurrency plus a batch, the channel receives only when a whole batch fits, and its
+    VisibilityKeeper keeps waiting messages from reappearing (pcelery.celery_internals). Queues with
+    heartbeats run long tasks: a message held behind one would starve the other workers, so a
+    worker consuming one prefetches only what its pool runs."""
+    return not any(settings.catalog.get(q).heartbeat for q in worker.queues)
+
+
+def prefetch_multiplier(settings: Settings, worker: WorkerSettings) -> int:
+    if not receives_in_batches(settings, worker):
+        return 1
+    return 1 + math.ceil(RECEIVE_BATCH / worker.concurrency)
 
 
 def worker_settings(settings: Settings, current: Any = None) -> dict[str, Any]:
@@ -78,6 +94,7 @@ def worker_settings(settings: Settings, current: Any = None) -> dict[str, Any]:
         return entry
 
     result_backend = worker.result_backend or (current.get("result_backend") if current is not None else None)
+    batching = receives_in_batches(settings, worker)
     return {
         "broker_transport_options": {
             # Predefined queues: no ListQueues/CreateQueue (least privilege; a missing queue is an
@@ -97,7 +114,10 @@ def worker_settings(settings: Settings, current: Any = None) -> dict[str, Any]:
             # botocore's default 60 s timeouts and retries would stall every task of the worker
             # for minutes while SQS hangs.
             "client-config": sqs_timeouts(KOMBU),
+            "pcelery_receive_batch": RECEIVE_BATCH if batching else 1,  # read by PersistentChannel
+            "pcelery_ack_linger": worker.ack_linger,  # DeleteMessageBatch fill time (PCELERY_ACK_LINGER)
         },
+        "worker_prefetch_multiplier": prefetch_multiplier(settings, worker),  # pcelery-worker passes it too
         "worker_concurrency": worker.concurrency,  # pcelery-worker passes the same number
         # The environment's Redis (PCELERY_RESULT_BACKEND / REDIS_*), else the app's own, else none:
         # the row holds the result either way.

@@ -26,6 +26,7 @@ from pcelery import startup
 
 
 def worker(argv: list[str] | None = None) -> int:
+    from pcelery.celeryconfig import prefetch_multiplier
     from pcelery.settings import Settings, SettingsError, WorkerSettings
 
     parser = argparse.ArgumentParser(
@@ -58,6 +59,8 @@ def worker(argv: list[str] | None = None) -> int:
         # any, adds its own): a worker refuses messages for tasks it has not imported.
         *(["--include", ",".join(worker_settings.task_modules)] if worker_settings.task_modules else []),
         "--concurrency", str(worker_settings.concurrency),
+        # Celery's command line reads both before the worker's own settings are computed.
+        "--prefetch-multiplier", str(prefetch_multiplier(settings, worker_settings)),
         "--hostname", worker_settings.node_name,
         "--without-gossip", "--without-mingle", "--without-heartbeat",
         "--loglevel", worker_settings.log_level,

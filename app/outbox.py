@@ -60,14 +60,18 @@ The relay (pcelery.relay, `pcelery-relay`) publishes what a submitter could not.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import contextvars
 import difflib
 import json
 import logging
 import math
+import os
+import queue as queues
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -180,6 +184,66 @@ def publish_and_mark(engine_or_conn: sa.Engine | sa.Connection, publisher: Publi
     return published
 
 
+class Coalescer:
+    """Publishes committed rows on a thread of its own, so that single submits from any thread of
+    the process share SendMessageBatch calls: up to 10 rows per batch, sent when 10 are waiting or
+    `linger` seconds after the first, then marked queued in one statement. The outbox's guarantee
+    is unchanged: a row is committed before it is handed over, so if the process dies first the
+    relay sends it (its min age is far above any linger). `flush` sends what waits (it runs at
+    interpreter exit too)."""
+
+    def __init__(self, engine: sa.Engine, publisher: Publisher, linger: float):
+        self.engine, self.publisher, self.linger = engine, publisher, linger
+        self._lock = threading.Lock()
+        self._pid = 0
+        self._queue: queues.Queue[OutboxEntry | None] = queues.Queue()
+        self._flushing = threading.Event()
+        atexit.register(self.flush, 5.0)
+
+    def add(self, rows: Iterable[OutboxEntry]) -> None:
+        with self._lock:
+            if self._pid != os.getpid():  # first use, or a forked child: a thread of its own
+                self._pid, self._queue = os.getpid(), queues.Queue()
+                threading.Thread(target=self._run, args=(self._queue,), daemon=True, name="outbox-coalescer").start()
+            for row in rows:
+                self._queue.put(row)
+
+    def flush(self, timeout: float) -> bool:
+        """Publish what waits now; True when nothing is left within timeout."""
+        if self._pid != os.getpid():
+            return True
+        self._flushing.set()
+        self._queue.put(None)  # wakes a batch that is lingering
+        try:
+            deadline = time.monotonic() + timeout
+            while self._queue.unfinished_tasks and time.monotonic() < deadline:
+                time.sleep(0.01)
+            return not self._queue.unfinished_tasks
+        finally:
+            self._flushing.clear()
+
+    def _run(self, rows: queues.Queue[OutboxEntry | None]) -> None:
+        while True:
+            batch = [rows.get()]
+            deadline = time.monotonic() + self.linger
+            while len(batch) < SQS_BATCH and batch[-1] is not None:
+                wait = 0.0 if self._flushing.is_set() else deadline - time.monotonic()
+                try:
+                    batch.append(rows.get(timeout=wait) if wait > 0 else rows.get_nowait())
+                except queues.Empty:
+                    break
+            entries = [row for row in batch if row is not None]
+            try:
+                if entries:
+                    publish_and_mark(self.engine, self.publisher, entries)
+            except Exception:
+                log.warning("publishing %d committed task(s) failed; the relay will send them", len(entries),
+                            exc_info=True)
+            finally:
+                for _ in batch:
+                    rows.task_done()
+
+
 # --- Submit API -----------------------------------------------------------------------------
 
 class _Unit:
@@ -275,26 +339,31 @@ class Outbox:
 
     def __init__(self, engine: sa.Engine, catalog: Catalog, env: str, sqs: Any = None, *,
                  settings: Settings | None = None, task_queues: Mapping[str, str] | None = None,
-                 require_declared: bool = False):
+                 require_declared: bool = False, publish_linger: float = 0.0):
         """sqs: a boto3 SQS client, else one made from `settings` on the first publish.
         task_queues: {task name: catalog queue} of every task this outbox may submit, instead of
         the declarations of the task modules this process imported. require_declared: refuse a
-        task name no declaration knows (see the module docstring)."""
+        task name no declaration knows (see the module docstring). publish_linger: 0 publishes
+        each transaction's rows as it commits; above 0, committed rows are handed to a thread that
+        publishes up to 10 per SendMessageBatch, at most this many seconds later (`Coalescer`)."""
         self.engine = engine
         self.catalog = catalog
         self.env = env
         self.task_queues = task_queues
         self.require_declared = require_declared
         self.publisher = Publisher(catalog, env, sqs, settings=settings)
+        self.coalescer = Coalescer(self.engine, self.publisher, publish_linger) if publish_linger > 0 else None
         self._units: dict[int, _Unit] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings, *, engine: sa.Engine | None = None, sqs: Any = None,
-                      task_queues: Mapping[str, str] | None = None, require_declared: bool = False) -> Outbox:
+                      task_queues: Mapping[str, str] | None = None, require_declared: bool = False,
+                      publish_linger: float = 0.0) -> Outbox:
         from pcelery.schema import make_engine
 
         return cls(engine or make_engine(settings.database_url), settings.catalog, settings.env, sqs,
-                   settings=settings, task_queues=task_queues, require_declared=require_declared)
+                   settings=settings, task_queues=task_queues, require_declared=require_declared,
+                   publish_linger=publish_linger)
 
     @contextlib.contextmanager
     def transaction(self, connection: sa.Connection | None = None) -> Iterator[sa.Connection]:
@@ -344,7 +413,11 @@ class Outbox:
 
     def publish_rows(self, rows: list[OutboxEntry]) -> None:
         """Publish committed rows now and mark them queued. Never raises: what is not sent stays
-        pending for the relay. (Django's on_commit hook calls this too.)"""
+        pending for the relay. (Django's on_commit hook calls this too.) With a publish_linger, they
+        are handed to the Coalescer instead."""
+        if self.coalescer is not None:
+            self.coalescer.add(rows)
+            return
         try:
             publish_and_mark(self.engine, self.publisher, rows)
         except Exception:
@@ -455,6 +528,10 @@ class Submitter(Protocol):
 
 
 _SUBMITTERS: list[Submitter] = []
+# How long `.delay()` outside an outbox transaction waits to share a SendMessageBatch with other
+# submits of the process (Coalescer): a caller that brings no transaction gets its id at once and
+# does not wait for the send anyway.
+DELAY_LINGER = 0.05
 _DEFAULT: dict[int, Outbox] = {}  # pid -> the process's own outbox (an engine is not shared across a fork)
 
 
@@ -466,13 +543,11 @@ def use_submitter(submitter: Submitter) -> None:
 
 def default_outbox() -> Outbox:
     """The process's outbox built from its settings (DATABASE_URL...), for submits that bring no
-    transaction of their own."""
-    import os
-
+    transaction of their own. Its single submits share SendMessageBatch calls (DELAY_LINGER)."""
     pid = os.getpid()
     if pid not in _DEFAULT:
         _DEFAULT.clear()
-        _DEFAULT[pid] = Outbox.from_settings(Settings.from_env())
+        _DEFAULT[pid] = Outbox.from_settings(Settings.from_env(), publish_linger=DELAY_LINGER)
     return _DEFAULT[pid]
 
 

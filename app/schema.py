@@ -13,16 +13,20 @@ import argparse
 import contextlib
 import datetime as dt
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
 
 SQLITE_BUSY_SECONDS = 30  # worker pool processes, relay and ops share one SQLite file
 POSTGRES_CONNECT_TIMEOUT = 10  # a down RDS fails a start-up quickly instead of hanging
+# A pooled Postgres connection idle at least this long is pinged before use (see `_ping_when_idle`).
+PING_AFTER_IDLE_SECONDS = 10.0
 UTC = dt.UTC
+T = TypeVar("T")
 
 
 def utcnow() -> dt.datetime:
@@ -57,7 +61,8 @@ SQLITE_READ_ONLY = "pcelery_read_only"
 
 def make_engine(url: str, **engine_kwargs: Any) -> sa.Engine:
     """Engine for a SQLAlchemy URL. SQLite gets WAL and a busy timeout so a worker's pool
-    processes and the relay can share the file; Postgres gets pool_pre_ping (RDS failover)."""
+    processes and the relay can share the file; Postgres pings connections that sat idle in the
+    pool (an RDS failover closes them) and `autocommit_write` retries a write on a dead one."""
     parsed = sa.make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
@@ -85,8 +90,54 @@ def make_engine(url: str, **engine_kwargs: Any) -> sa.Engine:
         return engine
     if parsed.get_backend_name() == "postgresql":
         connect_args = {} if "connect_timeout" in parsed.query else {"connect_timeout": POSTGRES_CONNECT_TIMEOUT}
-        return sa.create_engine(parsed, pool_pre_ping=True, connect_args=connect_args, **engine_kwargs)
+        engine = sa.create_engine(parsed, connect_args=connect_args, **engine_kwargs)
+        _ping_when_idle(engine)
+        return engine
     return sa.create_engine(parsed, pool_pre_ping=True, **engine_kwargs)
+
+
+def _ping_when_idle(engine: sa.Engine) -> None:
+    """pool_pre_ping, except for a connection used within PING_AFTER_IDLE_SECONDS: pre-ping costs
+    a round trip on every checkout (two of the eight a worker spent per task), yet a connection
+    that just answered is very likely alive. One that sat idle (where a failover finds them) is
+    pinged and replaced if dead; one that died within the window fails its statement, which
+    SQLAlchemy turns into an invalidated pool, and `autocommit_write` retries once."""
+
+    @event.listens_for(engine, "checkin")
+    def _idle_from(dbapi_conn: Any, record: Any) -> None:
+        record.info["pcelery_idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _ping_if_idle(dbapi_conn: Any, record: Any, proxy: Any) -> None:
+        idle_since = record.info.pop("pcelery_idle_since", None)
+        if idle_since is None or time.monotonic() - idle_since < PING_AFTER_IDLE_SECONDS:
+            return  # a new connection, or one that just worked
+        try:
+            alive = engine.dialect.do_ping(dbapi_conn)
+        except Exception:  # noqa: BLE001 - any failure of the ping means a dead connection
+            alive = False
+        if not alive:
+            raise sa.exc.DisconnectionError("connection idle in the pool is gone")  # the pool retries anew
+
+
+def autocommit_write(engine: sa.Engine, write: Callable[[sa.Connection, bool], T]) -> T:
+    """Run `write(conn, retrying)`, a single statement, in its own transaction. On Postgres in
+    autocommit: one round trip (no BEGIN, no COMMIT). If the connection turns out dead (a failover
+    after it was last used), SQLAlchemy invalidates the pool and this runs it once more on a new
+    connection with retrying=True: the statement must then also accept its own first run having
+    committed before the connection died. SQLite: a transaction (BEGIN IMMEDIATE) on its file."""
+    if engine.dialect.name != "postgresql":
+        with engine.begin() as conn:
+            return write(conn, False)
+    for retrying in (False, True):
+        try:
+            with engine.connect() as conn:
+                conn.execution_options(isolation_level="AUTOCOMMIT")
+                return write(conn, retrying)
+        except sa.exc.DBAPIError as exc:
+            if retrying or not exc.connection_invalidated:
+                raise
+    raise AssertionError("not reached")
 
 
 @contextlib.contextmanager

@@ -22,6 +22,7 @@ worker-only variable.
 | REDIS_HOST REDIS_PORT REDIS_AUTH_TOKEN | worker | the same, as ECS passes ElastiCache's (always TLS) |
 | PCELERY_WORKER_QUEUES     | worker  | comma-separated catalog queues to consume (default all)     |
 | PCELERY_TASK_MODULES      | worker  | comma-separated modules that declare the tasks (required outside local) |
+| PCELERY_ACK_LINGER        | worker  | seconds a worker holds acks to delete them in batches (default 0.2, at most 5) |
 | PCELERY_CELERY_APP        | worker  | the team's Celery app, module:attribute (default pcelery.worker:app) |
 | PCELERY_CONCURRENCY       | worker  | pool size (default: the largest `concurrency` of the consumed queues) |
 | PCELERY_WORKER_NAME       | worker  | Celery node name (default <queues>@<host>)                  |
@@ -51,6 +52,10 @@ LOCAL_ACCESS_KEY = "local"
 DEFAULT_RELAY_MIN_AGE = 30.0
 DEFAULT_RELAY_INTERVAL = 5.0
 DEFAULT_STARTUP_TIMEOUT = 60.0
+# Acks wait this long to fill a DeleteMessageBatch: longer batches better under light load, and a
+# worker that dies meanwhile has more done messages redelivered (each acked as a duplicate).
+DEFAULT_ACK_LINGER = 0.2
+MAX_ACK_LINGER = 5.0
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # Spellings earlier releases read; still set somewhere means a setting that silently does nothing.
 RENAMED = {"PCELERY_LOGLEVEL": "PCELERY_LOG_LEVEL"}
@@ -134,6 +139,7 @@ class WorkerSettings:
     result_backend: str | None = None
     startup_timeout: float = DEFAULT_STARTUP_TIMEOUT
     celery_app: str = "pcelery.worker:app"  # what `celery -A` runs
+    ack_linger: float = DEFAULT_ACK_LINGER
 
     @classmethod
     def from_env(cls, settings: Settings, environ: Environ | None = None) -> WorkerSettings:
@@ -171,6 +177,7 @@ class WorkerSettings:
             result_backend=_result_backend(e),
             startup_timeout=_seconds(e, "PCELERY_STARTUP_TIMEOUT", DEFAULT_STARTUP_TIMEOUT),
             celery_app=_celery_app(e),
+            ack_linger=_seconds(e, "PCELERY_ACK_LINGER", DEFAULT_ACK_LINGER, most=MAX_ACK_LINGER),
         )
 
 
@@ -245,7 +252,7 @@ def _celery_app(e: Environ) -> str:
     return raw
 
 
-def _seconds(e: Environ, name: str, default: float) -> float:
+def _seconds(e: Environ, name: str, default: float, *, most: float = math.inf) -> float:
     raw = e.get(name)
     if not raw:
         return default
@@ -255,6 +262,8 @@ def _seconds(e: Environ, name: str, default: float) -> float:
         raise SettingsError(f"{name}={raw!r} is not a number of seconds: fix it or unset it for {default:g}") from None
     if value < 0 or not math.isfinite(value):
         raise SettingsError(f"{name}={raw!r} must be 0 or more seconds: fix it or unset it for {default:g}")
+    if value > most:
+        raise SettingsError(f"{name}={raw!r} is more than {most:g} seconds: lower it or unset it for {default:g}")
     return value
 
 

@@ -35,7 +35,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from pcelery.schema import UTC, begin, tasks, utcnow
+from pcelery.schema import UTC, autocommit_write, begin, tasks, utcnow
 
 STATES = ("pending", "queued", "running", "succeeded", "failed", "dead", "cancelled")
 CANCELLABLE = ("pending", "queued", "failed")  # not yet run to a verdict, and not running now
@@ -222,15 +222,19 @@ def mark_queued(engine: sa.Engine | sa.Connection, published: dict[str, str]) ->
         .where(tasks.c.id == sa.bindparam("task_id_"), tasks.c.state == "pending")
         .values(state="queued", message_id=sa.bindparam("message_id_"), queued_at=now, updated_at=now)
     )
-    with begin(engine) as conn:  # one executemany: both drivers sum its rowcount
-        return conn.execute(statement, [{"task_id_": t, "message_id_": m} for t, m in published.items()]).rowcount
+    values = [{"task_id_": t, "message_id_": m} for t, m in published.items()]
+    if isinstance(engine, sa.Connection):
+        return engine.execute(statement, values).rowcount
+    # One statement (an executemany sums its rowcount on both drivers); run again after a dead
+    # connection it changes nothing already changed.
+    return autocommit_write(engine, lambda conn, _retrying: conn.execute(statement, values).rowcount)
 
 
 # --- The worker's side ----------------------------------------------------------------------
 
 def claim(engine: sa.Engine, task_id: str, *, worker: str, lease_seconds: int,
           message_id: str | None = None) -> Claim:
-    """One short transaction: decide run/duplicate/busy/missing and, for run, set running,
+    """One statement: decide run/duplicate/busy/missing and, for run, set running,
     attempts+1, lease_until=now+lease_seconds, worker, started_at and claimed_message_id (the
     SQS MessageId of the delivery, when known). A `running` row whose lease has expired (its
     worker died) may be claimed again."""
@@ -240,16 +244,25 @@ def claim(engine: sa.Engine, task_id: str, *, worker: str, lease_seconds: int,
         c.state.in_(_CLAIMABLE),
         sa.and_(c.state == "running", sa.or_(c.lease_until.is_(None), c.lease_until < now)),
     )
-    with engine.begin() as conn:
-        won = conn.execute(
+
+    def take(conn: sa.Connection, retrying: bool) -> Any:
+        # Retrying after a dead connection: the first run may have committed; this worker's own
+        # claim for this very message then counts as won (one pool child runs one task at a time).
+        mine = sa.and_(c.state == "running", c.worker == worker[:200], c.claimed_message_id == message_id)
+        return conn.execute(
             sa.update(tasks)
-            .where(c.id == task_id, claimable)
+            .where(c.id == task_id, sa.or_(claimable, mine) if retrying and message_id else claimable)
             .values(state="running", attempts=c.attempts + 1, lease_until=now + dt.timedelta(seconds=lease_seconds),
                     worker=worker[:200], claimed_message_id=message_id, started_at=now, finished_at=None,
                     updated_at=now)
             .returning(c.task_name, c.payload, c.attempts, c.lease_until)
         ).first()
-        if won is None:
+
+    # The common case is one statement, one round trip on Postgres. Only a delivery that does not
+    # win reads the row to say why (a separate statement: what it reads is advice, not a lock).
+    won = autocommit_write(engine, take)
+    if won is None:
+        with begin(engine, read_only=True) as conn:
             current = conn.execute(
                 sa.select(c.state, c.task_name, c.attempts, c.lease_until, c.claimed_message_id)
                 .where(c.id == task_id)
@@ -268,18 +281,19 @@ def claim(engine: sa.Engine, task_id: str, *, worker: str, lease_seconds: int,
                  message_id=current.claimed_message_id)
 
 
-def _owned(task_id: str, worker: str) -> sa.ColumnElement[bool]:
-    return sa.and_(tasks.c.id == task_id, tasks.c.state == "running", tasks.c.worker == worker[:200])
+def _owned(task_id: str, worker: str, *also: str) -> sa.ColumnElement[bool]:
+    """The row is this worker's running claim (or, retrying a write whose first run may have
+    committed, already in one of the states `also` that write sets, by this worker)."""
+    return sa.and_(tasks.c.id == task_id, tasks.c.state.in_(("running", *also)), tasks.c.worker == worker[:200])
 
 
 def extend_lease(engine: sa.Engine, task_id: str, *, worker: str, lease_seconds: int) -> bool:
     """Heartbeat: push lease_until forward if this worker still owns the running row."""
     now = utcnow()
-    with engine.begin() as conn:
-        return conn.execute(
-            sa.update(tasks).where(_owned(task_id, worker))
-            .values(lease_until=now + dt.timedelta(seconds=lease_seconds), updated_at=now)
-        ).rowcount == 1
+    return autocommit_write(engine, lambda conn, _retrying: conn.execute(
+        sa.update(tasks).where(_owned(task_id, worker))
+        .values(lease_until=now + dt.timedelta(seconds=lease_seconds), updated_at=now)
+    ).rowcount == 1)
 
 
 def result_json(result: Any) -> str:
@@ -302,15 +316,22 @@ def format_error(error: BaseException | str) -> str:
     return text
 
 
-def finish_success(conn: sa.Connection, task_id: str, *, worker: str, result: Any) -> bool:
-    """Mark succeeded with the JSON result, in the caller's transaction (so a task's own DB
-    writes on conn commit atomically with it). False if this worker no longer owns the row."""
+def finish_success(target: sa.Engine | sa.Connection, task_id: str, *, worker: str, result: Any) -> bool:
+    """Mark succeeded with the JSON result: in the caller's transaction when given a Connection
+    (so a task's own DB writes commit atomically with it), else in one statement of its own.
+    False if this worker no longer owns the row."""
     now = utcnow()
-    return conn.execute(
-        sa.update(tasks).where(_owned(task_id, worker))
-        .values(state="succeeded", result=result_json(result), lease_until=None, claimed_message_id=None,
-                finished_at=now, updated_at=now)
-    ).rowcount == 1
+
+    def write(conn: sa.Connection, retrying: bool) -> bool:
+        return conn.execute(
+            sa.update(tasks).where(_owned(task_id, worker, *(("succeeded",) if retrying else ())))
+            .values(state="succeeded", result=result_json(result), lease_until=None, claimed_message_id=None,
+                    finished_at=now, updated_at=now)
+        ).rowcount == 1
+
+    if isinstance(target, sa.Connection):
+        return write(target, False)
+    return autocommit_write(target, write)
 
 
 def finish_failure(engine: sa.Engine, task_id: str, *, worker: str, error: str | BaseException,
@@ -318,13 +339,12 @@ def finish_failure(engine: sa.Engine, task_id: str, *, worker: str, error: str |
     """Record the error; state `dead` when final (last receive before the DLQ), else `failed`.
     Returns False (and changes nothing) if this worker no longer owns the row."""
     now = utcnow()
-    with engine.begin() as conn:
-        return conn.execute(
-            sa.update(tasks).where(_owned(task_id, worker))
-            .values(state="dead" if final else "failed", error=format_error(error), lease_until=None,
-                    claimed_message_id=None,
-                    finished_at=now, updated_at=now)
-        ).rowcount == 1
+    state = "dead" if final else "failed"
+    return autocommit_write(engine, lambda conn, retrying: conn.execute(
+        sa.update(tasks).where(_owned(task_id, worker, *((state,) if retrying else ())))
+        .values(state=state, error=format_error(error), lease_until=None, claimed_message_id=None,
+                finished_at=now, updated_at=now)
+    ).rowcount == 1)
 
 
 def record_unrunnable(engine: sa.Engine, task_id: str, *, task_name: str, error: str, final: bool) -> bool:
@@ -334,23 +354,21 @@ def record_unrunnable(engine: sa.Engine, task_id: str, *, task_name: str, error:
     (another worker does run the task) or succeeded are left alone. False when nothing changed."""
     now = utcnow()
     c = tasks.c
-    with engine.begin() as conn:
-        return conn.execute(
-            sa.update(tasks)
-            .where(c.id == task_id, c.task_name == task_name, c.state.in_(("pending", "queued", "failed", "dead")))
-            .values(state="dead" if final else "failed", error=format_error(error), updated_at=now,
-                    finished_at=now if final else c.finished_at)
-        ).rowcount == 1
+    return autocommit_write(engine, lambda conn, _retrying: conn.execute(
+        sa.update(tasks)
+        .where(c.id == task_id, c.task_name == task_name, c.state.in_(("pending", "queued", "failed", "dead")))
+        .values(state="dead" if final else "failed", error=format_error(error), updated_at=now,
+                finished_at=now if final else c.finished_at)
+    ).rowcount == 1)
 
 
 def release(engine: sa.Engine, task_id: str, *, worker: str) -> bool:
     """Give the lease up without a verdict (warm shutdown, worker lost): running -> queued."""
     now = utcnow()
-    with engine.begin() as conn:
-        return conn.execute(
-            sa.update(tasks).where(_owned(task_id, worker))
-            .values(state="queued", lease_until=None, claimed_message_id=None, updated_at=now)
-        ).rowcount == 1
+    return autocommit_write(engine, lambda conn, retrying: conn.execute(
+        sa.update(tasks).where(_owned(task_id, worker, *(("queued",) if retrying else ())))
+        .values(state="queued", lease_until=None, claimed_message_id=None, updated_at=now)
+    ).rowcount == 1)
 
 
 # --- The relay's side -----------------------------------------------------------------------

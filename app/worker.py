@@ -584,8 +584,7 @@ class PersistentTask(Task):
         result = self.run(*args, **kwargs)
 
         def record() -> bool:
-            with db.begin() as conn:
-                return store.finish_success(conn, task_id, worker=worker, result=result)
+            return store.finish_success(db, task_id, worker=worker, result=result)
 
         # The effect already happened (not transactional): its success must be recorded, or a
         # redelivery would run it again. So a store outage here is waited out.

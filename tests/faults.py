@@ -7,6 +7,9 @@
     proxy.set("refuse")       # the port is closed: connection refused (store outage)
     proxy.set("pass")         # back to forwarding
 
+With `count_postgres=True` it also counts the Postgres round trips its clients make (see
+`PostgresCounter`): `proxy.postgres.round_trips`.
+
 Changing the mode cuts every open connection, so clients that keep connections alive (boto3,
 kombu's curl client, a database pool) meet the new mode on their next request instead of
 carrying on through an old connection. The port stays the same across modes.
@@ -25,8 +28,68 @@ REASONS = {408: "Request Timeout", 500: "Internal Server Error", 502: "Bad Gatew
            504: "Gateway Timeout"}
 
 
+class PostgresCounter:
+    """Reads the frontend side of the Postgres wire protocol and counts what costs a round trip:
+    each simple Query ('Q': psycopg sends BEGIN, COMMIT, ROLLBACK and pings this way) and each
+    Sync ('S': the end of one parameterized Parse/Bind/Execute statement)."""
+
+    _UNTYPED_CODES = (80877103, 80877104)  # SSLRequest, GSSENCRequest: answered, then the startup message
+
+    def __init__(self) -> None:
+        self.queries: list[str] = []  # the text of each simple Query
+        self.syncs = 0
+        self._lock = threading.Lock()
+
+    @property
+    def round_trips(self) -> int:
+        with self._lock:
+            return len(self.queries) + self.syncs
+
+    def reset(self) -> None:
+        with self._lock:
+            self.queries.clear()
+            self.syncs = 0
+
+    def stream(self) -> _PgStream:
+        return _PgStream(self)
+
+
+class _PgStream:
+    """One client connection's bytes, parsed as they pass."""
+
+    def __init__(self, counter: PostgresCounter):
+        self.counter, self.buffer, self.started = counter, b"", False
+
+    def feed(self, data: bytes) -> None:
+        self.buffer += data
+        while True:
+            if not self.started:  # untyped: int32 length, int32 code, ...
+                if len(self.buffer) < 8:
+                    return
+                length = int.from_bytes(self.buffer[:4], "big")
+                if len(self.buffer) < length:
+                    return
+                code = int.from_bytes(self.buffer[4:8], "big")
+                self.started = code not in PostgresCounter._UNTYPED_CODES
+                self.buffer = self.buffer[length:]
+                continue
+            if len(self.buffer) < 5:
+                return
+            kind, length = self.buffer[:1], int.from_bytes(self.buffer[1:5], "big")
+            if len(self.buffer) < 1 + length:
+                return
+            body, self.buffer = self.buffer[5:1 + length], self.buffer[1 + length:]
+            with self.counter._lock:
+                if kind == b"Q":
+                    self.counter.queries.append(body.rstrip(b"\0").decode(errors="replace"))
+                elif kind == b"S":
+                    self.counter.syncs += 1
+
+
 class FaultProxy:
-    def __init__(self, upstream_host: str, upstream_port: int, *, host: str = "127.0.0.1"):
+    def __init__(self, upstream_host: str, upstream_port: int, *, host: str = "127.0.0.1",
+                 count_postgres: bool = False):
+        self.postgres = PostgresCounter() if count_postgres else None
         self.upstream = (upstream_host, upstream_port)
         self.host = host
         self.mode, self.status = "pass", 500
@@ -129,9 +192,11 @@ class FaultProxy:
         upstream.settimeout(None)
         self._track(upstream)
 
-        def pump(src: socket.socket, dst: socket.socket) -> None:
+        def pump(src: socket.socket, dst: socket.socket, parse: _PgStream | None = None) -> None:
             try:
                 while data := src.recv(65536):
+                    if parse is not None:
+                        parse.feed(data)
                     dst.sendall(data)
             except OSError:
                 pass
@@ -141,7 +206,7 @@ class FaultProxy:
                         s.shutdown(socket.SHUT_RDWR)
 
         threading.Thread(target=pump, args=(upstream, client), daemon=True).start()
-        pump(client, upstream)
+        pump(client, upstream, self.postgres.stream() if self.postgres is not None else None)
 
     def _answer_http(self, client: socket.socket) -> None:
         """Read one HTTP request (headers and Content-Length body) and answer it with the error

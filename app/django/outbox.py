@@ -16,7 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from pcelery import store
-from pcelery.outbox import Outbox, SubmitError
+from pcelery.outbox import DELAY_LINGER, Outbox, SubmitError
 
 
 class DjangoOutbox:
@@ -36,7 +36,7 @@ class DjangoOutbox:
 
             engine = make_engine(database_url(self.alias))
             self._outbox = (os.getpid(), Outbox.from_settings(Settings.from_env(), engine=engine,
-                                                              require_declared=True))
+                                                              require_declared=True, publish_linger=DELAY_LINGER))
         return self._outbox[1]
 
     def engine(self) -> sa.Engine:

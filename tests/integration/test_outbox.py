@@ -348,3 +348,65 @@ def test_relay_rejects_a_malformed_min_age_setting(tmp_path, sqs_endpoint):
                      extra_env={"PCELERY_RELAY_MIN_AGE": "half a minute"})
     assert done.returncode == 2
     assert "pcelery-relay: error: PCELERY_RELAY_MIN_AGE='half a minute' is not a number of seconds" in done.stderr
+
+
+def _count_calls(client) -> dict[str, int]:
+    """SQS calls a boto3 client makes, by operation (botocore's own event hooks: the real client)."""
+    calls: dict[str, int] = {}
+
+    def count(model, **_):
+        calls[model.name] = calls.get(model.name, 0) + 1
+
+    client.meta.events.register("before-call.sqs.*", count)
+    return calls
+
+
+def test_single_submits_from_many_threads_share_send_message_batches(engine, sqs_endpoint, queues):
+    client = sqs_client(sqs_endpoint)
+    calls = _count_calls(client)
+    outbox = Outbox(engine, DEMO_CATALOG, "local", client, publish_linger=0.2)
+    ids: list[str] = []
+
+    def submit_one(i: int) -> None:
+        with outbox.transaction() as conn:  # one transaction per submit, as a web request makes
+            ids.append(outbox.submit(conn, "demo.add", i, i))
+
+    threads = [threading.Thread(target=submit_one, args=(i,)) for i in range(30)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert outbox.coalescer.flush(10)
+    rows = [store.get_task(engine, i) for i in ids]
+    assert all(r.state == "queued" and r.message_id for r in rows)
+    assert calls.get("SendMessage", 0) == 0 and 3 <= calls["SendMessageBatch"] <= 10, calls
+    visible = client.get_queue_attributes(QueueUrl=queues["default"]["url"],
+                                          AttributeNames=["ApproximateNumberOfMessages"])
+    assert int(visible["Attributes"]["ApproximateNumberOfMessages"]) == 30
+
+
+def test_coalesced_rows_are_sent_before_the_process_exits_or_by_the_relay_after_a_crash(db_url, sqs_endpoint,
+                                                                                       queues, tmp_path):
+    from conftest import REPO
+
+    engine = schema.make_engine(db_url)
+    schema.migrate(engine)
+    script = (
+        "import os, signal, sys\n"
+        "from devstack import DEMO_CATALOG\nfrom devstack.stack import sqs_client\n"
+        "from pcelery import schema\nfrom pcelery.outbox import Outbox\n"
+        f"outbox = Outbox(schema.make_engine({db_url!r}), DEMO_CATALOG, 'local', sqs_client({sqs_endpoint!r}),"
+        " publish_linger=30)\n"
+        "with outbox.transaction() as conn:\n    print(outbox.submit(conn, 'demo.add', 1, 2), flush=True)\n"
+        "if sys.argv[1] == 'crash':\n    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    done = {}
+    for how in ("exit", "crash"):
+        run = subprocess.run([sys.executable, "-c", script, how], cwd=REPO, capture_output=True, text=True,
+                             timeout=60, check=False)
+        done[how] = (run.returncode, run.stdout.strip())
+    assert done["exit"][0] == 0 and store.get_task(engine, done["exit"][1]).state == "queued"  # flushed at exit
+    assert done["crash"][0] == -signal.SIGKILL and store.get_task(engine, done["crash"][1]).state == "pending"
+    relay_pass(engine, Publisher(DEMO_CATALOG, "local", sqs_client(sqs_endpoint)), min_age=0)
+    assert store.get_task(engine, done["crash"][1]).state == "queued"
+    engine.dispose()

@@ -43,6 +43,7 @@ def params(fn) -> list[str]:
     (Channel, "sqs", ["self", "queue"]),
     (Channel, "canonical_queue_name", ["self", "queue_name"]),
     (Channel, "basic_ack", ["self", "delivery_tag", "multiple"]),
+    (Channel, "basic_reject", ["self", "delivery_tag", "requeue"]),
     (Channel, "close", ["self"]),
     (virtual.Channel, "basic_ack", ["self", "delivery_tag", "multiple"]),
     (AsyncAWSQueryConnection, "_on_list_ready", ["self", "parent", "markers", "operation", "response"]),
@@ -98,6 +99,22 @@ def test_where_kombu_leaves_the_sqs_message_on_a_request():
 
 def test_the_virtual_qos_keeps_deliveries_where_the_channel_looks():
     assert "_delivered" in inspect.getsource(virtual.QoS.__init__)
+
+
+def test_batched_receives_rest_on_how_kombu_sizes_and_schedules_a_receive():
+    """PersistentChannel receives only when a whole batch fits: that relies on kombu asking SQS
+    for as many messages as the QoS window has free (at most 10), on `_schedule_queue` being where
+    each receive starts, and on Celery's command line passing --prefetch-multiplier (which
+    pcelery-worker sets) over the app's configuration."""
+    from kombu.transport import SQS as sqs_transport
+
+    assert sqs_transport.SQS_MAX_MESSAGES == 10
+    assert "self.qos.can_consume_max_estimate()" in inspect.getsource(Channel._get_message_estimate)
+    assert "self._get_bulk_async(" in inspect.getsource(Channel._schedule_queue)
+    assert "self._active_queues" in inspect.getsource(Channel._schedule_queue)
+    assert "transport_options" in inspect.getsource(virtual.Channel.__init__)
+    qos = virtual.QoS(SimpleNamespace(do_restore=False), prefetch_count=14)
+    assert (qos.prefetch_count, qos.can_consume_max_estimate()) == (14, 14)
 
 
 def test_the_versions_these_were_checked_against():

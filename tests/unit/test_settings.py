@@ -109,6 +109,8 @@ def test_worker_only_variables_do_not_stop_the_other_processes():
      "'myproject.celery:app'"),
     ({"PCELERY_CELERY_APP": "shop-site.celery:app"}, "PCELERY_CELERY_APP='shop-site.celery:app' must name"),
     ({"PCELERY_CONCURRENCY": "0"}, "PCELERY_CONCURRENCY='0' must be a positive integer"),
+    ({"PCELERY_ACK_LINGER": "60"}, "PCELERY_ACK_LINGER='60' is more than 5 seconds: lower it or unset it for 0.2"),
+    ({"PCELERY_ACK_LINGER": "soon"}, "PCELERY_ACK_LINGER='soon' is not a number of seconds"),
     ({"PCELERY_CONCURRENCY": "four"}, "PCELERY_CONCURRENCY='four' must be a positive integer"),
     ({"PCELERY_LOG_LEVEL": "chatty"}, "PCELERY_LOG_LEVEL='chatty' is not a log level: use one of DEBUG, INFO"),
     ({"PCELERY_LOGLEVEL": "DEBUG"}, "PCELERY_LOGLEVEL is no longer read: rename it to PCELERY_LOG_LEVEL"),
@@ -187,3 +189,15 @@ def test_only_the_settings_module_reads_the_environment():
         text = p.read_text()
         for quote in ('"', "'"):
             assert f"get({quote}PCELERY_" not in text and f"os.environ[{quote}PCELERY_" not in text, p
+
+
+def test_a_worker_receives_in_batches_only_where_messages_may_wait():
+    from pcelery.celeryconfig import prefetch_multiplier, receives_in_batches
+
+    settings = Settings.from_env({})
+    short = WorkerSettings.from_env(settings, {"PCELERY_WORKER_QUEUES": "default", "PCELERY_CONCURRENCY": "4"})
+    both = WorkerSettings.from_env(settings, {"PCELERY_CONCURRENCY": "4"})
+    # The window holds the pool plus a batch of 10: 4 x 4 = 16 >= 4 + 10.
+    assert (receives_in_batches(settings, short), prefetch_multiplier(settings, short)) == (True, 4)
+    # A queue with heartbeats (long tasks) among the consumed ones: no message waits behind the pool.
+    assert (receives_in_batches(settings, both), prefetch_multiplier(settings, both)) == (False, 1)

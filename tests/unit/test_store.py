@@ -5,6 +5,7 @@ tests/integration/test_store_processes.py.)"""
 from __future__ import annotations
 
 import datetime as dt
+import time
 import uuid
 
 import pytest
@@ -326,4 +327,100 @@ def test_sqlite_is_shared_safely_between_processes(tmp_path):
     with eng.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == schema.SQLITE_BUSY_SECONDS * 1000
+    eng.dispose()
+
+
+# --- round trips and failover (Postgres through a counting TCP proxy) -------------------------
+
+@pytest.fixture
+def counted(pg_url):
+    """(engine through a Postgres-counting FaultProxy, the proxy), on the session's database."""
+    from faults import FaultProxy
+
+    proxy = FaultProxy("127.0.0.1", 5432, count_postgres=True).start()
+    direct = schema.make_engine(pg_url)
+    schema.migrate(direct)
+    direct.dispose()
+    eng = schema.make_engine(pg_url.replace("@127.0.0.1:5432/", f"@127.0.0.1:{proxy.port}/"))
+    with eng.connect() as conn:  # the first connection's set-up queries are not the store's
+        conn.execute(sa.text("SELECT 1"))
+    proxy.postgres.reset()
+    yield eng, proxy
+    eng.dispose()
+    proxy.stop()
+
+
+def test_a_task_costs_the_worker_two_round_trips_and_a_heartbeat_one(counted):
+    eng, proxy = counted
+    tid = new_task(eng)
+    proxy.postgres.reset()
+    assert store.claim(eng, tid, worker="w1", lease_seconds=60, message_id="m1").outcome == "run"
+    assert store.extend_lease(eng, tid, worker="w1", lease_seconds=60)
+    assert store.finish_success(eng, tid, worker="w1", result=3)
+    # One statement each, in autocommit: no ping of a connection that just worked, no BEGIN/COMMIT.
+    assert (proxy.postgres.round_trips, proxy.postgres.queries) == (3, [])
+    assert state_of(eng, tid) == "succeeded"
+
+
+def test_a_connection_idle_in_the_pool_is_pinged_and_replaced_when_dead(counted, monkeypatch):
+    eng, proxy = counted
+    # Used within the window: not pinged, so a read (never retried) on a connection that died
+    # meets the dead connection...
+    monkeypatch.setattr(schema, "PING_AFTER_IDLE_SECONDS", 1000.0)
+    proxy.set("pass")  # cuts every open connection: what a failover does to the pool
+    with pytest.raises(sa.exc.OperationalError):
+        store.count_by_state(eng)
+    # ...while one idle past it is pinged first and replaced.
+    store.count_by_state(eng)  # the pool was invalidated: a new connection
+    monkeypatch.setattr(schema, "PING_AFTER_IDLE_SECONDS", 0.2)
+    proxy.set("pass")
+    time.sleep(0.3)
+    assert store.count_by_state(eng)["pending"] >= 0
+
+
+def test_writes_on_a_connection_a_failover_closed_are_retried(pg_url):
+    import psycopg
+
+    eng = schema.make_engine(pg_url)
+    schema.migrate(eng)
+    tid = new_task(eng)
+    database = sa.make_url(pg_url).database
+
+    def failover() -> None:
+        """Close every connection of the pool as a failover would (the server ends them)."""
+        with psycopg.connect(sa.make_url(pg_url).set(drivername="postgresql").render_as_string(False),
+                             autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s "
+                          "AND pid <> pg_backend_pid()", (database,))
+
+    failover()
+    assert store.claim(eng, tid, worker="w1", lease_seconds=60, message_id="m1").outcome == "run"
+    failover()
+    assert store.extend_lease(eng, tid, worker="w1", lease_seconds=60)
+    failover()
+    assert store.finish_success(eng, tid, worker="w1", result=3)
+    assert state_of(eng, tid) == "succeeded"
+    eng.dispose()
+
+
+def test_a_retried_write_accepts_its_own_first_run_having_committed(pg_url):
+    """The connection dies after the statement committed but before its answer arrived: the retry
+    runs with retrying=True and must accept the state its first run left."""
+    eng = schema.make_engine(pg_url)
+    schema.migrate(eng)
+    tid = new_task(eng)
+    assert store.claim(eng, tid, worker="w1", lease_seconds=60, message_id="m1").outcome == "run"
+    runs: list[bool] = []
+
+    def finish_then_lose_the_connection(conn: sa.Connection, retrying: bool) -> bool:
+        runs.append(retrying)
+        done = conn.execute(
+            sa.update(schema.tasks).where(store._owned(tid, "w1", *(("succeeded",) if retrying else ())))
+            .values(state="succeeded")).rowcount == 1
+        if not retrying:
+            conn.exec_driver_sql("SELECT pg_terminate_backend(pg_backend_pid())")
+        return done
+
+    assert schema.autocommit_write(eng, finish_then_lose_the_connection) is True
+    assert runs == [False, True] and state_of(eng, tid) == "succeeded"
     eng.dispose()
