@@ -2,8 +2,9 @@
 trips each side (submitter or worker) makes. It runs as its own process, so its CPU never shares
 a GIL with the submitter being measured, and only in the bench's counted runs (it costs CPU).
 
-SQS: moto keeps no request counter (`/moto-api/` exposes its state, data.json, reset and
-seeding, not a count of the calls that produced it), so an HTTP proxy sits in front of it. A
+SQS: neither emulator counts requests by action and caller (moto's `/moto-api/` exposes its
+state, data.json, reset and seeding, not a count of the calls that produced it; LocalStack's
+`/_localstack/` endpoints report health and config), so an HTTP proxy sits in front of it. A
 request is counted when it arrives; its action is the JSON protocol's `X-Amz-Target` (boto3 and
 kombu's curl client both use it) or the query protocol's `Action=`.
 
@@ -17,6 +18,14 @@ One loopback port per label, so the counts split by side without guessing from h
     python -m bench.counting_proxy --sqs-upstream http://127.0.0.1:5000 --pg-upstream 127.0.0.1:5432 \
         sqs:submit=5001 sqs:worker=5002 pg:submit=5003 pg:worker=5004
     GET /__counts on any SQS port -> {"submit": {"SendMessage": 300, "pg Sync": 900, ...}, "worker": {...}}
+    GET /__events?label=worker on any SQS port -> [[unix time, action], ...] of that label's SQS
+        requests (the last EVENTS_KEPT of each label): the idle part turns them into a rate
+
+Queue URLs in the emulator's answers are rewritten to the proxy port they were asked through.
+LocalStack builds them from its LOCALSTACK_HOST whatever the request's Host header says (moto
+from the Host header), so without the rewrite a client that sends to the queue URL (the query
+protocol does) would go around the proxy. boto3 and kombu on the JSON protocol send every call to
+their endpoint anyway; the rewrite keeps the counting independent of that.
 """
 
 from __future__ import annotations
@@ -28,26 +37,42 @@ import json
 import socket
 import sys
 import threading
+import time
 import urllib.parse
-from collections import Counter
+from collections import Counter, deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "te", "trailer", "upgrade"}
+EVENTS_KEPT = 200_000  # per label: (time, action) of the latest SQS requests
 
 
-def make_handler(label: str, upstream: urllib.parse.SplitResult, counts: dict[str, Counter], lock: threading.Lock):
+def make_handler(label: str, upstream: urllib.parse.SplitResult, counts: dict[str, Counter], lock: threading.Lock,
+                 events: dict[str, deque], own_netloc: str):
     local = threading.local()  # one keep-alive upstream connection per proxy thread
+    upstream_netloc = upstream.netloc.encode()
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive both ways, as boto3 and curl expect
+        # Headers and body go out in two writes: with Nagle's algorithm on, the body would wait
+        # for the client's delayed ACK of the headers, 40 ms a request, and slow every counted run.
+        disable_nagle_algorithm = True
 
         def log_message(self, *args):  # one line per request would cost more than the request
             pass
 
+        def handle(self):
+            # A worker stopped in the middle of a long poll: its answer has nowhere to go.
+            with contextlib.suppress(ConnectionError):
+                super().handle()
+
         def do_GET(self):
-            if self.path == "/__counts":
+            if self.path == "/__counts" or self.path.startswith("/__events?"):
                 with lock:
-                    body = json.dumps({k: dict(v) for k, v in counts.items()}).encode()
+                    if self.path == "/__counts":
+                        body = json.dumps({k: dict(v) for k, v in counts.items()}).encode()
+                    else:
+                        wanted = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query).get("label", [""])[0]
+                        body = json.dumps(list(events.get(wanted, ()))).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
@@ -70,6 +95,7 @@ def make_handler(label: str, upstream: urllib.parse.SplitResult, counts: dict[st
                 action = found[0] if found else f"{self.command} {urllib.parse.urlsplit(self.path).path}"
             with lock:
                 counts[label][action] += 1
+                events[label].append((time.time(), action))
             headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
             for attempt in (1, 2):
                 conn = getattr(local, "conn", None)
@@ -87,6 +113,8 @@ def make_handler(label: str, upstream: urllib.parse.SplitResult, counts: dict[st
                     if attempt == 2:
                         self.send_error(502, "upstream SQS endpoint failed")
                         return
+            if upstream_netloc in payload:  # queue URLs: back through this proxy port (see the docstring)
+                payload = payload.replace(upstream_netloc, own_netloc.encode())
             self.send_response(response.status, response.reason)
             for key, value in response.getheaders():
                 if key.lower() not in _HOP_BY_HOP and key.lower() != "content-length":
@@ -179,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     upstream = urllib.parse.urlsplit(args.sqs_upstream)
     counts: dict[str, Counter] = {}
+    events: dict[str, deque] = {}
     lock = threading.Lock()
     http_servers, pg_ports = [], []
     for spec in args.listen:
@@ -187,8 +216,10 @@ def main(argv: list[str] | None = None) -> int:
         if kind not in ("sqs", "pg") or not label or not port.isdigit():
             parser.error(f"{spec!r} is not KIND:LABEL=PORT with KIND sqs or pg, e.g. sqs:worker=5002")
         counts.setdefault(label, Counter())
+        events.setdefault(label, deque(maxlen=EVENTS_KEPT))
         if kind == "sqs":
-            server = ThreadingHTTPServer(("127.0.0.1", int(port)), make_handler(label, upstream, counts, lock))
+            server = ThreadingHTTPServer(("127.0.0.1", int(port)),
+                                         make_handler(label, upstream, counts, lock, events, f"127.0.0.1:{port}"))
             server.daemon_threads = True
             http_servers.append(server)
         else:

@@ -1,33 +1,35 @@
-"""What persistence costs: plain Celery `.delay()` against the product's outbox + claim-check,
-side by side, in one run on one machine. Results: bench/RESULTS.md explains a run's numbers.
+"""Plain Celery `.delay()` against the product (outbox + claim-check + PersistentTask), side by
+side in one run on one machine, on LocalStack by default. It prints markdown tables and writes
+bench/RESULTS.md (method, targets with PASS/FAIL, where the time goes).
 
-    .venv/bin/python -m bench.run            # about 4 minutes on 2 cores; --help for sizes
+    make bench                                # = .venv/bin/python -m bench.run, about 7 minutes
+    .venv/bin/python -m bench.run --sqs moto  # moto instead (its cost grows with queue depth)
+    .venv/bin/python -m bench.run --save-baseline --label "..."  # this run becomes the "before"
 
-Three cases share one moto server (devstack.stack.start_moto_server) and the catalog's `default` queue
-(real CATALOG contract: visibility 120 s, long poll 19 s), the same concurrency and prefetch 1:
+Cases: `plain` (bench/plain_app.py: the product's own Celery settings minus persistence, bare
+`.delay()`, `celery worker` with pcelery-worker's flags), `postgres` (the product: Outbox, the
+`pcelery-worker` console script running devstack.tasks' `demo.add`, a fresh Postgres database)
+and optionally `sqlite`. Every worker runs the real catalog's default queue (visibility 120 s,
+long poll 19 s) at the same concurrency.
 
-  plain     a tiny plain Celery app (bench/plain_app.py), acks_late, `.delay()` per task
-  sqlite    Outbox.submit_many (chunks of 100) + the real worker (devstack.stack.start_worker), SQLite
-  postgres  the same on a fresh database of the machine's Postgres (dropped at the end)
+Parts, in this order (sizes: --help):
+  1. throughput: each repeat runs, per case, an end-to-end run (N tasks submitted with the worker
+     running, first submit to queue empty) and a worker-only drain (N tasks queued before the
+     worker starts, its ready line to queue empty); repeats interleave the cases, medians reported
+  2. ceiling: one worker-only drain of a bigger backlog per product case
+  3. idle: one idle worker per case on queues of their own, every request counted through the
+     proxy for --idle-seconds while parts 4 and 5 run; scaled to an hour
+  4. counted runs at steady load, through bench/counting_proxy.py (SQS requests per action and
+     side, Postgres round trips): tasks submitted at --rate with the worker running: plain
+     `.delay()`, `Outbox.submit_many` (chunks of --counted-chunk) and single `submit()` calls
+  5. light-load latency: one task at a time, submit -> received / started / done, from the
+     workers' own log lines
 
-Measured, in this order:
-  1. throughput: N trivial tasks, first submit to queue empty; each repeat runs every case once
-     (interleaved, so drift on a noisy machine hits all cases alike); median reported
-  2. backlog: the worker side alone, one run per case: --backlog tasks are queued before the
-     worker starts; ready line to queue empty. Every case sees the same shape of work (a backlog)
-  3. counted runs: one more run per case with the workers and the submitter behind
-     bench/counting_proxy.py: SQS requests per task by action and side, Postgres round trips and
-     transactions per task, and the same for 20 single `submit()`/`.delay()` calls (not timed as
-     throughput: the proxy costs CPU)
-  4. submit latency on the caller's side, no worker running: `outbox.submit` in its own
-     transaction, `submit_many` of 100 (per task), bare `.delay()`; median and p95. The queue
-     is purged after every sample: moto's SendMessage slows down as its queue grows
-
-"Done" is SQS saying the queue holds no visible, in-flight or delayed message (the last delete
-has happened), polled every 0.1 s straight at moto, for every case alike; the persistent cases
-are also checked to have all their rows `succeeded`. Processes and logs: var/bench/. Every
-process it starts is stopped at the end, also on Ctrl-C/SIGTERM; exit 0 on success, 1 when a case
-failed, 130 when interrupted.
+"Done" is the emulator reporting no visible, in-flight or delayed message on the queue (the last
+delete has happened), asked directly (not through the proxy) every 0.05 s, for every case alike;
+the product's rows are also checked to be `succeeded`. Logs: var/bench/. Every process the bench
+starts is stopped and its database dropped at the end, also on Ctrl-C/SIGTERM; exit 0 when the
+run completed (whatever the targets say), 1 when a part failed, 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -37,602 +39,511 @@ import contextlib
 import json
 import os
 import platform
-import re
 import signal
 import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # `python bench/run.py` as well as `python -m bench.run`
-    sys.path.insert(0, str(REPO_ROOT))
+if __package__ in (None, ""):  # `python bench/run.py`
+    sys.path.insert(0, str(Path(__file__).absolute().parent.parent))
 
-from devstack.stack import (  # noqa: E402 - after the sys.path line above
-    LOCAL_CREDENTIALS,
-    LOCAL_REGION,
-    create_queues,
-    free_port,
-    local_environ,
-    sqs_client,
-    start_moto_server,
-    start_worker,
-    stop_process_group,
+from bench import report
+from bench.harness import (
+    ENV,
+    IDLE_ENV,
+    LOCAL_AWS_ENV,
+    LOG_DIR,
+    PG_ADMIN_URL,
+    QUEUE,
+    REPO_ROOT,
+    BenchError,
+    CpuMeter,
+    OutboxSubmitter,
+    PlainSubmitter,
+    Proxy,
+    Queues,
+    Worker,
+    check_succeeded,
+    count_diff,
+    cpu_diff,
+    environment_fingerprint,
+    paced,
+    percentile,
+    postgres_backends,
+    process_tree,
+    product_worker_conf,
+    say,
+    start_localstack,
+    start_moto,
+    start_plain_worker,
+    start_product_worker,
+    worker_cpu_parts,
 )
-from pcelery.catalog import CATALOG, sqs_queue_name  # noqa: E402
+from pcelery.catalog import CATALOG
 
-ENV = "local"
-QUEUE = CATALOG.default_queue
-PERSISTENT_TASK = "demo.add"  # devstack.tasks: x + y, the same trivial work as bench.add
-PG_ADMIN_URL = os.environ.get("PCELERY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
-LOG_DIR = REPO_ROOT / "var" / "bench"
-WARM_UP_TASKS = 8  # per worker start: pool children open their connections before the clock runs
-SINGLE_SUBMITS = 20  # in each counted run, after the timed part: requests of one submit() / delay()
-SUBMIT_CHUNK = 100  # tasks per outbox transaction in the throughput runs
-TIME_BUDGET = 285.0  # seconds; later repeats are skipped (and said so) rather than run over 5 minutes
-RUN_DEADLINE = 120.0  # one run's drain; beyond it the case counts as failed
+WARM_UP_TASKS = 20  # per worker start: every pool child opens its connections before the clock runs
+LATENCY_WARM_UP = 5
+LATENCY_GAP = 0.1  # seconds between one task's success and the next submit
+SETTLE = 1.0  # seconds before and after a counted run, so deferred requests land in their own run
 
-
-class BenchError(RuntimeError):
-    pass
-
-
-def say(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
-
-
-# --- Submitters: the caller's side of each case ----------------------------------------------------
-
-class PlainSubmitter:
-    """Bare `.delay()` through a Celery app whose broker is the given SQS endpoint."""
-
-    def __init__(self, endpoint: str, queue_url: str):
-        from bench.plain_app import TASK_NAME, make_app
-
-        host_port = endpoint.split("://", 1)[1]
-        self.app = make_app(queue_url, broker_url=f"sqs://local:local@{host_port}")
-        self.task = self.app.tasks[TASK_NAME]
-
-    def submit(self, n: int) -> list[str]:
-        return [self.task.delay(i, i).id for i in range(n)]
-
-    def single(self) -> None:
-        self.task.delay(1, 2)
-
-    def close(self) -> None:
-        self.app.close()
-
-
-class OutboxSubmitter:
-    """The product's submit API: rows in the caller's transaction, ids sent to SQS after COMMIT."""
-
-    def __init__(self, endpoint: str, db_url: str):
-        from pcelery import schema
-        from pcelery.outbox import Outbox
-
-        self.engine = schema.make_engine(db_url)
-        # task_queues={}: every task goes to the catalog's default queue, without importing pcelery.worker.
-        self.outbox = Outbox(self.engine, CATALOG, ENV, sqs_client(endpoint), task_queues={})
-
-    def submit(self, n: int) -> list[str]:
-        ids: list[str] = []
-        for start in range(0, n, SUBMIT_CHUNK):
-            ids += self.batch(min(SUBMIT_CHUNK, n - start))
-        return ids
-
-    def batch(self, k: int) -> list[str]:
-        with self.outbox.transaction() as conn:
-            return self.outbox.submit_many(conn, [(PERSISTENT_TASK, [i, i], {}) for i in range(k)])
-
-    def single(self) -> None:
-        with self.outbox.transaction() as conn:
-            self.outbox.submit(conn, PERSISTENT_TASK, 1, 2)
-
-    def succeeded(self, ids: list[str]) -> int:
-        import sqlalchemy as sa
-
-        from pcelery import schema
-
-        with self.engine.connect() as conn:
-            n = 0
-            for start in range(0, len(ids), 500):
-                n += conn.execute(sa.select(sa.func.count()).select_from(schema.tasks).where(
-                    schema.tasks.c.id.in_(ids[start:start + 500]), schema.tasks.c.state == "succeeded")).scalar_one()
-            return n
-
-    def close(self) -> None:
-        self.engine.dispose()
-
-
-# --- The shared stack ------------------------------------------------------------------------------
 
 @dataclass
 class Case:
-    name: str
+    name: str  # plain | postgres | sqlite
     label: str
     db_url: str | None = None  # direct; None for plain Celery
-    # Through the counting proxy, one port per side (Postgres only; SQLite has no wire to count).
-    counted_worker_db_url: str | None = None
-    counted_submit_db_url: str | None = None
+    counted_worker_db: str | None = None  # through the proxy (Postgres only; SQLite has no wire to count)
+    counted_submit_db: str | None = None
+    idle_db: str | None = None
 
     @property
-    def persistent(self) -> bool:
+    def product(self) -> bool:
         return self.db_url is not None
 
 
-@dataclass
-class Stack:
-    stack: contextlib.ExitStack
-    concurrency: int
-    moto_endpoint: str = ""
-    proxy_ports: dict[str, int] = field(default_factory=dict)
-    sqs: object = None  # boto3 client straight at moto: queue state, never counted
-    queue_url: str = ""
-    cases: list[Case] = field(default_factory=list)
-    runs: int = 0
-    worker_log: Path | None = None  # of the worker started last
+class Bench:
+    def __init__(self, stack: contextlib.ExitStack, args: argparse.Namespace):
+        self.stack, self.args = stack, args
+        self.runs = 0
+        self.emulator: Any = None
+        self.queues: Queues
+        self.proxy: Proxy
+        self.pg_database = ""
+        self.cases: list[Case] = []
+        self.idle: dict[str, Worker] = {}
+        self.idle_window: tuple[float, float] = (0.0, 0.0)
+        self.idle_counts_before: dict = {}
+        self.worker_conf: dict = {}
 
-    def endpoint(self, side: str | None) -> str:
-        """moto itself, or the counting proxy's port for `side` ("submit"/"worker")."""
-        return self.moto_endpoint if side is None else f"http://127.0.0.1:{self.proxy_ports['sqs:' + side]}"
+    # -- set-up --
 
-    def queue_url_on(self, endpoint: str) -> str:
-        return self.queue_url.replace(self.moto_endpoint, endpoint, 1)
-
-    # -- queue state --
-
-    def in_queue(self) -> int:
-        attrs = self.sqs.get_queue_attributes(QueueUrl=self.queue_url, AttributeNames=[
-            "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible",
-            "ApproximateNumberOfMessagesDelayed"])["Attributes"]
-        return sum(int(v) for v in attrs.values())
-
-    def wait_drained(self, what: str, worker: subprocess.Popen | None = None, timeout: float = RUN_DEADLINE) -> float:
-        deadline = time.monotonic() + timeout
-        while self.in_queue():
-            if worker is not None and worker.poll() is not None:
-                raise BenchError(f"{what}: the worker exited with code {worker.returncode} before the queue drained")
-            if time.monotonic() > deadline:
-                raise BenchError(f"{what}: {self.in_queue()} message(s) still in the queue after {timeout:.0f} s")
-            time.sleep(0.1)
-        return time.perf_counter()
-
-    # -- processes --
-
-    def fresh_queue(self) -> None:
-        """Delete and recreate the work queue (same name, URL and contract). A stopped worker can
-        leave a long poll (up to 19 s) waiting inside moto; the next message sent would go to that
-        dead poller and stay invisible for the 120 s visibility timeout. A poll on a deleted queue
-        never sees the new queue's messages."""
-        self.sqs.delete_queue(QueueUrl=self.queue_url)
-        url = create_queues(self.sqs, CATALOG, ENV)[QUEUE]["url"]
-        if url != self.queue_url:
-            raise BenchError(f"the recreated queue has another URL ({url}, was {self.queue_url})")
-
-    def purge(self) -> None:
-        """Empty the queue between latency samples: moto's SendMessage slows down as its queue
-        grows (7 ms with an empty queue, 30 ms at 1000 messages, measured), real SQS does not."""
-        self.sqs.purge_queue(QueueUrl=self.queue_url)
-
-    def start_worker(self, case: Case, *, counted: bool, fresh_queue: bool = True) -> subprocess.Popen:
-        self.runs += 1
-        if fresh_queue:
-            self.fresh_queue()
-        endpoint = self.endpoint("worker" if counted else None)
-        log_path = LOG_DIR / f"{case.name}-{self.runs:02d}{'-counted' if counted else ''}.log"
-        log = self.stack.enter_context(open(log_path, "wb"))  # noqa: SIM115 - the ExitStack closes it
-        hostname = f"bench-{case.name}-{self.runs}@127.0.0.1"
-        if case.persistent:
-            db_url = (counted and case.counted_worker_db_url) or case.db_url
-            environ = {**local_environ(endpoint, db_url, catalog_spec="pcelery.catalog:CATALOG", env=ENV),
-                       "PCELERY_LOG_LEVEL": "INFO"}
-            proc = start_worker(environ, queues=[QUEUE], concurrency=self.concurrency, hostname=hostname, log=log)
-        else:
-            env = {**os.environ, **LOCAL_CREDENTIALS, "AWS_REGION": LOCAL_REGION, "AWS_DEFAULT_REGION": LOCAL_REGION,
-                   "AWS_ENDPOINT_URL_SQS": endpoint, "BENCH_PLAIN_QUEUE_URL": self.queue_url_on(endpoint)}
-            # The same flags pcelery-worker gives the product's worker.
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "bench.plain_app", "worker", "-Q", QUEUE,
-                 "--concurrency", str(self.concurrency), "--hostname", hostname,
-                 "--without-gossip", "--without-mingle", "--without-heartbeat", "--loglevel", "INFO"],
-                cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True)
-        # Stopped even if the bench dies halfway; stop_process_group is a no-op on an exited group.
-        self.stack.callback(stop_process_group, proc, sig=signal.SIGQUIT, timeout=10)
-        deadline = time.monotonic() + 90
-        while b" ready." not in log_path.read_bytes():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                tail = log_path.read_bytes()[-3000:].decode(errors="replace")
-                raise BenchError(f"{case.name} worker did not start (exit code {proc.poll()}); log {log_path}:\n{tail}")
-            time.sleep(0.1)
-        self.worker_log = log_path
-        return proc
-
-
-# --- Measurements ------------------------------------------------------------------------------------
-
-def submitter_for(stack: Stack, case: Case, *, counted: bool):
-    endpoint = stack.endpoint("submit" if counted else None)
-    if case.persistent:
-        return OutboxSubmitter(endpoint, (counted and case.counted_submit_db_url) or case.db_url)
-    return PlainSubmitter(endpoint, stack.queue_url_on(endpoint))
-
-
-def timed_run(stack: Stack, case: Case, submitter, worker, n: int) -> dict:
-    """One run of n tasks: submit them all, then wait for the queue to be empty."""
-    t0 = time.perf_counter()
-    ids = submitter.submit(n)
-    t1 = time.perf_counter()
-    t2 = stack.wait_drained(f"{case.name}: {n} tasks", worker)
-    in_task = task_run_seconds(stack.worker_log, set(ids))
-    return {"ids": ids, "submit_s": t1 - t0, "drain_s": t2 - t1, "total_s": t2 - t0, "tasks_per_s": n / (t2 - t0),
-            "in_task_median_ms": statistics.median(in_task) * 1000 if in_task else None,
-            "in_task_p95_ms": percentile(in_task, 95) * 1000 if in_task else None}
-
-
-_SUCCEEDED = re.compile(rb"Task [\w.]+\[([0-9a-f-]{36})\] succeeded in ([0-9.e-]+)s")
-
-
-def check_succeeded(case: Case, submitter, ids: list[str]) -> None:
-    """The persistent cases' rows all say `succeeded` (a queue can also empty into the DLQ)."""
-    if not case.persistent:
-        return
-    deadline = time.monotonic() + 10  # the row commits before the ack, so this is normally immediate
-    while (done := submitter.succeeded(ids)) < len(ids):
-        if time.monotonic() > deadline:
-            raise BenchError(f"{case.name}: queue empty but only {done} of {len(ids)} rows succeeded")
-        time.sleep(0.1)
-
-
-def task_run_seconds(log_path: Path, ids: set[str]) -> list[float]:
-    """Seconds each task spent in the pool child, from Celery's own "succeeded in" log lines: the
-    task body for plain Celery; claim + body + finish (two transactions) for the product."""
-    found = []
-    for match in _SUCCEEDED.finditer(log_path.read_bytes()):
-        if match.group(1).decode() in ids:
-            found.append(float(match.group(2)))
-    return found
-
-
-def throughput(stack: Stack, case: Case, n: int, *, counted: bool = False) -> tuple[dict, dict]:
-    """Start a worker, warm it up, time one run; (timings, request counts of the timed run)."""
-    worker = stack.start_worker(case, counted=counted)
-    submitter = submitter_for(stack, case, counted=counted)
-    try:
-        submitter.submit(WARM_UP_TASKS)
-        stack.wait_drained(f"{case.name}: warm-up", worker)
-        before = proxy_counts(stack) if counted else {}
-        result = timed_run(stack, case, submitter, worker, n)
-        after = proxy_counts(stack) if counted else {}
-        if counted:
-            # The caller's cost of the one-at-a-time API too: submit() in its own transaction.
-            for _ in range(SINGLE_SUBMITS):
-                submitter.single()
-            singles = proxy_counts(stack)["submit"]
-            result["single_submit_counts"] = dict(Counter(singles) - Counter(after["submit"]))
-        check_succeeded(case, submitter, result.pop("ids"))  # after the counting: its queries are not the product's
-    finally:
-        submitter.close()
-        stop_process_group(worker, sig=signal.SIGQUIT, timeout=10)  # the queue is empty: nothing to restore
-    counts = {side: dict(Counter(after[side]) - Counter(before.get(side, {}))) for side in after}
-    return result, counts
-
-
-def backlog_drain(stack: Stack, case: Case, n: int) -> dict:
-    """The worker side alone: n tasks wait in the queue before the worker starts; time from its
-    "ready" line to the queue being empty. The same submit shape (a backlog) for every case."""
-    stack.fresh_queue()
-    submitter = submitter_for(stack, case, counted=False)
-    try:
-        ids = submitter.submit(n)
-    finally:
-        submitter.close()
-    worker = stack.start_worker(case, counted=False, fresh_queue=False)
-    try:
-        t_ready = time.perf_counter()
-        t_empty = stack.wait_drained(f"{case.name}: backlog of {n}", worker)
-    finally:
-        stop_process_group(worker, sig=signal.SIGQUIT, timeout=10)
-    verifier = submitter_for(stack, case, counted=False)
-    try:
-        check_succeeded(case, verifier, ids)
-    finally:
-        verifier.close()
-    in_task = task_run_seconds(stack.worker_log, set(ids))
-    return {"drain_s": t_empty - t_ready, "tasks_per_s": n / (t_empty - t_ready),
-            "in_task_median_ms": statistics.median(in_task) * 1000 if in_task else None}
-
-
-def proxy_counts(stack: Stack) -> dict:
-    with urllib.request.urlopen(f"{stack.endpoint('submit')}/__counts", timeout=10) as response:
-        return json.load(response)
-
-
-def latency(stack: Stack, rounds: int, singles_per_round: int, batch_size: int) -> dict:
-    """Caller-side seconds per task, no worker running; interleaved rounds, like the throughput runs."""
-    submitters = {case.name: submitter_for(stack, case, counted=False) for case in stack.cases}
-    samples: dict[str, list[float]] = {}
-    try:
-        for submitter in submitters.values():  # connections, queue URL lookup, statement caches
-            for _ in range(5):
-                submitter.single()
-            if hasattr(submitter, "batch"):
-                submitter.batch(batch_size)
-        for _ in range(rounds):
-            for name, submitter in submitters.items():
-                kind = "delay()" if name == "plain" else "submit"
-                for _ in range(singles_per_round):
-                    t0 = time.perf_counter()
-                    submitter.single()
-                    samples.setdefault(f"{name}: {kind}", []).append(time.perf_counter() - t0)
-                    stack.purge()
-                if hasattr(submitter, "batch"):
-                    t0 = time.perf_counter()
-                    submitter.batch(batch_size)
-                    samples.setdefault(f"{name}: submit_many({batch_size})", []).append(
-                        (time.perf_counter() - t0) / batch_size)
-                    stack.purge()
-    finally:
-        for submitter in submitters.values():
-            submitter.close()
-    return {key: {"median_ms": statistics.median(v) * 1000, "p95_ms": percentile(v, 95) * 1000, "samples": len(v)}
-            for key, v in samples.items()}
-
-
-def percentile(values: list[float], pct: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(pct / 100 * len(ordered) + 0.5) - 1))]
-
-
-# --- Report ------------------------------------------------------------------------------------------
-
-def machine() -> dict:
-    import sqlite3
-
-    import boto3
-    import celery
-    import kombu
-    import moto
-    import psycopg
-    import sqlalchemy
-
-    with psycopg.connect(PG_ADMIN_URL, connect_timeout=10) as conn:
-        pg_version = conn.execute("SHOW server_version").fetchone()[0]
-    return {
-        "nproc": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
-        "celery": celery.__version__, "kombu": kombu.__version__, "boto3": boto3.__version__,
-        "moto": moto.__version__, "sqlalchemy": sqlalchemy.__version__, "psycopg": psycopg.__version__,
-        "sqlite": sqlite3.sqlite_version, "postgres": pg_version,
-        "load_average_at_start": os.getloadavg(),
-    }
-
-
-def single_cell(counts: dict) -> str:
-    """Requests per single submit: SQS by action, Postgres as round trips (by kind)."""
-    if not counts:
-        return "n/a"
-    sqs = ", ".join(f"{k} {v / SINGLE_SUBMITS:.2f}" for k, v in sorted(counts.items()) if not k.startswith("pg "))
-    pg = {k.removeprefix("pg "): v for k, v in counts.items() if k.startswith("pg ")}
-    if not pg:
-        return f"SQS: {sqs}"
-    parts = ", ".join(f"{k} {v / SINGLE_SUBMITS:.2f}" for k, v in sorted(pg.items()))
-    return f"SQS: {sqs}; Postgres {sum(pg.values()) / SINGLE_SUBMITS:.2f} round trips ({parts})"
-
-
-def report(results: dict) -> str:
-    lines = []
-    m = results["machine"]
-    lines.append(f"machine: {m['nproc']} CPUs, Python {m['python']}, celery {m['celery']}, kombu {m['kombu']}, "
-                 f"boto3 {m['boto3']}, moto {m['moto']}, SQLAlchemy {m['sqlalchemy']}, psycopg {m['psycopg']}, "
-                 f"SQLite {m['sqlite']}, Postgres {m['postgres']}; load average at start "
-                 f"{', '.join(f'{x:.2f}' for x in m['load_average_at_start'])}")
-    p = results["parameters"]
-    lines.append(f"parameters: N={p['tasks']} tasks per throughput run, {p['repeats_done']} of {p['repeats']} repeats, "
-                 f"concurrency {p['concurrency']}, prefetch multiplier 1, plain polling_interval "
-                 f"{p['plain_polling_interval']} s (the product's: 0.05 s, app/celeryconfig.py), "
-                 f"warm-up {WARM_UP_TASKS} tasks per worker start")
-    lines.append("")
-    lines.append("### Throughput (median of repeats; each run: first submit to queue empty)")
-    lines.append("")
-    lines.append("| case | tasks/s | vs plain | submit phase s | drain phase s | total s | in-task ms median (p95) "
-                 "| all runs tasks/s |")
-    lines.append("|---|---|---|---|---|---|---|---|")
-    base = None
-    for name, runs in results["throughput"].items():
-        med = {k: statistics.median(r[k] for r in runs) for k in runs[0] if runs[0][k] is not None}
-        base = base or med["tasks_per_s"]
-        each = ", ".join(f"{r['tasks_per_s']:.1f}" for r in runs)
-        lines.append(f"| {name} | {med['tasks_per_s']:.1f} | {med['tasks_per_s'] / base:.2f}x | {med['submit_s']:.2f} "
-                     f"| {med['drain_s']:.2f} | {med['total_s']:.2f} | {med.get('in_task_median_ms', 0):.1f} "
-                     f"({med.get('in_task_p95_ms', 0):.1f}) | {each} |")
-    lines.append("")
-    lines.append(f"### Worker side alone: a backlog of {p['backlog']} tasks queued before the worker starts (one run)")
-    lines.append("")
-    lines.append("| case | tasks/s | vs plain | drain s (ready to empty) | in-task ms median |")
-    lines.append("|---|---|---|---|---|")
-    base = None
-    for name, b in results["backlog"].items():
-        base = base or b["tasks_per_s"]
-        lines.append(f"| {name} | {b['tasks_per_s']:.1f} | {b['tasks_per_s'] / base:.2f}x | {b['drain_s']:.2f} "
-                     f"| {b['in_task_median_ms'] or 0:.1f} |")
-    lines.append("")
-    lines.append(f"### Requests per task (one counted run of {p['counted_tasks']} tasks per case through "
-                 "bench/counting_proxy.py)")
-    lines.append("")
-    lines.append("| case | SQS by submitter | SQS by worker | SQS total | Postgres round trips (submit + worker) "
-                 "| Postgres transactions | one submit()/delay() on its own | counted-run tasks/s |")
-    lines.append("|---|---|---|---|---|---|---|---|")
-    n = p["counted_tasks"]
-    for name, counted in results["counted"].items():
-        sides = counted["counts"]
-        sqs = {side: {k: v for k, v in c.items() if not k.startswith("pg ")} for side, c in sides.items()}
-        pgc = {side: {k: v for k, v in c.items() if k.startswith("pg ")} for side, c in sides.items()}
-
-        def fmt(c):
-            total = sum(c.values())
-            parts = ", ".join(f"{k.removeprefix('pg ')} {v / n:.2f}" for k, v in sorted(c.items()))
-            return f"{total / n:.2f} ({parts})" if c else "0"
-
-        sqs_total = sum(sum(c.values()) for c in sqs.values()) / n
-        pg_rt = [sum(pgc.get(s, {}).values()) / n for s in ("submit", "worker")]
-        tx = sum(v for c in pgc.values() for k, v in c.items() if k in ("pg COMMIT", "pg ROLLBACK")) / n
-        pg_cell = (f"{pg_rt[0]:.2f} + {pg_rt[1]:.2f} = {sum(pg_rt):.2f}; worker: {fmt(pgc.get('worker', {}))}"
-                   if any(pgc.values()) else "n/a")
-        lines.append(f"| {name} | {fmt(sqs.get('submit', {}))} | {fmt(sqs.get('worker', {}))} | {sqs_total:.2f} "
-                     f"| {pg_cell} | {f'{tx:.2f}' if any(pgc.values()) else 'n/a'} "
-                     f"| {single_cell(counted['timing'].get('single_submit_counts', {}))} "
-                     f"| {counted['timing']['tasks_per_s']:.1f} |")
-    lines.append("")
-    lines.append("### Submit latency per task, caller side, no worker running")
-    lines.append("")
-    lines.append("| how | median ms | p95 ms | samples | median vs plain delay() |")
-    lines.append("|---|---|---|---|---|")
-    base = results["latency"].get("plain: delay()", {}).get("median_ms")
-    for key, v in results["latency"].items():
-        ratio = f"{v['median_ms'] / base:.2f}x" if base else "n/a"
-        lines.append(f"| {key} | {v['median_ms']:.2f} | {v['p95_ms']:.2f} | {v['samples']} | {ratio} |")
-    return "\n".join(lines)
-
-
-# --- Main --------------------------------------------------------------------------------------------
-
-def run(args) -> dict:
-    started = time.monotonic()
-    results: dict = {"machine": machine(), "throughput": {}, "backlog": {}, "counted": {}, "latency": {},
-                     "parameters": {"tasks": args.tasks, "counted_tasks": args.counted_tasks, "backlog": args.backlog,
-                                    "plain_polling_interval": os.environ.get("BENCH_PLAIN_POLLING_INTERVAL", "0.05"),
-                                    "repeats": args.repeats, "concurrency": args.concurrency}}
-    LOG_DIR.mkdir(parents=True, exist_ok=True)
-    with contextlib.ExitStack() as exit_stack:
-        stack = Stack(exit_stack, args.concurrency)
-        # The latency part purges the queue after every sample; moto refuses purges less than
-        # 60 s apart unless told otherwise (real SQS's rule, which the bench has no use for).
-        os.environ["MOTO_SQS_ENFORCE_STRICT_QUEUE_PURGE_BEHAVIOUR"] = "false"
+    def set_up(self) -> None:
+        args = self.args
+        LOG_DIR.mkdir(parents=True, exist_ok=True)
         for old in LOG_DIR.glob("*.log"):
             old.unlink()
-        moto = start_moto_server(log=exit_stack.enter_context(open(LOG_DIR / "moto.log", "wb")))
-        exit_stack.callback(moto.stop)
-        stack.moto_endpoint = moto.endpoint
-        say(f"moto server on {moto.endpoint}")
+        os.environ.update(LOCAL_AWS_ENV)
+        if args.sqs == "localstack":
+            self.emulator = start_localstack(self.stack, LOG_DIR / "localstack.log")
+        else:
+            self.emulator = start_moto(self.stack, LOG_DIR / "moto.log")
+        say(f"{self.emulator.kind} {self.emulator.version} on {self.emulator.endpoint}")
+        if args.sqs == "moto":
+            say("note: moto scans every message of a queue on each receive and send (ReceiveMessage 11 ms at depth "
+                "10, 141 ms at 1,000): the drain and ceiling runs build a backlog, so they measure moto")
 
         import psycopg
 
         from pcelery import schema
 
-        db_name = f"pcelery_bench_{uuid.uuid4().hex[:10]}"
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=10) as conn:
-            conn.execute(f'CREATE DATABASE "{db_name}"')
-
-        def drop_database():
-            with psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=10) as conn:
-                conn.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
-
-        exit_stack.callback(drop_database)
+        names = [c.strip() for c in args.cases.split(",") if c.strip()]
+        pg_url = sqlite_url = None
         admin = PG_ADMIN_URL.split("://", 1)[1].rsplit("/", 1)[0]  # user@host:port
-        pg_url = f"postgresql+psycopg://{admin}/{db_name}"
-
-        stack.proxy_ports = {key: free_port() for key in ("sqs:submit", "sqs:worker", "pg:submit", "pg:worker")}
-        pg_host_port = admin.rsplit("@", 1)[-1]
-        proxy = subprocess.Popen(
-            [sys.executable, "-m", "bench.counting_proxy", "--sqs-upstream", moto.endpoint,
-             "--pg-upstream", pg_host_port, *(f"{k}={v}" for k, v in stack.proxy_ports.items())],
-            cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=exit_stack.enter_context(open(LOG_DIR / "proxy.log", "wb")), start_new_session=True)
-        exit_stack.callback(stop_process_group, proxy, timeout=5)
-        if proxy.stdout.readline().strip() != b"ready":
-            raise BenchError(f"the counting proxy did not start; see {LOG_DIR / 'proxy.log'}")
-
-        user_host = admin.rsplit(":", 1)[0]  # the worker side reaches Postgres through its own proxy port
-        counted_pg = {side: f"postgresql+psycopg://{user_host}:{stack.proxy_ports['pg:' + side]}/{db_name}"
-                            "?sslmode=disable"
-                      for side in ("submit", "worker")}
-        sqlite_path = LOG_DIR / f"bench-{uuid.uuid4().hex[:8]}.sqlite3"
-        exit_stack.callback(lambda: [p.unlink(missing_ok=True) for p in LOG_DIR.glob(f"{sqlite_path.name}*")])
-        sqlite_url = f"sqlite:///{sqlite_path}"
-        for url in (sqlite_url, pg_url):
+        if "postgres" in names:
+            self.pg_database = f"pcelery_bench_{uuid.uuid4().hex[:10]}"
+            with psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=10) as conn:
+                conn.execute(f'CREATE DATABASE "{self.pg_database}"')
+            self.stack.callback(self._drop_database)
+            pg_url = f"postgresql+psycopg://{admin}/{self.pg_database}"
+        if "sqlite" in names:
+            path = LOG_DIR / f"bench-{uuid.uuid4().hex[:8]}.sqlite3"
+            self.stack.callback(lambda: [p.unlink(missing_ok=True) for p in LOG_DIR.glob(f"{path.name}*")])
+            sqlite_url = f"sqlite:///{path}"
+        for url in filter(None, (pg_url, sqlite_url)):
             engine = schema.make_engine(url)
             schema.migrate(engine)
             engine.dispose()
 
-        os.environ.update({**LOCAL_CREDENTIALS, "AWS_REGION": LOCAL_REGION, "AWS_DEFAULT_REGION": LOCAL_REGION})
-        stack.sqs = sqs_client(moto.endpoint)
-        stack.queue_url = create_queues(stack.sqs, CATALOG, ENV)[QUEUE]["url"]
-        say(f"queue {sqs_queue_name(ENV, QUEUE)}; SQLite {sqlite_path}; Postgres database {db_name}")
-        stack.cases = [
-            Case("plain", "plain Celery .delay()"),
-            Case("sqlite", "outbox + claim-check, SQLite", sqlite_url),
-            Case("postgres", "outbox + claim-check, Postgres", pg_url, counted_pg["worker"], counted_pg["submit"]),
-        ]
+        self.proxy = Proxy(self.stack, self.emulator.endpoint, admin.rsplit("@", 1)[-1] if pg_url else None,
+                           sqs_labels=("submit", "worker", "idle-plain", "idle-product"),
+                           pg_labels=("submit", "worker", "idle") if pg_url else (),
+                           log_path=LOG_DIR / "proxy.log")
+        self.queues = Queues(self.emulator.endpoint)
+        self.queues.create(ENV)
+        self.queues.create(IDLE_ENV)
 
-        repeats_done = 0
+        def proxied(label: str) -> str:
+            user_host = admin.rsplit(":", 1)[0]
+            return f"postgresql+psycopg://{user_host}:{self.proxy.pg_port(label)}/{self.pg_database}?sslmode=disable"
+
+        for name in names:
+            if name == "plain":
+                self.cases.append(Case("plain", "plain Celery"))
+            elif name == "postgres":
+                self.cases.append(Case("postgres", "pcelery, Postgres", pg_url, proxied("worker"), proxied("submit"),
+                                       proxied("idle")))
+            elif name == "sqlite":
+                self.cases.append(Case("sqlite", "pcelery, SQLite", sqlite_url))
+        self.worker_conf = product_worker_conf(self.emulator.endpoint, args.concurrency)
+        say(f"queue {self.queues.url(ENV)}; idle queue {self.queues.url(IDLE_ENV)}; "
+            f"Postgres database {self.pg_database or 'none'}")
+
+    def _drop_database(self) -> None:
+        import psycopg
+
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=10) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{self.pg_database}" WITH (FORCE)')
+
+    # -- parts of a run --
+
+    def start_worker(self, case: Case, tag: str, *, endpoint: str | None = None, db_url: str | None = None,
+                     env: str = ENV) -> Worker:
+        self.runs += 1
+        log_path = LOG_DIR / f"{self.runs:02d}-{case.name}-{tag}.log"
+        endpoint = endpoint or self.emulator.endpoint
+        if case.product:
+            worker = start_product_worker(self.stack, case=case.name, endpoint=endpoint, db_url=db_url or case.db_url,
+                                          env=env, concurrency=self.args.concurrency, log_path=log_path)
+        else:
+            worker = start_plain_worker(self.stack, endpoint=endpoint, env=env, concurrency=self.args.concurrency,
+                                        prefetch_multiplier=(self.args.plain_prefetch_multiplier
+                                                             or self.worker_conf["worker_prefetch_multiplier"]),
+                                        log_path=log_path)
+        return worker
+
+    def submitter(self, case: Case, *, endpoint: str | None = None, db_url: str | None = None,
+                  queue_url: str | None = None):
+        endpoint = endpoint or self.emulator.endpoint
+        if case.product:
+            return OutboxSubmitter(endpoint, db_url or case.db_url, self.args.publish_linger)
+        url = queue_url or self.queues.url(ENV)
+        return PlainSubmitter(endpoint, url.replace(self.emulator.endpoint, endpoint, 1))
+
+    def cpu_meter(self, case: Case, worker: Worker) -> CpuMeter:
+        parts: dict = {"submitter": None, **worker_cpu_parts(worker),
+                       "emulator": lambda: process_tree(self.emulator.pid)}
+        if case.name == "postgres":
+            parts["postgres"] = lambda: postgres_backends(self.pg_database)
+        return CpuMeter(parts)
+
+    def end_to_end(self, case: Case, n: int) -> dict:
+        """The worker runs; n tasks submitted as fast as the caller can; first submit to empty."""
+        self.queues.fresh()
+        worker = self.start_worker(case, "e2e")
+        submitter = self.submitter(case)
+        try:
+            worker.wait_ready()
+            submitter.many(WARM_UP_TASKS, self.args.chunk)
+            self.queues.wait_drained(f"{case.name}: warm-up", worker)
+            meter = self.cpu_meter(case, worker)
+            cpu0, t0 = meter.snapshot(), time.time()
+            ids = submitter.many(n, self.args.chunk)
+            t1 = time.time()
+            t2 = self.queues.wait_drained(f"{case.name}: {n} tasks", worker, timeout=self.args.run_timeout)
+            cpu = cpu_diff(meter.snapshot(), cpu0)
+            check_succeeded(case.name, case.db_url, ids)
+            in_task = worker.log.run_seconds(ids)
+        finally:
+            submitter.close()
+            worker.stop()
+        return {"tasks": n, "submit_s": t1 - t0, "drain_s": t2 - t1, "total_s": t2 - t0, "tasks_per_s": n / (t2 - t0),
+                "wall_s": t2 - t0, "cpu_s": cpu, **_in_task(in_task)}
+
+    def drain(self, case: Case, n: int, tag: str = "drain") -> dict:
+        """The worker side alone: n tasks wait in the queue before the worker starts; its ready
+        line (the log's own time stamp) to queue empty."""
+        self.queues.fresh()
+        submitter = self.submitter(case)
+        try:
+            ids = submitter.many(n, self.args.chunk)
+        finally:
+            submitter.close()
+        self.queues.wait_depth(n, f"{case.name}: backlog of {n}")
+        worker = self.start_worker(case, tag)
+        try:
+            ready = worker.wait_ready()
+            meter = self.cpu_meter(case, worker)
+            cpu0, t_cpu0 = meter.snapshot(), time.time()
+            t_empty = self.queues.wait_drained(f"{case.name}: backlog of {n}", worker, timeout=self.args.run_timeout)
+            cpu = cpu_diff(meter.snapshot(), cpu0)
+            check_succeeded(case.name, case.db_url, ids)
+            worker.log.poll()
+            done = sorted(t.done for i in ids if (t := worker.log.tasks.get(i)) and t.done)
+            in_task = worker.log.run_seconds(ids)
+        finally:
+            worker.stop()
+        steady = None
+        if len(done) >= 20:  # the middle 80 % of the successes: no start-up, no tail
+            lo, hi = done[len(done) // 10], done[len(done) * 9 // 10]
+            steady = (len(done) * 9 // 10 - len(done) // 10) / (hi - lo) if hi > lo else None
+        return {"tasks": n, "drain_s": t_empty - ready, "tasks_per_s": n / (t_empty - ready),
+                "steady_tasks_per_s": steady, "wall_s": t_empty - t_cpu0, "cpu_s": cpu, **_in_task(in_task)}
+
+    def counted(self, case: Case, mode: str) -> dict:
+        """Steady load through the counting proxy: the worker runs, tasks arrive at --rate."""
+        args = self.args
+        self.queues.fresh()
+        worker = self.start_worker(case, f"counted-{mode}", endpoint=self.proxy.sqs_endpoint("worker"),
+                                   db_url=case.counted_worker_db)
+        submitter = self.submitter(case, endpoint=self.proxy.sqs_endpoint("submit"), db_url=case.counted_submit_db)
+        chunk = args.counted_chunk if mode == "submit_many" else 1
+
+        def submit(k: int) -> list[str]:
+            return submitter.many(k, chunk) if mode == "submit_many" else [submitter.single() for _ in range(k)]
+
+        try:
+            worker.wait_ready()
+            submit(WARM_UP_TASKS)
+            self.queues.wait_drained(f"{case.name}: counted warm-up", worker)
+            time.sleep(SETTLE)
+            before, t0 = self.proxy.counts(), time.time()
+            ids = paced(submit, args.counted_tasks, args.rate, chunk)
+            t1 = time.time()
+            t2 = self.queues.wait_drained(f"{case.name}: counted {mode}", worker, timeout=args.run_timeout)
+            check_succeeded(case.name, case.db_url, ids)
+            time.sleep(SETTLE)
+            counts = count_diff(self.proxy.counts(), before)
+        finally:
+            submitter.close()
+            worker.stop()
+        return {"mode": mode, "tasks": len(ids), "chunk": chunk, "rate": args.rate, "submit_s": t1 - t0,
+                "publish_linger": getattr(submitter, "publish_linger", None),
+                "total_s": t2 - t0, "tasks_per_s": len(ids) / (t2 - t0),
+                "submit": counts.get("submit", {}), "worker": counts.get("worker", {})}
+
+    def latency(self, case: Case) -> dict:
+        """One task at a time: submit, wait for its success line, LATENCY_GAP, the next one."""
+        self.queues.fresh()
+        worker = self.start_worker(case, "latency")
+        submitter = self.submitter(case)
+        samples: dict[str, list[float]] = {"call": [], "received": [], "started": [], "done": []}
+        try:
+            worker.wait_ready()
+            for i in range(LATENCY_WARM_UP + self.args.latency_samples):
+                time.sleep(LATENCY_GAP)
+                t0 = time.time()
+                task_id = submitter.single()
+                t_call = time.time()
+                times = worker.log.wait_done(task_id, timeout=60, proc=worker.proc)
+                if i < LATENCY_WARM_UP:
+                    continue
+                samples["call"].append(t_call - t0)
+                samples["done"].append(times.done - t0)
+                if times.started is not None:
+                    samples["started"].append(times.started - t0)
+                if times.received is not None:
+                    samples["received"].append(times.received - t0)
+        finally:
+            submitter.close()
+            worker.stop()
+        return {k: {"median_s": statistics.median(v), "p95_s": percentile(v, 95), "samples": len(v)}
+                for k, v in samples.items() if v}
+
+    def idle_start(self) -> None:
+        """One idle worker per kind (plain, product) on the idle queues, counted through the
+        proxy while the next parts run."""
+        product = next((c for c in self.cases if c.name == "postgres"), None) or next(
+            (c for c in self.cases if c.product), None)
+        wanted = [c for c in self.cases if not c.product][:1] + ([product] if product else [])
+        for case in wanted:
+            label = "idle-plain" if not case.product else "idle-product"
+            db = case.idle_db or case.db_url
+            self.idle[case.name] = self.start_worker(case, "idle", endpoint=self.proxy.sqs_endpoint(label),
+                                                     db_url=db, env=IDLE_ENV)
+        for worker in self.idle.values():
+            worker.wait_ready()
+        time.sleep(self.args.idle_settle)
+        self.idle_counts_before = self.proxy.counts()
+        self.idle_window = (time.time(), 0.0)
+        say(f"idle: {', '.join(self.idle)} worker(s) counted for {self.args.idle_seconds:.0f} s from now")
+
+    def idle_finish(self) -> dict:
+        start = self.idle_window[0]
+        left = start + self.args.idle_seconds - time.time()
+        if left > 0:
+            say(f"idle: waiting {left:.0f} s more")
+            time.sleep(left)
+        end = time.time()
+        counts = count_diff(self.proxy.counts(), self.idle_counts_before)
+        out = {}
+        for name, worker in self.idle.items():
+            label = "idle-plain" if name == "plain" else "idle-product"
+            if worker.proc.poll() is not None:
+                raise BenchError(f"the idle {name} worker exited with code {worker.proc.returncode}; see "
+                                 f"{worker.log_path}")
+            events = sorted(t for t, _ in self.proxy.events(label) if start <= t < end)
+            by_action = {k: v for k, v in counts.get(label, {}).items()}
+            out[name] = {"window_s": end - start, "requests": len(events), "by_action": by_action,
+                         "first_to_last_s": events[-1] - events[0] if len(events) > 1 else None,
+                         "queues": 1,
+                         "postgres": counts.get("idle", {}) if name != "plain" else {}}
+            worker.stop()
+        self.queues.fresh(IDLE_ENV)
+        return out
+
+
+def _in_task(seconds: list[float]) -> dict:
+    if not seconds:
+        return {"in_task_median_ms": None, "in_task_p95_ms": None}
+    return {"in_task_median_ms": statistics.median(seconds) * 1000, "in_task_p95_ms": percentile(seconds, 95) * 1000}
+
+
+def machine(emulator: Any) -> dict:
+    import sqlite3
+
+    import boto3
+    import celery
+    import kombu
+    import psycopg
+    import sqlalchemy
+
+    pg_version = "?"
+    with contextlib.suppress(Exception), psycopg.connect(PG_ADMIN_URL, connect_timeout=10) as conn:
+        pg_version = conn.execute("SHOW server_version").fetchone()[0]
+    return {"nproc": os.cpu_count(), "python": platform.python_version(), "celery": celery.__version__,
+            "kombu": kombu.__version__, "boto3": boto3.__version__, "sqlalchemy": sqlalchemy.__version__,
+            "psycopg": psycopg.__version__, "sqlite": sqlite3.sqlite_version, "postgres": pg_version,
+            "emulator": f"{emulator.kind} {emulator.version}", "load_average_at_start": os.getloadavg(),
+            "runtime": environment_fingerprint()}
+
+
+def product_settings(conf: dict) -> dict:
+    """The delivery settings both apps run with (harness.product_worker_conf)."""
+    options = conf.get("broker_transport_options", {})
+    return {"prefetch_multiplier": conf.get("worker_prefetch_multiplier"),
+            "acks_late": conf.get("task_acks_late"),
+            "polling_interval": options.get("polling_interval"),
+            "wait_time_seconds": options.get("wait_time_seconds"),
+            "worker_concurrency": conf.get("worker_concurrency"),
+            "product_only_options": {k: v for k, v in options.items() if k.startswith("pcelery")}}
+
+
+def run(args: argparse.Namespace) -> dict:
+    started = time.time()
+    results: dict[str, Any] = {"throughput": {}, "drain": {}, "ceiling": {}, "counted": {}, "idle": {},
+                               "latency": {}, "phases_s": {}, "warm_up_tasks": WARM_UP_TASKS}
+    with contextlib.ExitStack() as stack:
+        bench = Bench(stack, args)
+        bench.set_up()
+        results["machine"] = machine(bench.emulator)
+        results["settings"] = product_settings(bench.worker_conf)
+        results["cases"] = {c.name: c.label for c in bench.cases}
+        phase = time.time()
         for repeat in range(args.repeats):
-            elapsed = time.monotonic() - started
-            # Next repeat, then the backlog, counted and latency parts: about 1.2 repeats together.
-            if repeat and elapsed + elapsed / repeat * 2.2 > TIME_BUDGET:
-                say(f"time budget: stopping after {repeat} repeat(s) ({elapsed:.0f} s so far)")
-                break
-            for case in stack.cases:
-                timing, _ = throughput(stack, case, args.tasks)
-                results["throughput"].setdefault(case.label, []).append(timing)
-                say(f"repeat {repeat + 1} {case.name}: {timing['tasks_per_s']:.1f} tasks/s "
+            for case in bench.cases:
+                timing = bench.end_to_end(case, args.tasks)
+                results["throughput"].setdefault(case.name, []).append(timing)
+                say(f"repeat {repeat + 1} {case.name} end to end: {timing['tasks_per_s']:.1f} tasks/s "
                     f"(submit {timing['submit_s']:.2f} s, drain {timing['drain_s']:.2f} s)")
-            repeats_done += 1
-        results["parameters"]["repeats_done"] = repeats_done
+            for case in bench.cases:
+                timing = bench.drain(case, args.tasks)
+                results["drain"].setdefault(case.name, []).append(timing)
+                say(f"repeat {repeat + 1} {case.name} worker-only drain: {timing['tasks_per_s']:.1f} tasks/s "
+                    f"({args.tasks} in {timing['drain_s']:.2f} s)")
+        results["phases_s"]["throughput"] = time.time() - phase
 
-        for case in stack.cases:
-            results["backlog"][case.label] = timing = backlog_drain(stack, case, args.backlog)
-            say(f"backlog {case.name}: {timing['tasks_per_s']:.1f} tasks/s "
-                f"({args.backlog} tasks in {timing['drain_s']:.2f} s)")
+        phase = time.time()
+        for case in bench.cases:
+            if case.product and args.ceiling_tasks:
+                results["ceiling"][case.name] = timing = bench.drain(case, args.ceiling_tasks, tag="ceiling")
+                say(f"ceiling {case.name}: {timing['tasks_per_s']:.1f} tasks/s ({args.ceiling_tasks} in "
+                    f"{timing['drain_s']:.2f} s; steady {timing['steady_tasks_per_s'] or 0:.1f})")
+        results["phases_s"]["ceiling"] = time.time() - phase
 
-        for case in stack.cases:
-            timing, counts = throughput(stack, case, args.counted_tasks, counted=True)
-            results["counted"][case.label] = {"timing": timing, "counts": counts}
-            say(f"counted {case.name}: {json.dumps(counts)}")
+        phase = time.time()
+        if args.idle_seconds:
+            bench.idle_start()
+        for case in bench.cases:
+            modes = ["submit_many", "submit"] if case.product else ["delay"]
+            for mode in modes:
+                key = f"{case.name}: {mode}"
+                results["counted"][key] = counted = bench.counted(case, mode)
+                say(f"counted {key}: submit {json.dumps(counted['submit'])} worker {json.dumps(counted['worker'])}")
+        results["phases_s"]["counted"] = time.time() - phase
 
-        results["latency"] = latency(stack, args.latency_rounds, args.singles_per_round, args.batch)
-        say(f"latency: {json.dumps(results['latency'])}")
-    results["elapsed_s"] = time.monotonic() - started
+        phase = time.time()
+        for case in bench.cases:
+            results["latency"][case.name] = lat = bench.latency(case)
+            say(f"latency {case.name}: done median {lat['done']['median_s'] * 1000:.1f} ms, "
+                f"p95 {lat['done']['p95_s'] * 1000:.1f} ms")
+        results["phases_s"]["latency"] = time.time() - phase
+        if args.idle_seconds:
+            phase = time.time()
+            results["idle"] = bench.idle_finish()
+            results["phases_s"]["idle (beyond the parts it overlapped)"] = time.time() - phase
+            say(f"idle: {json.dumps({k: (v['requests'], round(v['window_s'])) for k, v in results['idle'].items()})}")
+    results["elapsed_s"] = time.time() - started
+    results["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    say("phases: " + ", ".join(f"{k} {v:.0f} s" for k, v in results["phases_s"].items()))
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tasks", type=int, default=300, help="tasks per throughput run (default 300)")
-    parser.add_argument("--counted-tasks", type=int, default=100,
-                        help="tasks in each case's counted run (default 100; counts are per task)")
-    parser.add_argument("--backlog", type=int, default=100,
-                        help="tasks queued before the worker starts, in each case's backlog run (default 100)")
+    parser.add_argument("--sqs", choices=("localstack", "moto"), default="localstack",
+                        help="the SQS emulator (default localstack; moto's receive and send slow down with queue "
+                             "depth, so its backlog figures measure moto)")
+    parser.add_argument("--cases", default="plain,postgres",
+                        help="comma-separated, from plain, postgres, sqlite (default plain,postgres)")
+    parser.add_argument("--tasks", type=int, default=1000,
+                        help="tasks per end-to-end run and per worker-only drain (default 1000)")
     parser.add_argument("--repeats", type=int, default=3, help="throughput repeats per case (default 3)")
+    parser.add_argument("--ceiling-tasks", type=int, default=3000,
+                        help="backlog of the product's ceiling run (default 3000; 0 skips it)")
+    parser.add_argument("--counted-tasks", type=int, default=500, help="tasks per counted run (default 500)")
+    parser.add_argument("--rate", type=float, default=50.0,
+                        help="tasks/s the counted runs submit at: the steady load, below one worker's rate before "
+                             "issue 9 (default 50)")
+    parser.add_argument("--counted-chunk", type=int, default=10,
+                        help="tasks per submit_many transaction in the counted runs (default 10: one "
+                             "SendMessageBatch every chunk/rate seconds, a steady stream rather than bursts)")
+    parser.add_argument("--chunk", type=int, default=100,
+                        help="tasks per submit_many transaction (default 100); plain submits one .delay() each")
+    parser.add_argument("--idle-seconds", type=float, default=120.0,
+                        help="how long the idle workers are counted (default 120; 0 skips it)")
+    parser.add_argument("--idle-settle", type=float, default=5.0,
+                        help="seconds after the idle workers' ready lines before counting starts (default 5)")
+    parser.add_argument("--latency-samples", type=int, default=50, help="light-load samples per case (default 50)")
+    parser.add_argument("--publish-linger", type=float, default=None,
+                        help="Outbox.from_settings(publish_linger=...) for the product's submitter (default: not "
+                             "passed, the product's default)")
     parser.add_argument("--concurrency", type=int, default=CATALOG.get(QUEUE).concurrency,
-                        help="worker pool size for every case (default: the catalog's, %(default)s)")
-    parser.add_argument("--latency-rounds", type=int, default=10, help="latency rounds (default 10)")
-    parser.add_argument("--singles-per-round", type=int, default=10, help="single submits per round (default 10)")
-    parser.add_argument("--batch", type=int, default=100, help="submit_many size in the latency part (default 100)")
+                        help="worker pool size for every case (default: the catalog's, %(default)s, what "
+                             "pcelery-worker uses)")
+    parser.add_argument("--plain-prefetch-multiplier", type=int, default=1,
+                        help="plain Celery's prefetch multiplier (default 1: plain Celery on SQS with late acks "
+                             "as the product ran before issue 9 and as the issue's baseline measured it, since "
+                             "without a visibility keeper a prefetched message can outlive its visibility "
+                             "timeout; 0: the product's own multiplier)")
+    parser.add_argument("--run-timeout", type=float, default=600.0, help="longest one run may take (default 600 s)")
+    parser.add_argument("--label", default="",
+                        help="what this run measures, e.g. 'before: runtime at f7cf40b' (written into RESULTS.md)")
+    parser.add_argument("--results", default=str(REPO_ROOT / "bench" / "RESULTS.md"),
+                        help="where the report goes (default bench/RESULTS.md; '-' writes none)")
+    parser.add_argument("--baseline", default=str(REPO_ROOT / "bench" / "baseline.json"),
+                        help="figures of an earlier run, shown as 'before' (default bench/baseline.json)")
+    parser.add_argument("--save-baseline", action="store_true",
+                        help="write this run's figures to --baseline (this run becomes the 'before')")
     parser.add_argument("--json", type=Path, default=LOG_DIR / "results.json",
-                        help="where the raw results go (default var/bench/results.json)")
+                        help="raw results (default var/bench/results.json)")
     args = parser.parse_args(argv)
-    if min(args.tasks, args.counted_tasks, args.backlog, args.repeats, args.concurrency, args.latency_rounds,
-           args.singles_per_round, args.batch) < 1:
-        parser.error("every size must be at least 1")
+    if min(args.tasks, args.repeats, args.counted_tasks, args.latency_samples, args.concurrency, args.chunk,
+           args.counted_chunk) < 1:
+        parser.error("--tasks, --repeats, --counted-tasks, --latency-samples, --concurrency, --chunk and "
+                     "--counted-chunk must be at least 1")
+    if args.rate <= 0:
+        parser.error("--rate must be positive")
+    unknown = {c.strip() for c in args.cases.split(",")} - {"plain", "postgres", "sqlite", ""}
+    if unknown or "plain" not in args.cases:
+        parser.error(f"--cases: plain plus any of postgres, sqlite (got {args.cases!r})")
 
     def on_sigterm(signum, _frame):
         raise KeyboardInterrupt  # unwinds the ExitStack: every process stopped, the database dropped
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    command = "python -m bench.run" + ("" if argv is None and len(sys.argv) == 1 else
+                                       " " + subprocess.list2cmdline(sys.argv[1:] if argv is None else argv))
     try:
         results = run(args)
     except KeyboardInterrupt:
         say("interrupted: stopped every process this bench started")
         return 130
-    except BenchError as exc:
-        say(f"bench failed: {exc}")
-        return 1
-    except OSError as exc:  # a port or file the bench could not use
+    except (BenchError, OSError) as exc:
         say(f"bench failed: {exc}")
         return 1
     except Exception as exc:
@@ -643,9 +554,22 @@ def main(argv: list[str] | None = None) -> int:
                 "start it, or point PCELERY_TEST_PG at an admin URL of one that may CREATE DATABASE")
             return 1
         raise
+    results["parameters"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    results["command"] = command
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2))
-    print(report(results))
+    baseline_path = Path(args.baseline)
+    baseline = None
+    if args.save_baseline:
+        baseline_path.write_text(json.dumps(report.baseline_figures(results), indent=2) + "\n")
+        say(f"baseline written to {baseline_path}")
+    elif baseline_path.exists():
+        baseline = json.loads(baseline_path.read_text())
+    text = report.render(results, baseline=baseline, is_baseline=args.save_baseline)
+    print(report.tables(results, baseline=baseline))
+    if args.results != "-":
+        Path(args.results).write_text(text)
+        say(f"report written to {args.results}")
     say(f"done in {results['elapsed_s']:.0f} s; raw results in {args.json}")
     return 0
 
