@@ -27,6 +27,9 @@ SQS_MAX_VISIBILITY = 12 * 3600
 SQS_MIN_RETENTION = 60
 SQS_MAX_RETENTION = 14 * 24 * 3600
 SQS_MAX_DELAY = 15 * 60
+# The longest countdown/ETA a contract may allow: a task due later is held in the store
+# (`scheduled`) and published by the relay when it is due, so only the store bounds it.
+MAX_COUNTDOWN = 365 * 24 * 3600
 SQS_MAX_RECEIVE_COUNT = (1, 1000)
 SQS_MAX_NAME_LENGTH = 80
 DLQ_RETENTION = SQS_MAX_RETENTION  # a dead task must outlive any weekend
@@ -42,6 +45,49 @@ _NAME_RE = re.compile(r"^[a-z][a-z0-9-]*$")
 
 class CatalogError(ValueError):
     """A queue contract that cannot hold. The message names the queue, the field and the fix."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetryPolicy:
+    """How a failed attempt is retried, on a queue's contract or on one task. A failure whose
+    exception `retry_on` names comes back after a backoff (the worker shortens its message's
+    visibility to it) instead of after a whole visibility timeout: backoff, 2 x backoff, 4 x ...
+    capped at backoff_max, with jitter (each delay drawn from its upper half). Any other exception,
+    or the failure of the last of `max_attempts`, dead-letters at once: the worker sends the
+    message to the DLQ itself rather than spending the remaining receives.
+
+    retry_on: exception classes, or their names (`"TimeoutError"`, `"requests.ConnectionError"`:
+    matched against the class and its bases), so a catalog names them without importing them."""
+
+    max_attempts: int
+    retry_on: tuple[type[BaseException] | str, ...] = (Exception,)
+    backoff: float = 1.0
+    backoff_max: float = 60.0
+    jitter: bool = True
+
+    def problems(self, max_receive_count: int) -> Iterator[str]:
+        if not 1 <= self.max_attempts <= max_receive_count:
+            yield (f"retry.max_attempts={self.max_attempts} must be 1..max_receive_count={max_receive_count}: "
+                   "SQS dead-letters a message after maxReceiveCount receives, so more attempts never happen; "
+                   "lower max_attempts or raise max_receive_count")
+        if not 0 < self.backoff <= self.backoff_max:
+            yield (f"retry.backoff={self.backoff} must be above 0 and at most backoff_max={self.backoff_max}: "
+                   "fix the pair")
+        if self.backoff_max > SQS_MAX_VISIBILITY:
+            yield (f"retry.backoff_max={self.backoff_max} exceeds the {SQS_MAX_VISIBILITY} s a message can be "
+                   "held invisible: lower it")
+        if not self.retry_on:
+            yield "retry.retry_on is empty: name the exceptions that retry, e.g. (TimeoutError,)"
+
+    def retries(self, exc: BaseException) -> bool:
+        """True when `exc` is one of retry_on (by class, or by name along its class's bases)."""
+        names = {n for cls in type(exc).__mro__ for n in (cls.__name__, f"{cls.__module__}.{cls.__qualname__}")}
+        return any(isinstance(exc, k) if isinstance(k, type) else k in names for k in self.retry_on)
+
+    def delay(self, attempt: int, draw: float = 1.0) -> float:
+        """Seconds before attempt + 1, given a uniform draw in [0, 1) for the jitter."""
+        ceiling = min(self.backoff_max, self.backoff * 2 ** max(0, attempt - 1))
+        return ceiling / 2 + ceiling / 2 * draw if self.jitter else ceiling
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,6 +115,9 @@ class QueueContract:
     max_workers: int = 4
     backlog_per_worker: int = 20  # scaling target: visible messages per running worker task
     visibility_margin: int = VISIBILITY_MARGIN
+    # Backoff retries for every task of the queue (a task's own policy replaces it); None: a
+    # failure comes back after the visibility timeout, up to max_receive_count receives.
+    retry: RetryPolicy | None = None
 
     @property
     def heartbeat_interval(self) -> int:
@@ -86,7 +135,7 @@ class QueueContract:
         A message may legitimately wait for its countdown and then for one full run of a task
         ahead of it; beyond that plus the visibility timeout, workers are not keeping up.
         """
-        return max(300, self.max_countdown + self.visibility_timeout + self.uncovered_run)
+        return max(300, min(self.max_countdown, SQS_MAX_DELAY) + self.visibility_timeout + self.uncovered_run)
 
     def validate(self) -> None:
         problems = list(self._problems())
@@ -148,16 +197,13 @@ class QueueContract:
                 f"{SQS_MAX_VISIBILITY} s SQS allows a message to stay invisible even with heartbeats: "
                 "split the task"
             )
-        if self.max_countdown >= self.visibility_timeout:
+        if self.max_countdown > MAX_COUNTDOWN:
             yield (
-                f"max_countdown={self.max_countdown} must be below visibility_timeout="
-                f"{self.visibility_timeout}: a held message would be delivered again; lower max_countdown"
+                f"max_countdown={self.max_countdown} exceeds the {MAX_COUNTDOWN} s (365 days) a task may be "
+                "held: lower it"
             )
-        if self.max_countdown > SQS_MAX_DELAY:
-            yield (
-                f"max_countdown={self.max_countdown} exceeds SQS's {SQS_MAX_DELAY} s message delay: "
-                f"lower it to {SQS_MAX_DELAY} or less"
-            )
+        if self.retry is not None:
+            yield from self.retry.problems(self.max_receive_count)
         if self.min_workers > self.max_workers:
             yield (
                 f"min_workers={self.min_workers} exceeds max_workers={self.max_workers}: "

@@ -9,7 +9,7 @@ checks the shapes this module relies on, and requirements pin the range it was t
   handle is the message's `delivery_tag`.
 - `PersistentRequest` (the main process's side of a delivery, a `celery.worker.request.Request`
   subclass): a lost pool child's row is released and a hard time limit recorded, which the child
-  cannot do itself; LeftForRedelivery and RedundantCopy are turned into reject / ack without
+  cannot do itself; LeftForRedelivery and RedundantCopy / DeadLettered are turned into reject / ack without
   recording a failure.
 - `PersistentConsumer` (a `celery.worker.consumer.Consumer` subclass): messages that cannot be
   decoded or name no registered task are rejected, never acked (kombu deletes an acked message;
@@ -51,6 +51,7 @@ from kombu.transport.SQS import Transport as SQSTransport
 from pcelery import store
 from pcelery.messages import envelope_problem
 from pcelery.worker import (
+    DeadLettered,
     LeftForRedelivery,
     RedundantCopy,
     StoreUnavailable,
@@ -108,6 +109,11 @@ class PersistentRequest(Request):
         if isinstance(exc, RedundantCopy):
             worker_state.task_ready(self)
             logger.info("task %s[%s] redundant copy acked: %s", self.name, self.id, exc)
+            self.acknowledge()
+            return
+        if isinstance(exc, DeadLettered):
+            # Its copy is in the DLQ and its row dead: this message is done with.
+            worker_state.task_ready(self)
             self.acknowledge()
             return
         if isinstance(exc, StoreUnavailable):

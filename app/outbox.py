@@ -161,7 +161,7 @@ class Publisher:
     def _send_batch(self, url: str, queue: str, rows: list[OutboxEntry]) -> dict[str, str]:
         def entry(i: int, row: OutboxEntry) -> dict[str, Any]:
             return {"Id": str(i), "MessageBody": encode_body(row.id, row.task_name, queue=queue),
-                    "DelaySeconds": int(row.delay_seconds or 0)}
+                    "DelaySeconds": row.delay_now()}
 
         if len(rows) == 1:
             e = entry(0, rows[0])
@@ -457,16 +457,30 @@ class Outbox:
     def add(self, conn: sa.Connection, task_name: str, args: Any, kwargs: Any, *, queue: str | None = None,
             countdown: float = 0, task_id: str | None = None) -> str:
         """`submit` with the arguments as a list and a dict (no clash with submit's own keywords)."""
-        unit = self._unit_for(conn)
-        queue, delay = self.validate(task_name, args, kwargs, queue, countdown, task_id)
-        row = store.task_row(task_id=task_id or str(uuid.uuid4()), task_name=task_name, queue=queue,
-                             args=list(args), kwargs=kwargs, delay_seconds=delay)
-        if task_id is None:
-            store.insert_tasks(conn, [row])
-        elif not self._insert_if_new(conn, row):
+        if task_id is not None:
+            self.add_once(conn, task_name, args, kwargs, task_id=task_id, queue=queue, countdown=countdown)
             return task_id
+        unit = self._unit_for(conn)
+        queue, delay = self.validate(task_name, args, kwargs, queue, countdown)
+        row = store.task_row(task_id=str(uuid.uuid4()), task_name=task_name, queue=queue, args=list(args),
+                             kwargs=kwargs, delay_seconds=delay)
+        store.insert_tasks(conn, [row])
         self._remember(conn, unit, [row])
         return row["id"]
+
+    def add_once(self, conn: sa.Connection, task_name: str, args: Any, kwargs: Any, *, task_id: str,
+                 queue: str | None = None, countdown: float = 0) -> bool:
+        """The idempotent submit of `task_id`: True when this call inserted the row (and publishes
+        it after commit), False when it existed with the same task and arguments (SubmitError
+        when with others). The insert never aborts the caller's transaction."""
+        unit = self._unit_for(conn)
+        queue, delay = self.validate(task_name, args, kwargs, queue, countdown, task_id)
+        row = store.task_row(task_id=task_id, task_name=task_name, queue=queue, args=list(args), kwargs=kwargs,
+                             delay_seconds=delay)
+        if not self._insert_if_new(conn, row):
+            return False
+        self._remember(conn, unit, [row])
+        return True
 
     def submit_many(self, conn: sa.Connection, items: Iterable[tuple[str, list | tuple, dict]], *,
                     queue: str | None = None, countdown: float = 0) -> list[str]:
@@ -490,7 +504,10 @@ class Outbox:
         return [r["id"] for r in rows]
 
     def _remember(self, conn: sa.Connection, unit: _Unit, rows: list[dict[str, Any]]) -> None:
-        unit.rows.extend(OutboxEntry(r["id"], r["task_name"], r["queue"], r["delay_seconds"]) for r in rows)
+        # A `scheduled` row (due beyond SQS's delay) is the relay's to publish when it falls due.
+        rows = [r for r in rows if r["state"] == "pending"]
+        unit.rows.extend(OutboxEntry(r["id"], r["task_name"], r["queue"], r["delay_seconds"], r["due_at"])
+                         for r in rows)
         if conn.in_nested_transaction():
             unit.in_savepoint.update(r["id"] for r in rows)
 

@@ -26,9 +26,13 @@ worker-only variable.
 | PCELERY_CELERY_APP        | worker  | the team's Celery app, module:attribute (default pcelery.worker:app) |
 | PCELERY_CONCURRENCY       | worker  | pool size (default: the largest `concurrency` of the consumed queues) |
 | PCELERY_WORKER_NAME       | worker  | Celery node name (default <queues>@<host>)                  |
+| PCELERY_SCHEDULES         | scheduler, ops | schedules as module:ATTRIBUTE (a list of pcelery.scheduler.Schedule) |
+| PCELERY_TASK_MODULES      | scheduler | optional there: imported so scheduled tasks' declared queues are known |
 | PCELERY_RELAY_MIN_AGE     | relay   | seconds a row stays pending before the relay sends it (default 30) |
 | PCELERY_RELAY_INTERVAL    | relay   | seconds between relay passes when idle (default 5)          |
 | PCELERY_LOCAL_DIR         | dev harness | state of `ops local up` (default ./var/local)          |
+| PCELERY_RUNTIME_DB_USER, _PASSWORD | migrate | the runtime role's login (workers, relay), which it creates |
+| PCELERY_OPS_DB_USER, _PASSWORD | migrate | the ops role's login (the ops CLI), likewise (infra/README.md) |
 | OPS_PARSE_ONLY            | ops     | 1: parse the command line, exit 0, run nothing              |
 """
 
@@ -40,7 +44,7 @@ import os
 import re
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
@@ -201,6 +205,45 @@ class RelaySettings:
         )
 
 
+@dataclass(frozen=True)
+class SchedulerSettings:
+    """What `pcelery-scheduler` reads on top of Settings."""
+
+    schedules: str  # module:ATTRIBUTE
+    task_modules: tuple[str, ...]
+    celery_app: str | None
+    log_level: str
+    startup_timeout: float = DEFAULT_STARTUP_TIMEOUT
+
+    @classmethod
+    def from_env(cls, environ: Environ | None = None) -> SchedulerSettings:
+        e = _environ(environ)
+        spec = schedules_spec(e)
+        if spec is None:
+            raise SettingsError("PCELERY_SCHEDULES is not set: name your schedules as module:ATTRIBUTE, e.g. "
+                                "'myproject.schedules:SCHEDULES' (a list of pcelery.scheduler.Schedule)")
+        return cls(
+            schedules=spec,
+            task_modules=_task_modules(e),
+            celery_app=_celery_app(e) if e.get("PCELERY_CELERY_APP") else None,
+            log_level=log_level(e),
+            startup_timeout=_seconds(e, "PCELERY_STARTUP_TIMEOUT", DEFAULT_STARTUP_TIMEOUT),
+        )
+
+
+def schedules_spec(environ: Environ | None = None) -> str | None:
+    """PCELERY_SCHEDULES (module:ATTRIBUTE), or None when unset (the scheduler requires it; `ops
+    schedules` then shows the store's record alone)."""
+    spec = (_environ(environ).get("PCELERY_SCHEDULES") or "").strip()
+    if not spec:
+        return None
+    module, _, attribute = spec.partition(":")
+    if not module or not attribute or not all(p.isidentifier() for p in (*module.split("."), attribute)):
+        raise SettingsError(f"PCELERY_SCHEDULES={spec!r} must name your schedules as module:ATTRIBUTE, e.g. "
+                            "'myproject.schedules:SCHEDULES' (a list of pcelery.scheduler.Schedule)")
+    return spec
+
+
 def log_level(environ: Environ | None = None) -> str:
     e = _environ(environ)
     level = (e.get("PCELERY_LOG_LEVEL") or "INFO").upper()
@@ -271,6 +314,51 @@ def database_url(environ: Environ | None = None) -> str:
     """The store's SQLAlchemy URL alone (Settings.database_url): what a Django project's settings
     read (pcelery.django.database_settings) before anything else of the product is configured."""
     return _database_url(_environ(environ))
+
+
+# The database roles `pcelery-migrate` provisions beside the schema, in this order. Each is a
+# login (user and password, from its own Secrets Manager secret on ECS) that the migration creates
+# if missing, gives that password and grants exactly its privileges (pcelery.schema.ensure_roles).
+ROLE_KINDS = ("runtime", "ops")
+# A Postgres role name as the product writes them: unquoted, lower case (pcelery_prod_runtime).
+_ROLE_NAME_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+@dataclass(frozen=True)
+class DatabaseRole:
+    """One login `pcelery-migrate` provisions: `kind` is "runtime" (workers and relay) or "ops"
+    (the ops CLI); `user` is the login its secret names now (after a multi-user rotation, the
+    role's `_clone`)."""
+
+    kind: str
+    user: str
+    password: str = field(repr=False)
+
+
+def database_roles(environ: Environ | None = None) -> tuple[DatabaseRole, ...]:
+    """The roles given to `pcelery-migrate`: PCELERY_<KIND>_DB_USER and PCELERY_<KIND>_DB_PASSWORD
+    per kind, both or neither. None given: the migration manages no role (local runs, Django's
+    `manage.py migrate`), and every process uses the connection's own user."""
+    e = _environ(environ)
+    roles = []
+    for kind in ROLE_KINDS:
+        user_var, password_var = f"PCELERY_{kind.upper()}_DB_USER", f"PCELERY_{kind.upper()}_DB_PASSWORD"
+        user, password = e.get(user_var) or "", e.get(password_var) or ""
+        if not user and not password:
+            continue
+        if not user or not password:
+            missing = user_var if not user else password_var
+            raise SettingsError(f"{missing} is not set but its pair is: set both (ECS passes them from the role's "
+                                "secret) or neither")
+        if not _ROLE_NAME_RE.match(user):
+            raise SettingsError(f"{user_var}={user!r} is not a role name this product uses: lower-case letters, "
+                                "digits and _, not starting with a digit, at most 63 characters")
+        roles.append(DatabaseRole(kind, user, password))
+    users = [r.user.removesuffix("_clone") for r in roles]
+    if len(set(users)) < len(users):
+        raise SettingsError(f"PCELERY_RUNTIME_DB_USER and PCELERY_OPS_DB_USER name the same role {users[0]!r}: "
+                            "each role has its own login")
+    return tuple(roles)
 
 
 def _database_url(e: Environ) -> str:

@@ -29,16 +29,21 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import math
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import sqlalchemy as sa
 
-from pcelery.schema import UTC, autocommit_write, begin, tasks, utcnow
+from pcelery.schema import UTC, autocommit_write, begin, schedules, tasks, utcnow
 
-STATES = ("pending", "queued", "running", "succeeded", "failed", "dead", "cancelled")
-CANCELLABLE = ("pending", "queued", "failed")  # not yet run to a verdict, and not running now
+STATES = ("scheduled", "pending", "queued", "running", "succeeded", "failed", "dead", "cancelled")
+CANCELLABLE = ("scheduled", "pending", "queued", "failed")  # not yet run to a verdict, and not running now
+# SQS holds a message back at most this long (DelaySeconds); a task due later waits in the store
+# as `scheduled` until the relay publishes it with the rest of its delay.
+SQS_MAX_DELAY = 15 * 60
+ATTEMPT_ERROR_CHARS = 500  # each attempt's error in attempt_errors; the last one in full in `error`
 # States a delivery may run from; `running` joins them once its lease has expired.
 _CLAIMABLE = ("pending", "queued", "failed", "dead")
 
@@ -77,6 +82,15 @@ class OutboxEntry:
     task_name: str
     queue: str  # catalog queue name
     delay_seconds: int = 0
+    due_at: dt.datetime | None = None  # when set, the delay is what is left of it at publishing
+
+    def delay_now(self, now: dt.datetime | None = None) -> int:
+        """DelaySeconds for SQS: the rest of the countdown (a row published late by the relay, or
+        a scheduled one published ahead of its due time), within SQS's 0..SQS_MAX_DELAY."""
+        if self.due_at is None:
+            return max(0, min(SQS_MAX_DELAY, int(self.delay_seconds or 0)))
+        left = (self.due_at - (now or utcnow())).total_seconds()
+        return max(0, min(SQS_MAX_DELAY, math.ceil(left)))
 
 
 @dataclass(frozen=True)
@@ -102,6 +116,8 @@ class TaskRow:
     queued_at: dt.datetime | None
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
+    due_at: dt.datetime | None = None
+    attempt_errors: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def from_db(cls, row: sa.Row) -> TaskRow:
@@ -112,6 +128,7 @@ class TaskRow:
                 with contextlib.suppress(TypeError, ValueError):
                     values[key] = json.loads(values[key])
         known: dict[str, Any] = {f.name: values.get(f.name) for f in fields(cls)}
+        known["attempt_errors"] = _json_lines(values.get("attempt_errors"))
         return cls(**known)
 
     def as_json(self) -> dict[str, Any]:
@@ -125,6 +142,16 @@ class PendingSummary:
 
     count: int
     oldest_age_seconds: float
+
+
+def _json_lines(text: str | None) -> list[dict[str, Any]]:
+    entries = []
+    for line in (text or "").splitlines():
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            entries.append({"error": line})  # damaged: shown as it is
+    return entries
 
 
 def _iso(value: Any) -> Any:
@@ -147,12 +174,14 @@ def encode_payload(args: Sequence[Any], kwargs: dict[str, Any]) -> str:
 
 def task_row(*, task_id: str, task_name: str, queue: str, args: Sequence[Any], kwargs: dict[str, Any],
              delay_seconds: int = 0, now: dt.datetime | None = None) -> dict[str, Any]:
-    """The INSERT values of a new `pending` row."""
+    """The INSERT values of a new row: `pending` (published after commit), or `scheduled` when it
+    is due beyond SQS's delay (the relay publishes it within SQS_MAX_DELAY of its due time)."""
     now = now or utcnow()
     return {
         "id": task_id, "task_name": task_name, "queue": queue, "payload": encode_payload(args, kwargs),
-        "state": "pending", "attempts": 0, "delay_seconds": int(delay_seconds),
-        "created_at": now, "updated_at": now,
+        "state": "scheduled" if delay_seconds > SQS_MAX_DELAY else "pending", "attempts": 0,
+        "delay_seconds": int(delay_seconds), "due_at": now + dt.timedelta(seconds=delay_seconds) if delay_seconds
+        else None, "created_at": now, "updated_at": now,
     }
 
 
@@ -205,21 +234,23 @@ def pending_entries(engine: sa.Engine, task_ids: list[str]) -> list[OutboxEntry]
     entries: list[OutboxEntry] = []
     with begin(engine, read_only=True) as conn:
         for chunk in _chunks(task_ids):
-            entries += [OutboxEntry(r.id, r.task_name, r.queue, r.delay_seconds) for r in conn.execute(
-                sa.select(c.id, c.task_name, c.queue, c.delay_seconds).where(c.id.in_(chunk), c.state == "pending")
+            entries += [OutboxEntry(r.id, r.task_name, r.queue, r.delay_seconds, r.due_at) for r in conn.execute(
+                sa.select(c.id, c.task_name, c.queue, c.delay_seconds, c.due_at)
+                .where(c.id.in_(chunk), c.state == "pending")
             )]
     return entries
 
 
 def mark_queued(engine: sa.Engine | sa.Connection, published: dict[str, str]) -> int:
-    """{task_id: sqs_message_id} -> rows moved pending->queued (other states untouched).
+    """{task_id: sqs_message_id} -> rows moved pending/scheduled->queued (other states untouched).
     Accepts a Connection too, so the relay marks rows in the transaction that locked them."""
     if not published:
         return 0
     now = utcnow()
     statement = (
         sa.update(tasks)
-        .where(tasks.c.id == sa.bindparam("task_id_"), tasks.c.state == "pending")
+        .where(tasks.c.id == sa.bindparam("task_id_"),
+               sa.or_(tasks.c.state == "pending", tasks.c.state == "scheduled"))  # no IN: executemany
         .values(state="queued", message_id=sa.bindparam("message_id_"), queued_at=now, updated_at=now)
     )
     values = [{"task_id_": t, "message_id_": m} for t, m in published.items()]
@@ -232,6 +263,32 @@ def mark_queued(engine: sa.Engine | sa.Connection, published: dict[str, str]) ->
 
 # --- The worker's side ----------------------------------------------------------------------
 
+def _claim_statement(*, or_mine: bool) -> Any:
+    """Built once: the claim runs for every delivery, and building a statement costs more Python
+    time than running it does (the values are bound parameters)."""
+    c = tasks.c
+    now = sa.bindparam("now_", type_=tasks.c.updated_at.type)
+    claimable = sa.or_(
+        c.state.in_(_CLAIMABLE),
+        sa.and_(c.state == "running", sa.or_(c.lease_until.is_(None), c.lease_until < now)),
+    )
+    if or_mine:
+        claimable = sa.or_(claimable, sa.and_(c.state == "running", c.worker == sa.bindparam("worker_"),
+                                              c.claimed_message_id == sa.bindparam("message_id_")))
+    return (
+        sa.update(tasks)
+        .where(c.id == sa.bindparam("task_id_"), claimable)
+        .values(state="running", attempts=c.attempts + 1, lease_until=sa.bindparam("lease_until_", type_=now.type),
+                worker=sa.bindparam("worker_"), claimed_message_id=sa.bindparam("message_id_"), started_at=now,
+                finished_at=None, updated_at=now)
+        .returning(c.task_name, c.payload, c.attempts, c.lease_until)
+    )
+
+
+_CLAIM = _claim_statement(or_mine=False)
+_CLAIM_AGAIN = _claim_statement(or_mine=True)
+
+
 def claim(engine: sa.Engine, task_id: str, *, worker: str, lease_seconds: int,
           message_id: str | None = None) -> Claim:
     """One statement: decide run/duplicate/busy/missing and, for run, set running,
@@ -240,23 +297,13 @@ def claim(engine: sa.Engine, task_id: str, *, worker: str, lease_seconds: int,
     worker died) may be claimed again."""
     now = utcnow()
     c = tasks.c
-    claimable = sa.or_(
-        c.state.in_(_CLAIMABLE),
-        sa.and_(c.state == "running", sa.or_(c.lease_until.is_(None), c.lease_until < now)),
-    )
+    params = {"task_id_": task_id, "now_": now, "lease_until_": now + dt.timedelta(seconds=lease_seconds),
+              "worker_": worker[:200], "message_id_": message_id}
 
     def take(conn: sa.Connection, retrying: bool) -> Any:
         # Retrying after a dead connection: the first run may have committed; this worker's own
         # claim for this very message then counts as won (one pool child runs one task at a time).
-        mine = sa.and_(c.state == "running", c.worker == worker[:200], c.claimed_message_id == message_id)
-        return conn.execute(
-            sa.update(tasks)
-            .where(c.id == task_id, sa.or_(claimable, mine) if retrying and message_id else claimable)
-            .values(state="running", attempts=c.attempts + 1, lease_until=now + dt.timedelta(seconds=lease_seconds),
-                    worker=worker[:200], claimed_message_id=message_id, started_at=now, finished_at=None,
-                    updated_at=now)
-            .returning(c.task_name, c.payload, c.attempts, c.lease_until)
-        ).first()
+        return conn.execute(_CLAIM_AGAIN if retrying and message_id else _CLAIM, params).first()
 
     # The common case is one statement, one round trip on Postgres. Only a delivery that does not
     # win reads the row to say why (a separate statement: what it reads is advice, not a lock).
@@ -316,18 +363,29 @@ def format_error(error: BaseException | str) -> str:
     return text
 
 
+def _succeed_statement(*states: str) -> Any:
+    c, now = tasks.c, sa.bindparam("now_", type_=tasks.c.updated_at.type)
+    return (
+        sa.update(tasks)
+        .where(c.id == sa.bindparam("task_id_"), c.state.in_(states), c.worker == sa.bindparam("worker_"))
+        .values(state="succeeded", result=sa.bindparam("result_"), lease_until=None, claimed_message_id=None,
+                finished_at=now, updated_at=now)
+    )
+
+
+_SUCCEED = _succeed_statement("running")
+_SUCCEED_AGAIN = _succeed_statement("running", "succeeded")  # the retry after a dead connection
+
+
 def finish_success(target: sa.Engine | sa.Connection, task_id: str, *, worker: str, result: Any) -> bool:
     """Mark succeeded with the JSON result: in the caller's transaction when given a Connection
     (so a task's own DB writes commit atomically with it), else in one statement of its own.
     False if this worker no longer owns the row."""
     now = utcnow()
+    params = {"task_id_": task_id, "worker_": worker[:200], "result_": result_json(result), "now_": now}
 
     def write(conn: sa.Connection, retrying: bool) -> bool:
-        return conn.execute(
-            sa.update(tasks).where(_owned(task_id, worker, *(("succeeded",) if retrying else ())))
-            .values(state="succeeded", result=result_json(result), lease_until=None, claimed_message_id=None,
-                    finished_at=now, updated_at=now)
-        ).rowcount == 1
+        return conn.execute(_SUCCEED_AGAIN if retrying else _SUCCEED, params).rowcount == 1
 
     if isinstance(target, sa.Connection):
         return write(target, False)
@@ -340,11 +398,27 @@ def finish_failure(engine: sa.Engine, task_id: str, *, worker: str, error: str |
     Returns False (and changes nothing) if this worker no longer owns the row."""
     now = utcnow()
     state = "dead" if final else "failed"
-    return autocommit_write(engine, lambda conn, retrying: conn.execute(
-        sa.update(tasks).where(_owned(task_id, worker, *((state,) if retrying else ())))
-        .values(state=state, error=format_error(error), lease_until=None, claimed_message_id=None,
-                finished_at=now, updated_at=now)
-    ).rowcount == 1)
+    text = format_error(error)
+    c = tasks.c
+
+    def write(conn: sa.Connection, retrying: bool) -> bool:
+        # A retry after a dead connection whose first run committed must not add the line twice.
+        line = sa.func.coalesce(c.attempt_errors, "") + _attempt_line(c.attempts, now, text)
+        return conn.execute(
+            sa.update(tasks).where(_owned(task_id, worker, *((state,) if retrying else ())))
+            .values(state=state, error=text, lease_until=None, claimed_message_id=None, finished_at=now,
+                    updated_at=now, attempt_errors=sa.case((c.state == "running", line), else_=c.attempt_errors))
+        ).rowcount == 1
+
+    return autocommit_write(engine, write)
+
+
+def _attempt_line(attempt: Any, at: dt.datetime, error: str) -> Any:
+    """SQL for one attempt_errors line: {"attempt": n, "at": ..., "error": ...} and a newline, with
+    the attempt number taken from the row in the same statement."""
+    head = '{"attempt": '
+    tail = ", " + json.dumps({"at": _iso(at), "error": error[:ATTEMPT_ERROR_CHARS]})[1:] + "\n"
+    return sa.literal(head) + sa.cast(attempt, sa.String) + sa.literal(tail)
 
 
 def record_unrunnable(engine: sa.Engine, task_id: str, *, task_name: str, error: str, final: bool) -> bool:
@@ -380,9 +454,15 @@ def claim_unpublished(conn: sa.Connection, *, older_than_seconds: float, limit: 
     Age counts from when the row became pending (updated_at), so a replayed row also gets the
     submitter's head start before the relay sends it. exclude_ids: rows SQS refused earlier in
     this relay pass."""
-    cutoff = utcnow() - dt.timedelta(seconds=older_than_seconds)
+    now = utcnow()
+    cutoff = now - dt.timedelta(seconds=older_than_seconds)
     c = tasks.c
-    query = sa.select(c.id, c.task_name, c.queue, c.delay_seconds).where(c.state == "pending", c.updated_at <= cutoff)
+    # Pending rows the submitter did not publish, and scheduled rows now within SQS's delay of
+    # their due time (published with the rest of it as DelaySeconds, so SQS releases them on time).
+    query = sa.select(c.id, c.task_name, c.queue, c.delay_seconds, c.due_at).where(sa.or_(
+        sa.and_(c.state == "pending", c.updated_at <= cutoff),
+        sa.and_(c.state == "scheduled", c.due_at <= now + dt.timedelta(seconds=SQS_MAX_DELAY)),
+    ))
     exclude = list(exclude_ids)
     if exclude:
         query = query.where(c.id.not_in(exclude))
@@ -392,7 +472,7 @@ def claim_unpublished(conn: sa.Connection, *, older_than_seconds: float, limit: 
         .limit(limit)
         .with_for_update(skip_locked=True)
     )
-    return [OutboxEntry(r.id, r.task_name, r.queue, r.delay_seconds) for r in rows]
+    return [OutboxEntry(r.id, r.task_name, r.queue, r.delay_seconds, r.due_at) for r in rows]
 
 
 def pending_summary(engine: sa.Engine) -> PendingSummary:
@@ -526,3 +606,42 @@ def reset_for_replay(engine: sa.Engine, task_ids: list[str]) -> list[str]:
     return sorted(reset, key=order.__getitem__)
 
 
+
+
+# --- Schedules (pcelery.scheduler) ----------------------------------------------------------
+
+@dataclass(frozen=True)
+class ScheduleState:
+    """A periodic schedule's progress: the latest slot submitted (by any scheduler)."""
+
+    name: str
+    last_slot: dt.datetime | None
+    last_task_id: str | None
+    next_slot: dt.datetime | None
+    updated_at: dt.datetime
+
+
+def schedule_states(engine: sa.Engine) -> dict[str, ScheduleState]:
+    with begin(engine, read_only=True) as conn:
+        return {r.name: ScheduleState(r.name, r.last_slot, r.last_task_id, r.next_slot, r.updated_at)
+                for r in conn.execute(sa.select(schedules))}
+
+
+def record_slot(conn: sa.Connection, *, name: str, slot: dt.datetime, task_id: str,
+                next_slot: dt.datetime | None) -> None:
+    """In the submitting transaction: the schedule's latest slot is now at least `slot`. Several
+    schedulers may record the same or older slots in any order; the latest wins."""
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
+    c = schedules.c
+    stmt = insert(schedules).values(name=name, last_slot=slot, last_task_id=task_id, next_slot=next_slot,
+                                    updated_at=utcnow())
+    newer = sa.or_(c.last_slot.is_(None), stmt.excluded.last_slot >= c.last_slot)
+    conn.execute(stmt.on_conflict_do_update(index_elements=["name"], set_={
+        "last_slot": sa.case((newer, stmt.excluded.last_slot), else_=c.last_slot),
+        "last_task_id": sa.case((newer, stmt.excluded.last_task_id), else_=c.last_task_id),
+        "next_slot": sa.case((newer, stmt.excluded.next_slot), else_=c.next_slot),
+        "updated_at": stmt.excluded.updated_at,
+    }))

@@ -46,13 +46,16 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
+import math
 import os
+import random
+import re
 import socket
 import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
@@ -62,7 +65,7 @@ from celery.exceptions import Ignore, Reject
 
 from pcelery import schema, store
 from pcelery import sqs as sqs_clients
-from pcelery.catalog import QueueContract, parse_queue_name
+from pcelery.catalog import QueueContract, RetryPolicy, parse_queue_name, sqs_queue_name
 from pcelery.settings import Settings
 
 logger = logging.getLogger("pcelery.worker")
@@ -105,7 +108,8 @@ def declare(name: str, queue: str | None, transactional: bool) -> TaskDeclaratio
     return declaration
 
 
-def persistent_task(*, name: str, queue: str | None = None, transactional: bool = False) -> Callable[[Any], Any]:
+def persistent_task(*, name: str, queue: str | None = None, transactional: bool = False,
+                    retry: RetryPolicy | None = None) -> Callable[[Any], Any]:
     """Declare a task for any Celery app (it is a `shared_task` with PersistentTask as its base).
     `name` is its stable wire name; `queue` a catalog queue (default: the catalog's default),
     whose contract gives the soft and hard time limits.
@@ -115,11 +119,14 @@ def persistent_task(*, name: str, queue: str | None = None, transactional: bool 
     `db` and never commits, rolls back or begins a transaction block on it itself (that would
     commit its writes apart from the success). On failure, its writes are rolled back.
 
+    retry: how failed attempts are retried (pcelery.catalog.RetryPolicy), instead of the queue's.
+
     A team's existing Celery tasks need no decorator change: `configure(app)` makes every task
     of their app persistent (or `base=PersistentTask` on one `@shared_task` / `@app.task`)."""
     declare(name, queue, transactional)  # now: a bad queue fails the import, and the outbox knows the queue
     return cast(Callable[[Any], Any],
-                shared_task(name=name, base=PersistentTask, pcelery_queue=queue, transactional=transactional))
+                shared_task(name=name, base=PersistentTask, pcelery_queue=queue, transactional=transactional,
+                            retry_policy=retry))
 
 
 def route_task(name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **kw: Any) -> dict[str, str] | None:
@@ -142,6 +149,11 @@ class LeftForRedelivery(Reject):
 class RedundantCopy(Ignore):
     """Do not run, and ack (delete) this message: another message for the same task is running
     and owns it. Not a task failure: nothing is recorded in the store or the result backend."""
+
+
+class DeadLettered(Ignore):
+    """The failure is final before the receives run out (an exception the retry policy does not
+    name, or its last attempt): the worker has sent a copy to the DLQ, so this message is acked."""
 
 
 class PoisonMessage(Exception):
@@ -376,6 +388,7 @@ class PersistentTask(Task):
     Request = "pcelery.celery_internals:PersistentRequest"
     acks_late = True
     transactional = False
+    retry_policy: RetryPolicy | None = None  # the task's own (persistent_task's retry=, or Celery's autoretry_for)
     pcelery_queue: str | None = None  # the catalog queue (persistent_task's queue=, or the task's own `queue`)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -392,12 +405,14 @@ class PersistentTask(Task):
         if own.get("acks_late") is False:
             raise ValueError(f"task {name!r} sets acks_late=False: a persistent task acks its message only after it "
                              "ran, or a crash loses it; remove the option")
-        if own.get("autoretry_for"):
-            raise ValueError(f"task {name!r} sets autoretry_for: not supported on a persistent task yet; remove it "
-                             "and let the exception fail the attempt (SQS redelivers it, up to the queue's "
-                             "maxReceiveCount)")
         declaration = declare(name, own.get("pcelery_queue") or own.get("queue"), bool(cls.transactional))
         contract = settings.catalog.get(declaration.queue)
+        policy = own.get("retry_policy") or cls._celery_retry_options(name, own)
+        if policy is not None:
+            problems = list(policy.problems(contract.max_receive_count))
+            if problems:
+                raise ValueError(f"task {name!r} on queue {contract.name!r}: " + "; ".join(problems))
+            cls.retry_policy = policy
         hard = own.get("time_limit")
         if hard and hard + contract.visibility_margin > contract.visibility_timeout and not contract.heartbeat:
             raise ValueError(f"task {name!r}: time_limit={hard} does not fit queue {contract.name!r}'s visibility "
@@ -411,6 +426,28 @@ class PersistentTask(Task):
     # silently dropped. Publishing retries, serializer and compression are the outbox's business.
     _IGNORED_OPTIONS = frozenset(("retry", "retry_policy", "serializer", "compression", "add_to_parent",
                                   "ignore_result", "priority"))
+
+    @staticmethod
+    def _celery_retry_options(name: str, own: Mapping[str, Any]) -> RetryPolicy | None:
+        """Celery's autoretry_for / max_retries / retry_backoff / retry_backoff_max / retry_jitter,
+        as the RetryPolicy the worker applies (Celery's own retry would publish a new message
+        around the outbox)."""
+        retry_on = own.get("autoretry_for")
+        if not retry_on:
+            return None
+        if own.get("dont_autoretry_for"):
+            raise ValueError(f"task {name!r} sets dont_autoretry_for: not supported on a persistent task; list only "
+                             "the exceptions that retry in autoretry_for")
+        max_retries = own.get("max_retries", Task.max_retries)
+        if max_retries is None:
+            raise ValueError(f"task {name!r} sets max_retries=None (retry forever): a persistent task's attempts end "
+                             "in the DLQ after the queue's maxReceiveCount; set max_retries")
+        backoff = own.get("retry_backoff", False)
+        delay = float(own.get("default_retry_delay", Task.default_retry_delay))
+        first = (1.0 if backoff is True else float(backoff)) if backoff else delay
+        return RetryPolicy(max_attempts=int(max_retries) + 1, retry_on=tuple(retry_on), backoff=first,
+                           backoff_max=float(own.get("retry_backoff_max", 600)) if backoff else delay,
+                           jitter=bool(own.get("retry_jitter", True)))
 
     def apply_async(self, args: Any = None, kwargs: Any = None, task_id: str | None = None, producer: Any = None,
                     link: Any = None, link_error: Any = None, shadow: str | None = None, **options: Any) -> Any:
@@ -514,16 +551,63 @@ class PersistentTask(Task):
                 # The store connection the task ran on broke: its writes are rolled back with it,
                 # so running it again later keeps its effect exactly once.
                 raise StoreUnavailable(f"task {task_id} lost its store connection: {_first_line(exc)}") from None
-            final = delivery.is_last_receive(claim.attempts)
+            policy = self.retry_policy or delivery.contract.retry
+            last_receive = delivery.is_last_receive(claim.attempts)
+            # With a retry policy, a failure it does not retry (or its last attempt) is final now,
+            # before the receives run out: the worker dead-letters the message itself.
+            give_up = policy is not None and not last_receive and (
+                not policy.retries(exc) or claim.attempts >= policy.max_attempts)
+            final = last_receive or give_up
             failure = exc
             self._until_stored(delivery, task_id, worker, "its failure", lambda: store.finish_failure(
                 db, task_id, worker=worker, error=failure, final=final))
+            if give_up and self._send_to_dlq(delivery, task_id):
+                logger.warning("task %s[%s] failed on attempt %s (%s): dead, sent to the DLQ without waiting for "
+                               "its remaining receives", self.name, task_id, claim.attempts,
+                               "not retried" if policy and not policy.retries(exc) else "its last attempt")
+                raise DeadLettered(f"task {task_id} failed ({_first_line(exc)}); sent to the DLQ") from exc
+            if policy is not None and not final:
+                delay = policy.delay(claim.attempts, random.random())
+                self._retry_after(delivery, task_id, delay)
+                logger.warning("task %s[%s] failed on attempt %s of %s: retried in %.1f s: %s", self.name, task_id,
+                               claim.attempts, policy.max_attempts, delay, exc)
+                raise
             logger.warning("task %s[%s] failed on receive %s of %s (%s): %s", self.name, task_id,
                            delivery.receive_count, delivery.contract.max_receive_count,
                            "dead, goes to the DLQ" if final else "SQS redelivers it", exc)
             raise
         finally:
             _current_run.info = None
+
+    def _retry_after(self, delivery: Delivery, task_id: str, delay: float) -> None:
+        """The failed message comes back after `delay` rather than its whole visibility timeout."""
+        if not (delivery.queue_url and delivery.receipt_handle):
+            return
+        try:
+            sqs().change_message_visibility(QueueUrl=delivery.queue_url, ReceiptHandle=delivery.receipt_handle,
+                                            VisibilityTimeout=max(0, math.ceil(delay)))
+        except Exception as exc:  # noqa: BLE001 - it comes back after its visibility timeout instead
+            logger.warning("task %s: could not shorten its message's visibility for the retry (%s): it comes back "
+                           "after the %s s visibility timeout", task_id, _first_line(exc),
+                           delivery.contract.visibility_timeout)
+
+    def _send_to_dlq(self, delivery: Delivery, task_id: str) -> bool:
+        """A copy of the message into the queue's DLQ (the same envelope the outbox sends, so a
+        redrive runs it like any other); the caller then acks the original. Send first, then delete:
+        if this fails, the message is left for SQS to redeliver and, in time, dead-letter."""
+        from pcelery.messages import encode_body
+
+        contract = delivery.contract
+        try:
+            client = sqs()
+            url = _process_local(f"dlq-url-{contract.name}", lambda: client.get_queue_url(
+                QueueName=sqs_queue_name(settings.env, contract.name, dlq=True))["QueueUrl"])
+            client.send_message(QueueUrl=url, MessageBody=encode_body(task_id, self.name, queue=contract.name))
+        except Exception as exc:  # noqa: BLE001 - left to SQS's own redrive policy instead
+            logger.warning("task %s: could not send it to the DLQ (%s): SQS dead-letters it after its remaining "
+                           "receives instead", task_id, _first_line(exc))
+            return False
+        return True
 
     def _needs_heartbeat(self, contract: QueueContract) -> bool:
         """Heartbeat on the queues whose contract asks for it, and also wherever this task's own
@@ -636,6 +720,33 @@ def _refuse_unsafe_start(sender: Any = None, **_: Any) -> None:
     if problems:
         print("worker: refusing to start:\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stderr, flush=True)
         raise SystemExit(3)
+
+
+# --- The worker's log stays text --------------------------------------------------------------
+
+# A NUL or another control character in a task's arguments, error or id would otherwise reach
+# the log as it is, and `grep` then calls the whole file binary. Tab and newline stay; ESC stays
+# for the colours Celery adds on a terminal.
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b-\x1a\x1c-\x1f\x7f]")
+
+
+class _TextOnlyFormatter(logging.Formatter):
+    """Wraps a handler's formatter: control characters come out as \\x00."""
+
+    def __init__(self, inner: logging.Formatter):
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        return _CONTROL_CHARACTERS.sub(lambda m: f"\\x{ord(m.group()):02x}", self.inner.format(record))
+
+
+@signals.after_setup_logger.connect
+@signals.after_setup_task_logger.connect
+def _keep_the_log_text(logger: logging.Logger | None = None, **_: Any) -> None:
+    for handler in logger.handlers if logger is not None else ():
+        if not isinstance(handler.formatter, _TextOnlyFormatter):
+            handler.setFormatter(_TextOnlyFormatter(handler.formatter or logging.Formatter()))
 
 
 # --- A team's own Celery app ---------------------------------------------------------------------

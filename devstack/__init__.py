@@ -26,7 +26,7 @@ from pcelery.catalog import CATALOG, Catalog
 DEMO_CATALOG = Catalog(
     queues=(
         replace(CATALOG.get("default"), visibility_timeout=8, soft_time_limit=4, hard_time_limit=5,
-                max_countdown=5, max_receive_count=3, concurrency=2, visibility_margin=2),
+                max_countdown=30 * 86400, max_receive_count=3, concurrency=2, visibility_margin=2),
         replace(CATALOG.get("long"), visibility_timeout=6, soft_time_limit=50, hard_time_limit=60,
                 max_countdown=4, max_receive_count=2, concurrency=2, visibility_margin=2),
     ),

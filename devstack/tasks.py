@@ -14,6 +14,7 @@ import time
 
 import sqlalchemy as sa
 
+from pcelery.catalog import RetryPolicy
 from pcelery.worker import current_run, persistent_task
 
 metadata = sa.MetaData()
@@ -129,5 +130,19 @@ def long(key, seconds=10.0, *, db):
     """Runs for longer than the long queue's visibility timeout: only the heartbeat keeps the
     message from being delivered (and run) a second time meanwhile."""
     time.sleep(seconds)
+    _record_effect(db, key)
+    return key
+
+
+# Backoff retries (pcelery.catalog.RetryPolicy): a timeout retries after 1-2 s, not after a whole
+# visibility timeout; anything else is dead at once, sent to the DLQ by the worker.
+@persistent_task(name="demo.retry_backoff", transactional=True,
+                 retry=RetryPolicy(max_attempts=2, retry_on=(TimeoutError,), backoff=1, backoff_max=2))
+def retry_backoff(key, failures=1, error="timeout", *, db):
+    """Fails on its first `failures` attempts (TimeoutError, or ValueError with error="value"),
+    then records its effect."""
+    run = current_run()
+    if (run.attempt if run else 1) <= failures:
+        raise (TimeoutError if error == "timeout" else ValueError)(f"{key}: failing on purpose")
     _record_effect(db, key)
     return key

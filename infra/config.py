@@ -7,10 +7,13 @@ fails ``cdk synth`` with a message that says which key to fix. Constructs never 
 env vars; they get these values as keyword arguments from the stacks.
 
 The ``application`` block names what the team deploys: its image, its task modules, its queue
-catalog and its own secrets. The catalog is imported here, at synth, so the queues, workers, alarms
-and grants of an environment come from the very spec its containers get as PCELERY_CATALOG.
+catalog, its periodic schedules and its own secrets. The catalog is imported here, at synth, so the
+queues, workers, alarms and grants of an environment come from the very spec its containers get as
+PCELERY_CATALOG; the schedules too (``application.schedules``, PCELERY_SCHEDULES of the scheduler
+service), so a schedule that cannot load fails synth rather than every scheduler start.
 ``database`` is either the RDS instance the stack creates or, with ``external``, the team's
 existing Postgres. Still no aws_cdk import: the unit tests import this module without node.
+(pcelery.scheduler, imported only where an environment names schedules, is pure Python too.)
 """
 
 from __future__ import annotations
@@ -22,9 +25,12 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pcelery.catalog import ENVIRONMENTS, Catalog, CatalogError, QueueContract, load_catalog
+
+if TYPE_CHECKING:
+    from pcelery.scheduler import Schedule
 
 CONTEXT_KEY = "pcelery:environments"
 # `-c env=prod` (or `-c env=dev,staging`) picks environments; without it every one is synthesized.
@@ -51,6 +57,10 @@ FARGATE_MEMORY = {
 }
 LOG_RETENTION_DAYS = (1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 3653)  # CloudWatch's
 REMOVAL_POLICIES = ("destroy", "snapshot", "retain")
+# Scheduler tasks (`scheduler.tasks`) where cdk.json does not say: two, so one can stop (a deploy,
+# a Fargate host retired) without a slot going late. Several never submit a slot twice.
+DEFAULT_SCHEDULER_TASKS = 2
+MAX_SCHEDULER_TASKS = 4
 
 _ACCOUNT_RE = re.compile(r"^\d{12}$")
 _REGION_RE = re.compile(r"^[a-z]{2}(-gov)?-[a-z]+-\d$")
@@ -184,6 +194,15 @@ class WorkersConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SchedulerConfig:
+    """The scheduler service (pcelery-scheduler), where `application.schedules` names schedules."""
+
+    # Tasks that run side by side: each slot is still submitted once (its task id derives from
+    # the schedule and the slot), so more only adds availability.
+    tasks: int = DEFAULT_SCHEDULER_TASKS
+
+
+@dataclass(frozen=True, kw_only=True)
 class ProtectionConfig:
     removal_policy: str  # what happens to RDS, queues and logs when the stack goes away
     deletion_protection: bool  # RDS DeletionProtection
@@ -225,7 +244,10 @@ class ApplicationConfig:
     catalog_spec: str  # "module:ATTRIBUTE", every container's PCELERY_CATALOG
     catalog: Catalog  # catalog_spec, loaded at synth: the queues, workers, alarms and grants
     celery_app: str | None  # the workers' PCELERY_CELERY_APP; None: the product's own app
-    python_path: tuple[Path, ...]  # absolute; where synth imports the catalog from
+    # "module:ATTRIBUTE" of the team's schedules, the scheduler's PCELERY_SCHEDULES; None: no scheduler.
+    schedules_spec: str | None
+    schedules: tuple[Schedule, ...]  # schedules_spec, loaded at synth (checked, then only named)
+    python_path: tuple[Path, ...]  # absolute; where synth imports the catalog and schedules from
     environment: Mapping[str, str]  # extra non-secret variables of every container
     secrets: Mapping[str, SecretReference]  # the team's secrets, ECS secrets of every container
 
@@ -241,6 +263,7 @@ class EnvConfig:
     database: DatabaseConfig | ExternalDatabaseConfig
     results_backend: CacheConfig
     workers: WorkersConfig
+    scheduler: SchedulerConfig  # used only where application.schedules is set
     protection: ProtectionConfig
     alarm_email: str | None
     log_retention_days: int
@@ -325,7 +348,7 @@ def parse_env(name: str, raw: Any, *, base_dir: Path) -> EnvConfig:
     problems: list[str] = []
     r = _Reader(raw, path, problems)
     r.unknown_keys({"account", "region", "availability_zones", "network", "database",
-                    "results_backend", "workers", "protection", "alarm_email",
+                    "results_backend", "workers", "scheduler", "protection", "alarm_email",
                     "log_retention_days", "outbox_lag_alarm_seconds", "application"})
 
     account = r.get("account", str, check=_ACCOUNT_RE.match, hint="a 12-digit AWS account id as a string")
@@ -379,6 +402,8 @@ def parse_env(name: str, raw: Any, *, base_dir: Path) -> EnvConfig:
             and workers["min_tasks"] > workers["max_tasks"]:
         w._bad("min_tasks", f"{workers['min_tasks']} exceeds max_tasks {workers['max_tasks']}: lower it")
 
+    scheduler = _scheduler(r)
+
     p = r.section("protection")
     p.unknown_keys({"removal_policy", "deletion_protection", "termination_protection"})
     protection = {
@@ -410,12 +435,33 @@ def parse_env(name: str, raw: Any, *, base_dir: Path) -> EnvConfig:
         database=database,
         results_backend=CacheConfig(**cache),
         workers=WorkersConfig(**workers),
+        scheduler=scheduler,
         protection=ProtectionConfig(**protection),
         alarm_email=email,
         log_retention_days=retention,
         outbox_lag_alarm_seconds=lag,
         application=application,
     )
+
+
+def _scheduler(env: _Reader) -> SchedulerConfig | None:
+    """`scheduler` (optional): how many pcelery-scheduler tasks run where application.schedules is set."""
+    hint = '{"tasks": 2}: how many scheduler tasks run side by side; leave it out for 2'
+    if env.raw.get("scheduler") is None:
+        return SchedulerConfig()
+    if not isinstance(env.raw["scheduler"], dict):
+        env.section("scheduler", hint=f"give {hint}")
+        return None
+    s = env.section("scheduler")
+    s.unknown_keys({"tasks"})
+    tasks = s.get("tasks", int, check=lambda v: 1 <= v <= MAX_SCHEDULER_TASKS,
+                  hint=f"1 to {MAX_SCHEDULER_TASKS} scheduler tasks (each slot is submitted once however many run; "
+                       "2 keep the schedules on time while one is replaced)")
+    application = env.raw.get("application")
+    if isinstance(application, dict) and application.get("schedules") is None:
+        env._bad("scheduler", "is set, but application.schedules is not, so no scheduler runs: remove the block, or "
+                              'name your schedules in application.schedules (e.g. "shop.schedules:SCHEDULES")')
+    return None if tasks is None else SchedulerConfig(tasks=tasks)
 
 
 def _valid_cidr(value: str) -> bool:
@@ -534,7 +580,8 @@ def _kms_key_arn(r: _Reader, key: str, *, region: str | None) -> str | None:
     return arn
 
 
-_APPLICATION_KEYS = {"image", "task_modules", "catalog", "celery_app", "python_path", "environment", "secrets"}
+_APPLICATION_KEYS = {"image", "task_modules", "catalog", "celery_app", "schedules", "python_path", "environment",
+                     "secrets"}
 
 
 def _application(env: _Reader, *, base_dir: Path, account: str | None, region: str | None
@@ -570,6 +617,16 @@ def _application(env: _Reader, *, base_dir: Path, account: str | None, region: s
     if celery_app is not None and _is_harness(celery_app):
         a._bad("celery_app", f"{celery_app!r} is the dev harness's (devstack/), which never reaches an image: "
                              "name your own Celery app, or leave it out for the product's")
+    schedules_spec = a.get("schedules", str, optional=True, check=_is_spec,
+                           hint='the module:ATTRIBUTE of your list of pcelery.scheduler.Schedule, e.g. '
+                                '"shop.schedules:SCHEDULES", or leave it out for no scheduler')
+    if schedules_spec is not None and _is_harness(schedules_spec):
+        a._bad("schedules", f"{schedules_spec!r} is the dev harness's (devstack/), which never reaches an image: "
+                            "name your own schedules, or leave it out for no scheduler")
+        schedules_spec = None
+    schedules: tuple | None = ()
+    if schedules_spec is not None and python_path is not None:
+        schedules = _load_schedules(a, schedules_spec, python_path, catalog=catalog)
     environment = _environment(a)
     secrets = _secrets(a, environment=environment, account=account, region=region)
 
@@ -581,6 +638,8 @@ def _application(env: _Reader, *, base_dir: Path, account: str | None, region: s
         catalog_spec=spec,
         catalog=catalog,
         celery_app=celery_app,
+        schedules_spec=schedules_spec,
+        schedules=schedules,
         python_path=python_path,
         environment=environment,
         secrets=secrets,
@@ -713,6 +772,37 @@ def _load_catalog(a: _Reader, spec: str, python_path: tuple[Path, ...]) -> Catal
                           "name a pcelery.catalog.Catalog as module:ATTRIBUTE, and put the directory that holds "
                           "its module in python_path")
         return None
+
+
+def _load_schedules(a: _Reader, spec: str, python_path: tuple[Path, ...], *,
+                    catalog: Catalog | None) -> tuple[Schedule, ...] | None:
+    """The schedules `spec` names, imported with python_path first on sys.path, as the scheduler
+    loads them (pcelery.scheduler.load_schedules: a list of Schedule, each valid, names unique),
+    and each explicit queue in the environment's catalog. Task names are not checked: that needs
+    the team's task modules (Django...), which the scheduler imports when it starts."""
+    from pcelery.scheduler import load_schedules
+
+    where = [str(p) for p in python_path]
+    try:
+        with _importable_from(python_path):
+            schedules = tuple(load_schedules(spec))
+    except Exception as exc:  # noqa: BLE001 - whatever the team's module raises fails synth, named
+        a._bad("schedules", f"{exc}; synth imports it as the scheduler would, with application.python_path {where} "
+                            "first on sys.path: name a list of pcelery.scheduler.Schedule as module:ATTRIBUTE, put "
+                            "the directory that holds its module in python_path, and keep that module importable "
+                            "without Django or Celery")
+        return None
+    if not schedules:
+        a._bad("schedules", f"{spec!r} is an empty list: add a Schedule, or leave schedules out (no scheduler "
+                            "service is then deployed)")
+        return None
+    if catalog is not None:
+        for schedule in schedules:
+            if schedule.queue is not None and schedule.queue not in catalog.names():
+                a._bad("schedules", f"schedule {schedule.name!r} sends to queue {schedule.queue!r}, which the "
+                                    f"catalog lacks: use one of {', '.join(catalog.names())} (application.catalog), "
+                                    "or leave queue out for the task's declared queue")
+    return schedules
 
 
 @contextmanager

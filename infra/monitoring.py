@@ -22,8 +22,12 @@ from pcelery.catalog import APP_NAME, Catalog, resource_name
 
 from .workers import insights_metric
 
+# What the relay and the scheduler print as CloudWatch EMF (pcelery.relay.EMF_NAMESPACE), with the
+# dimension Environment; tests/integration/test_infra.py holds these to what the processes print.
 OUTBOX_NAMESPACE = "PersistentCelery"
 OUTBOX_METRIC = "OutboxOldestPendingAgeSeconds"
+SCHEDULER_PASSES_METRIC = "SchedulerPasses"  # 1 per pass; a pass comes at least every 5 s
+SCHEDULER_SUBMITTED_METRIC = "SchedulerSubmitted"
 
 GT = cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD
 GTE = cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD
@@ -52,6 +56,7 @@ class Monitoring(Construct):
         cluster_name: str,
         worker_service_names: dict[str, str],
         relay_service_name: str,
+        scheduler_service_name: str | None,
         database: DatabaseTargets | None,
         cache_node_ids: list[str] | None,
         alarm_email: str | None,
@@ -115,6 +120,18 @@ class Monitoring(Construct):
             threshold=outbox_lag_alarm_seconds, comparison=GT, periods=5, missing=MISSING_BAD,
         )
 
+        # Every scheduler reports each pass (at least every 5 s): five minutes without a single pass
+        # from any of them means no periodic task is being submitted. No data is the very signal
+        # (no scheduler runs, or none can start), so missing data is breaching.
+        if scheduler_service_name:
+            self._alarm(
+                "scheduler-stopped", "alarm-scheduler-stopped",
+                f"No scheduler of {scheduler_service_name} reported a pass for 5 minutes: periodic tasks are "
+                "not being submitted.",
+                self._scheduler_metric(SCHEDULER_PASSES_METRIC, five),
+                threshold=1, comparison=LT, periods=1, missing=MISSING_BAD,
+            )
+
         # Only for the RDS instance the stack owns: an external database is the team's to watch.
         rds = self._database_alarms(database) if database else None
         if cache_node_ids:
@@ -131,7 +148,11 @@ class Monitoring(Construct):
                                                   period=five, label="max memory % of any node"),
                         threshold=80, comparison=GT, periods=3, missing=MISSING_OK)
 
-        self.dashboard = self._dashboard(queue_rows, cluster_name, relay_service_name, rds)
+        self.dashboard = self._dashboard(queue_rows, cluster_name, relay_service_name, scheduler_service_name, rds)
+
+    def _scheduler_metric(self, name: str, period: Duration) -> cloudwatch.Metric:
+        return cloudwatch.Metric(namespace=OUTBOX_NAMESPACE, metric_name=name, statistic="Sum", period=period,
+                                 dimensions_map={"Environment": self.env_name})
 
     def _database_alarms(self, database: DatabaseTargets):
         """CPU, free storage and connections of the RDS instance; returns its metric factory."""
@@ -196,7 +217,8 @@ class Monitoring(Construct):
             threshold=1, comparison=GTE, periods=10, missing=MISSING_OK,
         )
 
-    def _dashboard(self, queue_rows, cluster_name, relay_service_name, rds) -> cloudwatch.Dashboard:
+    def _dashboard(self, queue_rows, cluster_name, relay_service_name, scheduler_service_name,
+                   rds) -> cloudwatch.Dashboard:
         minute = Duration.minutes(1)
         board = cloudwatch.Dashboard(self, "Dashboard", dashboard_name=resource_name(self.env_name))
         for q, work, dead, service in queue_rows:
@@ -230,6 +252,15 @@ class Monitoring(Construct):
                 right=[insights_metric("RunningTaskCount", cluster_name=cluster_name,
                                        service_name=relay_service_name, period=minute).with_(label="relay tasks")],
             ),
+            *([cloudwatch.GraphWidget(
+                title="scheduler: passes and submitted slots (/5 min)", width=8,
+                left=[self._scheduler_metric(SCHEDULER_PASSES_METRIC, Duration.minutes(5)).with_(label="passes"),
+                      self._scheduler_metric(SCHEDULER_SUBMITTED_METRIC, Duration.minutes(5)).with_(
+                          label="submitted")],
+                right=[insights_metric("RunningTaskCount", cluster_name=cluster_name,
+                                       service_name=scheduler_service_name, period=minute).with_(
+                    label="scheduler tasks")],
+            )] if scheduler_service_name else []),
             *([cloudwatch.GraphWidget(title="database: CPU % and connections", width=8,
                                       left=[rds("CPUUtilization")], right=[rds("DatabaseConnections", "Maximum")])]
               if rds else []),

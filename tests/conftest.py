@@ -171,6 +171,7 @@ def engine(db_url: str) -> Iterator[sa.Engine]:
     schema.migrate(eng)
     with eng.begin() as conn:
         conn.execute(schema.tasks.delete())
+        conn.execute(schema.schedules.delete())
     yield eng
     eng.dispose()
 

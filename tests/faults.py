@@ -18,10 +18,12 @@ carrying on through an old connection. The port stays the same across modes.
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 MODES = ("pass", "http", "hang", "refuse")
 REASONS = {408: "Request Timeout", 500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable",
@@ -246,3 +248,99 @@ class FaultProxy:
         with contextlib.suppress(OSError):
             while client.recv(65536):
                 pass
+
+
+class EntryRefusingProxy:
+    """An HTTP proxy in front of an SQS endpoint that fails, entry by entry, the SendMessageBatch
+    entries of the task ids in `refuse` (as SQS does on an internal error or throttling: HTTP 200
+    with the entry under Failed) and forwards everything else. boto3 speaks SQS's JSON protocol.
+
+        proxy = EntryRefusingProxy(moto_endpoint, refuse={"task-id"}).start()
+        proxy.url   # the endpoint to give the publisher
+    """
+
+    def __init__(self, upstream: str, *, refuse: set[str]):
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(upstream)
+        self.upstream = (parts.hostname or "127.0.0.1", parts.port or 80)
+        self.refuse = refuse
+        self.refused: list[str] = []  # task ids refused so far
+        self._server: Any = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def start(self) -> EntryRefusingProxy:
+        import http.server
+
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                failed: list[dict[str, Any]] = []
+                if self.headers.get("X-Amz-Target", "").endswith(".SendMessageBatch"):
+                    request = json.loads(body)
+                    kept = []
+                    for entry in request["Entries"]:
+                        task_id = _task_id(entry["MessageBody"])
+                        if task_id in proxy.refuse:
+                            proxy.refused.append(task_id)
+                            failed.append({"Id": entry["Id"], "SenderFault": False, "Code": "InternalError",
+                                           "Message": "refused by the test proxy"})
+                        else:
+                            kept.append(entry)
+                    if failed:
+                        if not kept:
+                            self._reply(200, json.dumps({"Successful": [], "Failed": failed}).encode())
+                            return
+                        body = json.dumps({**request, "Entries": kept}).encode()
+                status, answer = self._forward(body)
+                if failed and status == 200:
+                    merged = json.loads(answer)
+                    merged["Failed"] = [*merged.get("Failed", []), *failed]
+                    answer = json.dumps(merged).encode()
+                self._reply(status, answer)
+
+            def _forward(self, body: bytes) -> tuple[int, bytes]:
+                import http.client
+
+                conn = http.client.HTTPConnection(*proxy.upstream, timeout=30)
+                try:
+                    headers = {k: v for k, v in self.headers.items() if k.lower() not in ("content-length", "host")}
+                    conn.request("POST", self.path, body=body, headers=headers)
+                    response = conn.getresponse()
+                    return response.status, response.read()
+                finally:
+                    conn.close()
+
+            def _reply(self, status: int, answer: bytes) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/x-amz-json-1.0")
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+
+def _task_id(message_body: str) -> str | None:
+    """The task id in a Celery-on-SQS body (base64 of the JSON envelope)."""
+    import base64
+
+    try:
+        return json.loads(base64.b64decode(message_body))["headers"]["id"]
+    except (ValueError, KeyError, TypeError):
+        return None

@@ -30,15 +30,17 @@ def _django_outbox() -> Any:
 
 @admin.register(Task)
 class TaskAdmin(admin.ModelAdmin):
-    list_display = ("id", "task_name", "queue", "state", "attempts", "created_at", "finished_at", "short_error")
+    list_display = ("id", "task_name", "queue", "state", "attempts", "created_at", "due_at", "finished_at",
+                    "short_error")
     list_filter = ("state", "queue", "task_name")
     search_fields = ("=id", "task_name", "error")
     date_hierarchy = "created_at"
     list_per_page = 100
     show_full_result_count = False  # COUNT(*) of a large table on every page is slow
     actions = ("replay", "cancel")
-    fields = ("id", "task_name", "queue", "state", "attempts", "arguments", "result_json", "error", "worker",
-              "message_id", "delay_seconds", "created_at", "queued_at", "started_at", "finished_at", "lease_until")
+    fields = ("id", "task_name", "queue", "state", "attempts", "arguments", "result_json", "error", "errors",
+              "worker", "message_id", "delay_seconds", "due_at", "created_at", "queued_at", "started_at",
+              "finished_at", "lease_until")
     readonly_fields = fields
 
     @admin.display(description="error")
@@ -49,6 +51,10 @@ class TaskAdmin(admin.ModelAdmin):
     @admin.display(description="arguments")
     def arguments(self, task: Task) -> str:
         return format_html("<pre>{}</pre>", _pretty(task.payload))
+
+    @admin.display(description="each attempt's error")
+    def errors(self, task: Task) -> str:
+        return format_html("<pre>{}</pre>", task.attempt_errors or "-")
 
     @admin.display(description="result")
     def result_json(self, task: Task) -> str:

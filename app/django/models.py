@@ -28,6 +28,8 @@ class Task(models.Model):
     queued_at = models.DateTimeField(null=True)
     started_at = models.DateTimeField(null=True)
     finished_at = models.DateTimeField(null=True)
+    due_at = models.DateTimeField(null=True, help_text="when its countdown/ETA falls due")
+    attempt_errors = models.TextField(null=True, help_text="each failed attempt's error, one JSON object per line")
 
     class Meta:
         managed = False

@@ -61,7 +61,9 @@ class DjangoOutbox:
             if task_id is None or not self._same_exists(task_id, row):
                 raise
             return task_id
-        entry = store.OutboxEntry(row["id"], task_name, queue, delay)
+        if row["state"] == "scheduled":
+            return str(row["id"])  # due beyond SQS's delay: the relay publishes it when it falls due
+        entry = store.OutboxEntry(row["id"], task_name, queue, delay, row["due_at"])
         # After the outermost COMMIT (at once outside atomic()); dropped with a rolled-back
         # transaction or savepoint. robust: a failure to publish never reaches the caller, whose
         # data is committed; the row stays pending and the relay sends it.

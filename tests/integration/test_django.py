@@ -247,8 +247,8 @@ def test_the_admin_lists_filters_cancels_and_replays_task_rows(shop_on):
     assert report in listed["long"][1] and keep not in listed["long"][1]
     assert keep in listed["receipts"][1] and report not in listed["receipts"][1]
     assert listed["one"][0] == 200 and f"&quot;args&quot;: [\n    {keep_order}\n  ]" in listed["one"][1]
-    assert listed["cancel"] == [200, ["1 of 1 task(s) cancelled; the others had run or were running (only pending, "
-                                      "queued, failed tasks can be cancelled)."]]
+    assert listed["cancel"] == [200, ["1 of 1 task(s) cancelled; the others had run or were running (only scheduled, "
+                                      "pending, queued, failed tasks can be cancelled)."]]
     assert listed["add"] == 403  # rows come from code, never from a form
     assert shop.row(cancel).state == "cancelled"
 
@@ -270,8 +270,8 @@ def test_the_admin_lists_filters_cancels_and_replays_task_rows(shop_on):
     # The replay ran it again (a replay is explicit: it runs even after a success).
     shop.wait_row(keep, "succeeded", attempts=2)
     assert shop.receipts(keep_order) == 2
-    assert shown["cancel"][1] == ["0 of 1 task(s) cancelled; the others had run or were running (only pending, "
-                                  "queued, failed tasks can be cancelled)."]
+    assert shown["cancel"][1] == ["0 of 1 task(s) cancelled; the others had run or were running (only scheduled, "
+                                  "pending, queued, failed tasks can be cancelled)."]
 
 
 def test_bad_settings_are_named_by_manage_py_and_the_worker(shop_on):
@@ -302,7 +302,8 @@ def test_the_migration_guide_shows_the_real_diff_and_only_commands_marked_for_aw
     reverted = subprocess.run(["patch", "-R", "-p1", "--no-backup-if-mismatch"], input=diff, cwd=before,
                               capture_output=True, text=True, check=False)
     assert reverted.returncode == 0, reverted.stdout + reverted.stderr
-    (before / "shop" / "queues.py").unlink()  # the new file, named beside the diff
+    (before / "shop" / "queues.py").unlink()  # the new files, named beside the diff
+    (before / "shop" / "schedules.py").unlink()
     (before / "Dockerfile").unlink()  # its entry point, likewise
     left = [str(p.relative_to(before)) for p in before.rglob("*") if p.is_file() and "pcelery" in p.read_text()]
     assert left == []
@@ -314,3 +315,18 @@ def test_the_migration_guide_shows_the_real_diff_and_only_commands_marked_for_aw
     assert commands and all("# needs AWS" in line for line in commands)
     for stack in re.findall(r"cdk deploy -c env=(\w+) (\S+)", guide):
         assert stack[1] in (f"pcelery-{stack[0]}-stateful", f"pcelery-{stack[0]}-stateless")
+
+
+def test_the_django_model_has_every_column_of_the_store(shop_on):
+    """The model is unmanaged: pcelery.schema owns the table. This fails when a store migration adds
+    a column the model (and a pcelery migration for Django) does not have yet."""
+    shop = shop_on("postgres")
+    columns = shop.django("""
+        from pcelery.django.models import Task
+        print(json.dumps(sorted(f.column for f in Task._meta.fields)))
+    """)
+    from pcelery.schema import tasks
+
+    assert columns == sorted(c.name for c in tasks.columns)
+    checked = shop.manage("makemigrations", "pcelery", "--check", "--dry-run")
+    assert checked.returncode == 0, checked.stdout + checked.stderr

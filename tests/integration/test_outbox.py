@@ -285,16 +285,22 @@ def test_relays_running_together_publish_each_row_exactly_once(engine, db_url, s
 
 
 def test_entries_sqs_refuses_stay_pending_and_do_not_stall_the_pass(engine, sqs_endpoint, sqs, queues):
+    from faults import EntryRefusingProxy
+
     with engine.begin() as conn:
         rows = [store.task_row(task_id=f"ok-{i}", task_name="demo.add", queue="default", args=[], kwargs={})
                 for i in range(12)]
-        # Beyond SQS's 900 s limit; only a hand-edited row can carry it, as submit caps countdowns.
-        rows.append(store.task_row(task_id="bad-delay", task_name="demo.add", queue="default", args=[], kwargs={},
-                                   delay_seconds=1000))
+        rows.append(store.task_row(task_id="refused", task_name="demo.add", queue="default", args=[], kwargs={}))
         store.insert_tasks(conn, rows)
-    published = relay_pass(engine, Publisher(DEMO_CATALOG, "local", sqs_client(sqs_endpoint)), min_age=0)
+    # SQS fails single entries of a batch (InternalError, throttling) with HTTP 200.
+    proxy = EntryRefusingProxy(sqs_endpoint, refuse={"refused"}).start()
+    try:
+        published = relay_pass(engine, Publisher(DEMO_CATALOG, "local", sqs_client(proxy.url)), min_age=0)
+    finally:
+        proxy.stop()
+    assert proxy.refused == ["refused"]
     assert published == 12
-    assert pending_ids(engine) == ["bad-delay"]
+    assert pending_ids(engine) == ["refused"]
     assert len(take_messages(sqs, queues["default"]["url"], 12)) == 12
 
 

@@ -84,7 +84,10 @@ def test_one_shared_task_can_be_made_persistent_alone():
 
 @pytest.mark.parametrize("options, message", [
     ({"acks_late": False}, "sets acks_late=False: a persistent task acks its message only after it ran"),
-    ({"autoretry_for": (ValueError,)}, "sets autoretry_for: not supported on a persistent task yet"),
+    ({"autoretry_for": (ValueError,), "max_retries": None}, "sets max_retries=None (retry forever)"),
+    ({"autoretry_for": (ValueError,), "dont_autoretry_for": (KeyError,)}, "sets dont_autoretry_for: not supported"),
+    ({"autoretry_for": (ValueError,), "max_retries": 9},
+     "retry.max_attempts=10 must be 1..max_receive_count=5"),
     ({"queue": "urgent"}, "unknown queue 'urgent': the catalog has ['default', 'long']"),
     ({"time_limit": 3600}, "time_limit=3600 does not fit queue 'default''s visibility timeout of 120 s"),
 ])
@@ -93,6 +96,24 @@ def test_options_that_break_the_sqs_contract_are_refused_when_the_task_is_define
     with pytest.raises(ValueError, match=rf"^task {name!r}") as caught:
         team_app.task(name=name, shared=False, **options)(body).name  # noqa: B018 - evaluating defines it
     assert message in str(caught.value)
+
+
+def test_celerys_autoretry_options_become_the_tasks_retry_policy(team_app):
+    from pcelery.catalog import RetryPolicy
+
+    @team_app.task(name=unique("autoretry"), autoretry_for=(TimeoutError,), max_retries=2, retry_backoff=3,
+                   retry_backoff_max=20, retry_jitter=False)
+    def autoretry():
+        return None
+
+    @team_app.task(name=unique("fixed"), autoretry_for=(KeyError,), default_retry_delay=7)
+    def fixed():
+        return None
+
+    assert autoretry.retry_policy == RetryPolicy(max_attempts=3, retry_on=(TimeoutError,), backoff=3.0,
+                                                 backoff_max=20.0, jitter=False)
+    # Celery without retry_backoff waits default_retry_delay every time; max_retries defaults to 3.
+    assert (fixed.retry_policy.max_attempts, fixed.retry_policy.backoff, fixed.retry_policy.backoff_max) == (4, 7, 7)
 
 
 def test_configure_after_a_task_was_defined_says_where_it_belongs():

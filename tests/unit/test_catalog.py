@@ -16,6 +16,7 @@ from pcelery.catalog import (
     CatalogError,
     QueueContract,
     QueueName,
+    RetryPolicy,
     check_env,
     load_catalog,
     parse_queue_name,
@@ -61,8 +62,12 @@ def test_a_good_contract_validates_and_the_shipped_catalogs_are_valid():
     ({"retention": 15 * 24 * 3600}, "is outside SQS's 60..1209600"),
     ({"soft_time_limit": 80}, "soft_time_limit=80 must be below hard_time_limit=80"),
     ({"hard_time_limit": 100}, "must be at least hard_time_limit 100 + margin 30 = 130"),
-    ({"max_countdown": 120}, "max_countdown=120 must be below visibility_timeout=120"),
-    ({"visibility_timeout": 1000, "max_countdown": 901}, "exceeds SQS's 900 s message delay"),
+    ({"max_countdown": 366 * 86400}, "max_countdown=31622400 exceeds the 31536000 s (365 days) a task may be held"),
+    ({"retry": RetryPolicy(max_attempts=9)}, "retry.max_attempts=9 must be 1..max_receive_count=5"),
+    ({"retry": RetryPolicy(max_attempts=2, backoff=10, backoff_max=5)},
+     "retry.backoff=10 must be above 0 and at most backoff_max=5"),
+    ({"retry": RetryPolicy(max_attempts=2, backoff_max=50000)}, "retry.backoff_max=50000 exceeds the 43200 s"),
+    ({"retry": RetryPolicy(max_attempts=2, retry_on=())}, "retry.retry_on is empty"),
     ({"min_workers": 5, "max_workers": 4}, "min_workers=5 exceeds max_workers=4"),
     ({"name": "a" * 70}, "characters (limit 80): shorten it"),
 ])
@@ -97,7 +102,9 @@ def test_heartbeat_interval_and_backlog_alarm_threshold():
     long = CATALOG.get("long")
     # countdown + visibility timeout + one heartbeat interval, at least 5 minutes
     assert long.oldest_message_alarm_seconds() == max(300, 120 + 300 + 100)
-    assert DEMO_CATALOG.get("default").oldest_message_alarm_seconds() == 300
+    # A countdown longer than SQS's 15-minute delay waits in the store, not in the queue.
+    assert DEMO_CATALOG.get("default").oldest_message_alarm_seconds() == 900 + 8 + 5
+    assert replace(GOOD, max_countdown=60).oldest_message_alarm_seconds() == 300
 
 
 def test_sqs_attributes_carry_the_contract_and_the_redrive_policy():
@@ -176,3 +183,14 @@ def test_load_catalog_defaults_and_loads_by_name():
     assert load_catalog("") is CATALOG
     assert load_catalog("devstack:DEMO_CATALOG") is DEMO_CATALOG
     assert load_catalog("pcelery.catalog:CATALOG") is CATALOG
+
+
+def test_a_retry_policy_names_exceptions_by_class_or_by_name_and_backs_off_with_jitter():
+    class Flaky(TimeoutError):
+        pass
+
+    policy = RetryPolicy(max_attempts=4, retry_on=(ConnectionError, "TimeoutError"), backoff=2, backoff_max=5)
+    assert policy.retries(ConnectionResetError()) and policy.retries(Flaky()) and not policy.retries(ValueError())
+    assert [policy.delay(a, draw=1.0) for a in (1, 2, 3, 4)] == [2, 4, 5, 5]  # doubling, capped
+    assert policy.delay(2, draw=0.0) == 2  # the jitter draws from the upper half: never an immediate retry
+    assert RetryPolicy(max_attempts=2, jitter=False).delay(3, draw=0.0) == 4

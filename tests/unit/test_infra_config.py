@@ -1,8 +1,9 @@
 """infra/config.py: cdk.json context -> one typed, validated EnvConfig per environment.
 
-No synth here: infra.config is pure Python (the catalog and the standard library), so these run
-without node. Loading `application.catalog` imports the example shop's examples/django_shop/shop/
-queues.py through its python_path, which imports pcelery.catalog only. Everything that
+No synth here: infra.config is pure Python (the catalog, the scheduler's Schedule and the standard
+library), so these run without node. Loading `application.catalog` and `application.schedules`
+imports the example shop's examples/django_shop/shop/queues.py and shop/schedules.py through its
+python_path, which import pcelery.catalog and pcelery.scheduler only. Everything that
 synthesizes is in tests/integration/test_infra.py, including app.py failing on a bad key (it
 starts a process).
 """
@@ -25,12 +26,17 @@ from infra.config import (
     EcrImage,
     ExternalDatabaseConfig,
     ImageConfig,
+    SchedulerConfig,
     SecretReference,
     load_configs,
     parse_env,
     selected_envs,
 )
 from pcelery.catalog import CATALOG, Catalog
+
+# At collection, not in a test: croniter's import runs `file` once (platform.architecture), and
+# the unit tier refuses processes inside tests. infra.config imports it when it loads schedules.
+from pcelery.scheduler import Schedule
 
 SHOP = REPO_ROOT / "examples" / "django_shop"
 DIGEST = "sha256:" + "ab" * 32
@@ -152,10 +158,13 @@ def test_loading_the_catalog_leaves_sys_path_as_it_was():
 def test_optional_application_keys_default_to_the_products_catalog_and_celery_app():
     ctx = context_with("dev", "application", {"image": {"directory": "examples/django_shop"},
                                               "task_modules": ["shop.tasks"]})
+    del ctx[CONTEXT_KEY]["dev"]["scheduler"]  # sizes a scheduler, which needs application.schedules
     app = parse("dev", ctx).application
     assert app.catalog_spec == DEFAULT_CATALOG == "pcelery.catalog:CATALOG"
     assert app.catalog is CATALOG
     assert app.celery_app is None and app.python_path == () and app.environment == {} and app.secrets == {}
+    # No schedules, no scheduler; the count keeps its default, unused.
+    assert app.schedules_spec is None and app.schedules == ()
 
 
 URI = "333333333333.dkr.ecr.eu-west-1.amazonaws.com/shop:1.0.0"
@@ -524,3 +533,124 @@ def test_external_database_and_secrets_problems_are_reported_with_everything_els
     for key in (f"{D}.external.port:", f"{D}.external.security_group_id:", f"{P}.secrets.DB_USER:",
                 "pcelery:environments.prod.workers.cpu:"):
         assert key in str(err.value)
+
+
+# --------------------------------------------------------------------------- schedules and the scheduler
+
+
+def test_each_environment_schedules_the_shops_nightly_report_with_its_own_scheduler_count():
+    """application.schedules is loaded at synth from the shop's own module (through python_path),
+    as the scheduler loads PCELERY_SCHEDULES; scheduler.tasks is 1 in dev and staging, 2 in prod."""
+    for env, c in configs().items():
+        assert c.application.schedules_spec == "shop.schedules:SCHEDULES"
+        [nightly] = c.application.schedules
+        assert isinstance(nightly, Schedule)
+        assert nightly is sys.modules["shop.schedules"].SCHEDULES[0]
+        assert (nightly.name, nightly.task, nightly.cron, nightly.timezone, nightly.missed) == (
+            "nightly-sales-report", "shop.tasks.sales_report", "30 2 * * *", "Europe/Paris", "catch_up")
+        assert c.scheduler == SchedulerConfig(tasks={"dev": 1, "staging": 1, "prod": 2}[env])
+    assert sys.modules["shop.schedules"].__file__ == str(SHOP / "shop" / "schedules.py")
+
+
+def test_the_scheduler_block_is_optional_and_defaults_to_two_tasks():
+    ctx = context_with("prod", "scheduler", KeyError)
+    assert parse("prod", ctx).scheduler == SchedulerConfig(tasks=2)
+    assert SchedulerConfig().tasks == 2
+
+
+E = "pcelery:environments.prod"
+
+
+@pytest.mark.parametrize("path, value, expected", [
+    ("application.schedules", "shop.schedules",
+     f"{P}.schedules: 'shop.schedules' is not valid: the module:ATTRIBUTE of your list of "
+     'pcelery.scheduler.Schedule, e.g. "shop.schedules:SCHEDULES", or leave it out for no scheduler'),
+    ("application.schedules", 42, f"{P}.schedules: 42 is a int, expected str"),
+    ("application.schedules", "devstack.schedules:SCHEDULES",
+     f"{P}.schedules: 'devstack.schedules:SCHEDULES' is the dev harness's (devstack/), which never reaches an "
+     "image: name your own schedules"),
+    ("application.schedules", "shop.nosuch:SCHEDULES",
+     f"{P}.schedules: PCELERY_SCHEDULES='shop.nosuch:SCHEDULES' cannot be loaded (ModuleNotFoundError: No module "
+     "named 'shop.nosuch')"),
+    ("application.schedules", "shop.schedules:NIGHTLY",
+     f"{P}.schedules: PCELERY_SCHEDULES='shop.schedules:NIGHTLY' cannot be loaded (AttributeError: module "
+     "'shop.schedules' has no attribute 'NIGHTLY')"),
+    ("application.schedules", "shop.queues:CATALOG",
+     f"{P}.schedules: PCELERY_SCHEDULES='shop.queues:CATALOG' must be a list of pcelery.scheduler.Schedule; synth "
+     "imports it as the scheduler would, with application.python_path"),
+    ("scheduler.tasks", 0, f"{E}.scheduler.tasks: 0 is not valid: 1 to 4 scheduler tasks"),
+    ("scheduler.tasks", 5, f"{E}.scheduler.tasks: 5 is not valid: 1 to 4 scheduler tasks"),
+    ("scheduler.tasks", "2", f"{E}.scheduler.tasks: '2' is a str, expected int"),
+    ("scheduler.tasks", True, f"{E}.scheduler.tasks: True is a bool, expected int"),
+    ("scheduler.tasks", KeyError, f"{E}.scheduler.tasks: missing: set it (int, 1 to 4 scheduler tasks"),
+    ("scheduler", 2, f'{E}.scheduler: missing or not an object: give {{"tasks": 2}}: how many scheduler tasks run'),
+    ("scheduler", {"tasks": 2, "cpu": 256}, f"{E}.scheduler.cpu: unknown key (known: tasks): remove or rename it"),
+])
+def test_bad_schedules_or_scheduler_value_names_the_key_and_the_fix(path, value, expected):
+    with pytest.raises(ConfigError) as err:
+        parse("prod", context_with("prod", path, value))
+    assert expected in str(err.value)
+
+
+def test_a_scheduler_block_without_schedules_is_refused():
+    """It would deploy nothing: the count of a scheduler that does not exist is a mistake to name."""
+    ctx = context_with("prod", "application.schedules", KeyError)
+    with pytest.raises(ConfigError) as err:
+        parse("prod", ctx)
+    assert (f"{E}.scheduler: is set, but application.schedules is not, so no scheduler runs: remove the block, or "
+            "name your schedules in application.schedules") in str(err.value)
+    del ctx[CONTEXT_KEY]["prod"]["scheduler"]
+    prod = parse("prod", ctx)
+    assert prod.application.schedules_spec is None and prod.application.schedules == ()
+
+
+def _schedules_in(tmp_path, module: str, source: str) -> dict:
+    """prod's context with schedules from a module of the test's own, imported from tmp_path (and
+    the product's catalog: default and long)."""
+    (tmp_path / f"{module}.py").write_text(source)
+    ctx = context_with("prod", "application.python_path", ["."])
+    application = ctx[CONTEXT_KEY]["prod"]["application"]
+    del application["catalog"]
+    application["schedules"] = f"{module}:SCHEDULES"
+    return ctx
+
+
+def test_schedules_of_the_teams_own_module_load_with_their_queues(tmp_path):
+    ctx = _schedules_in(tmp_path, "pcelery_test_good_schedules", (
+        "from pcelery.scheduler import Schedule\n"
+        "SCHEDULES = [Schedule(name='sync', task='shop.tasks.sync', every=300),\n"
+        "             Schedule(name='report', task='shop.tasks.report', cron='0 6 * * 1', queue='long')]\n"
+    ))
+    prod = parse("prod", ctx, base_dir=tmp_path)
+    assert [(s.name, s.queue) for s in prod.application.schedules] == [("sync", None), ("report", "long")]
+    assert prod.application.schedules_spec == "pcelery_test_good_schedules:SCHEDULES"
+
+
+@pytest.mark.parametrize("module, source, expected", [
+    # A schedule that cannot run fails where it is built: at import, here at synth.
+    ("pcelery_test_bad_cron", "from pcelery.scheduler import Schedule\n"
+     "SCHEDULES = [Schedule(name='nightly', task='shop.tasks.report', cron='61 * * * *')]\n",
+     "schedule 'nightly': cron='61 * * * *' is not a five-field cron expression, e.g. '30 2 * * *'"),
+    ("pcelery_test_bad_zone", "from pcelery.scheduler import Schedule\n"
+     "SCHEDULES = [Schedule(name='nightly', task='shop.tasks.report', cron='0 2 * * *', timezone='Paris')]\n",
+     "schedule 'nightly': timezone='Paris' is not an IANA time zone"),
+    ("pcelery_test_twice", "from pcelery.scheduler import Schedule\n"
+     "SCHEDULES = [Schedule(name='sync', task='a.b', every=60), Schedule(name='sync', task='a.c', every=60)]\n",
+     "PCELERY_SCHEDULES='pcelery_test_twice:SCHEDULES': schedule names ['sync'] are used twice; names must be unique"),
+    ("pcelery_test_raising_schedules", "raise RuntimeError('settings not configured')\n",
+     "PCELERY_SCHEDULES='pcelery_test_raising_schedules:SCHEDULES' cannot be loaded (RuntimeError: settings not "
+     "configured)"),
+    ("pcelery_test_no_schedules", "SCHEDULES = []\n",
+     "'pcelery_test_no_schedules:SCHEDULES' is an empty list: add a Schedule, or leave schedules out (no scheduler "
+     "service is then deployed)"),
+    ("pcelery_test_unknown_queue", "from pcelery.scheduler import Schedule\n"
+     "SCHEDULES = [Schedule(name='sync', task='a.b', every=60, queue='reports')]\n",
+     "schedule 'sync' sends to queue 'reports', which the catalog lacks: use one of default, long "
+     "(application.catalog), or leave queue out for the task's declared queue"),
+])
+def test_schedules_that_cannot_run_fail_synth_naming_the_key(tmp_path, module, source, expected):
+    ctx = _schedules_in(tmp_path, module, source)
+    with pytest.raises(ConfigError) as err:
+        parse("prod", ctx, base_dir=tmp_path)
+    assert f"{P}.schedules: {expected}" in str(err.value)
+    assert sys.path == [p for p in sys.path if p != str(tmp_path.resolve())]  # taken off again

@@ -13,6 +13,7 @@ from devstack import DEMO_CATALOG
 from pcelery.catalog import CATALOG
 from pcelery.settings import (
     RelaySettings,
+    SchedulerSettings,
     Settings,
     SettingsError,
     WorkerSettings,
@@ -37,6 +38,7 @@ def error(**environ: str) -> str:
     def parse_all() -> None:
         WorkerSettings.from_env(Settings.from_env(environ), environ)
         RelaySettings.from_env(environ)
+        SchedulerSettings.from_env({"PCELERY_SCHEDULES": "team.schedules:SCHEDULES", **environ})
 
     with pytest.raises(SettingsError) as caught:
         parse_all()
@@ -109,6 +111,8 @@ def test_worker_only_variables_do_not_stop_the_other_processes():
      "'myproject.celery:app'"),
     ({"PCELERY_CELERY_APP": "shop-site.celery:app"}, "PCELERY_CELERY_APP='shop-site.celery:app' must name"),
     ({"PCELERY_CONCURRENCY": "0"}, "PCELERY_CONCURRENCY='0' must be a positive integer"),
+    ({"PCELERY_SCHEDULES": "schedules"}, "PCELERY_SCHEDULES='schedules' must name your schedules as "
+                                         "module:ATTRIBUTE"),
     ({"PCELERY_ACK_LINGER": "60"}, "PCELERY_ACK_LINGER='60' is more than 5 seconds: lower it or unset it for 0.2"),
     ({"PCELERY_ACK_LINGER": "soon"}, "PCELERY_ACK_LINGER='soon' is not a number of seconds"),
     ({"PCELERY_CONCURRENCY": "four"}, "PCELERY_CONCURRENCY='four' must be a positive integer"),

@@ -23,6 +23,7 @@ def state_of(engine, task_id):
 
 def _drop_schema(eng):
     with eng.begin() as conn:
+        conn.execute(sa.text("DROP TABLE IF EXISTS pcelery_schedules"))
         conn.execute(sa.text("DROP TABLE IF EXISTS pcelery_tasks"))
         conn.execute(sa.text("DROP TABLE IF EXISTS pcelery_schema_version"))
 
@@ -33,14 +34,18 @@ def test_migrate_is_idempotent_and_versioned(db_url):
     assert schema.schema_version(eng) == 0
     first = schema.migrate(eng)
     assert first == ["1: create table pcelery_tasks with its state indexes",
-                     "2: add pcelery_tasks.claimed_message_id (the SQS message a claim was made for)"]
+                     "2: add pcelery_tasks.claimed_message_id (the SQS message a claim was made for)",
+                     "3: add pcelery_tasks.due_at and attempt_errors, table pcelery_schedules (scheduling, retries)"]
     assert schema.migrate(eng) == []
-    assert schema.schema_version(eng) == schema.LATEST_SCHEMA_VERSION == 2
+    assert schema.schema_version(eng) == schema.LATEST_SCHEMA_VERSION == 3
     names = set(sa.inspect(eng).get_table_names())
-    assert {"pcelery_tasks", "pcelery_schema_version"} <= names
-    # The steps build exactly the table the code describes (a drift would break the next ALTER).
-    built = {c["name"] for c in sa.inspect(eng).get_columns("pcelery_tasks")}
-    assert built == {c.name for c in schema.tasks.columns}
+    assert {"pcelery_tasks", "pcelery_schema_version", "pcelery_schedules"} <= names
+    # The steps build exactly the tables the code describes (a drift would break the next ALTER).
+    for table in (schema.tasks, schema.schedules):
+        built = {c["name"] for c in sa.inspect(eng).get_columns(table.name)}
+        assert built == {c.name for c in table.columns}
+    indexes = {i["name"] for i in sa.inspect(eng).get_indexes("pcelery_tasks")}
+    assert indexes == {i.name for i in schema.tasks.indexes}
     eng.dispose()
 
 
@@ -55,13 +60,15 @@ def test_a_version_1_database_with_rows_upgrades_in_place(db_url):
     running, queued = str(uuid.uuid4()), str(uuid.uuid4())
     with eng.begin() as conn:  # rows as v1 code wrote them: statements that name only v1 columns
         for task_id in (running, queued):
-            conn.execute(schema.tasks.insert().values(store.task_row(
-                task_id=task_id, task_name="demo.add", queue="default", args=[1, 2], kwargs={})))
+            row = store.task_row(task_id=task_id, task_name="demo.add", queue="default", args=[1, 2], kwargs={})
+            conn.execute(schema.tasks.insert().values({k: v for k, v in row.items() if k != "due_at"}))
         conn.execute(sa.update(schema.tasks).where(schema.tasks.c.id == queued).values(state="queued"))
         conn.execute(sa.update(schema.tasks).where(schema.tasks.c.id == running).values(
             state="running", attempts=1, worker="old-worker", lease_until=schema.utcnow() + dt.timedelta(minutes=5)))
 
-    assert schema.migrate(eng) == ["2: add pcelery_tasks.claimed_message_id (the SQS message a claim was made for)"]
+    assert schema.migrate(eng) == [
+        "2: add pcelery_tasks.claimed_message_id (the SQS message a claim was made for)",
+        "3: add pcelery_tasks.due_at and attempt_errors, table pcelery_schedules (scheduling, retries)"]
     assert schema.schema_version(eng) == schema.LATEST_SCHEMA_VERSION
     row = store.get_task(eng, running)
     assert (row.state, row.worker, row.claimed_message_id) == ("running", "old-worker", None)
@@ -241,12 +248,13 @@ def test_counts_lists_and_pending_summary(engine):
     store.mark_queued(engine, {b: "m"})
     store.claim(engine, c, worker="w", lease_seconds=60)
     counts = store.count_by_state(engine)
-    assert counts == {"pending": 1, "queued": 1, "running": 1, "succeeded": 0, "failed": 0, "dead": 0, "cancelled": 0}
+    assert counts == {"scheduled": 0, "pending": 1, "queued": 1, "running": 1, "succeeded": 0, "failed": 0, "dead": 0,
+                      "cancelled": 0}
     assert [r.id for r in store.list_tasks(engine)] == [a, b, c]
     assert [r.id for r in store.list_tasks(engine, state="queued")] == [b]
     assert [r.id for r in store.list_tasks(engine, task_name="demo.other")] == [b]
     assert store.list_tasks(engine, older_than_seconds=3600) == []
-    with pytest.raises(ValueError, match="unknown state 'done': use one of pending"):
+    with pytest.raises(ValueError, match="unknown state 'done': use one of scheduled, pending"):
         store.list_tasks(engine, state="done")
 
     summary = store.pending_summary(engine)

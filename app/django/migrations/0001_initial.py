@@ -3,20 +3,9 @@ steps as `pcelery-migrate`), then the unmanaged model's state for Django."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from django.db import migrations, models
 
-
-def create_store(apps: Any, schema_editor: Any) -> None:
-    from pcelery.django import database_url
-    from pcelery.schema import make_engine, migrate
-
-    engine = make_engine(database_url(schema_editor.connection.alias))
-    try:
-        migrate(engine)
-    finally:
-        engine.dispose()
+from pcelery.django.migrations import create_store
 
 
 class Migration(migrations.Migration):

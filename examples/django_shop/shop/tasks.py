@@ -1,3 +1,5 @@
+from datetime import timedelta
+
 from celery import shared_task
 from django.db.models import F
 from django.utils import timezone
@@ -14,5 +16,8 @@ def send_receipt(order_id: int) -> dict:
 
 @shared_task(queue="long", time_limit=1800)
 def sales_report(day: str) -> dict:
+    """`day`: an ISO date, or "yesterday" (the nightly schedule's, shop/schedules.py)."""
+    if day == "yesterday":
+        day = (timezone.localdate() - timedelta(days=1)).isoformat()
     orders = Order.objects.filter(created_at__date=day)
     return {"day": day, "orders": orders.count()}
