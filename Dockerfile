@@ -35,6 +35,10 @@ ADD --chmod=644 https://truststore.pki.rds.amazonaws.com/global/global-bundle.pe
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
+# The ECS task definitions run every container on a read-only root and mount a writable volume on
+# /tmp for the workers (Celery's prefork pool keeps a temporary file there). Declared a VOLUME, it is
+# seeded from this image's /tmp (mode 1777), so the non-root USER below can write to it.
+VOLUME ["/tmp"]
 WORKDIR /app
 USER pcelery
 ENTRYPOINT ["pcelery-worker"]

@@ -4,17 +4,25 @@ team's existing Postgres (cdk.json `database.external`).
 Both constructs offer what the stateless stack wires up alike: `host`, `port`, `name`, the
 RDS-format `secret` (JSON keys username and password), the customer `keys` that encrypt it (none
 for RDS's own, on the AWS-managed key) and the `connections` whose security groups get the
-tasks' ingress rules.
+tasks' ingress rules. That secret is the migration's alone (it owns the tables); the workers, the
+relay and the ops task log in as the database roles whose secrets `RoleSecrets` makes, and which
+`pcelery-migrate` creates (pcelery.schema.ensure_roles).
 """
 
 from __future__ import annotations
+
+import json
 
 from aws_cdk import Duration, RemovalPolicy
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_logs as logs
 from aws_cdk import aws_rds as rds
+from aws_cdk import aws_secretsmanager as secretsmanager
 from constructs import Construct
+
+from pcelery.catalog import resource_name
+from pcelery.settings import ROLE_KINDS
 
 from .secrets import import_key, import_secret
 
@@ -28,6 +36,20 @@ DATABASE_PORT = 5432
 # the host, so a spoofed endpoint inside the VPC cannot read the credentials.
 RDS_CA_BUNDLE = "/etc/ssl/certs/rds-global-bundle.pem"
 MASTER_USERNAME = "pcelery"
+# Characters left out of generated role passwords (CDK's default for RDS secrets): nothing that
+# needs quoting in a URL, a shell or a libpq connection string.
+PASSWORD_EXCLUDE = " %+~`#$&*()|[]{}:;<>?!'/@\"\\"
+
+
+def role_name(env_name: str, kind: str) -> str:
+    """The Postgres login of a database role: pcelery_<env>_<kind> (runtime, ops). Named per
+    environment because roles belong to the whole Postgres instance, which a team's external
+    database may share between environments."""
+    return f"{resource_name(env_name).replace('-', '_')}_{kind}"
+
+
+def role_secret_name(env_name: str, kind: str) -> str:
+    return f"{resource_name(env_name)}/{kind}"
 
 
 def removal_policy_for_logs(policy: RemovalPolicy) -> RemovalPolicy:
@@ -150,3 +172,68 @@ class ExternalDatabase(Construct):
             groups.append(ec2.SecurityGroup.from_security_group_id(
                 self, "SecurityGroup", security_group_id, mutable=False))
         self.connections = ec2.Connections(security_groups=groups, default_port=ec2.Port.tcp(port))
+
+
+class RoleSecrets(Construct):
+    """The logins of the database roles, one Secrets Manager secret each (`pcelery-<env>/runtime`,
+    `pcelery-<env>/ops`), RDS format, password generated. `pcelery-migrate` creates the roles
+    with these passwords and grants each its privileges (the migrate containers get the secrets);
+    the workers and relay connect with `runtime`, the ops task with `ops`.
+
+    With the stack's own RDS instance (`database`) each secret names the master secret
+    (`masterarn`) and the instance (host, port, engine), and with `rotation_days` Secrets Manager's
+    multi-user rotation rotates it: the login alternates between <role> and <role>_clone, so the
+    credentials a running task holds stay valid for one more rotation period. Rotation starts only
+    after `rotation_days` (not at deploy), once the migration has created the roles. With an
+    external database there is no rotation Lambda: the stack cannot reach or administer the team's
+    database (infra/README.md says how to rotate by hand).
+    """
+
+    def __init__(
+        self,
+        scope: Construct,
+        id: str,
+        *,
+        env_name: str,
+        database: Database | None,
+        rotation_days: int,
+        rotation_subnets: ec2.SubnetSelection,
+        removal_policy: RemovalPolicy,
+    ) -> None:
+        super().__init__(scope, id)
+        # What containers reference (with the stack's RDS, the secret as attached to the instance),
+        # and the secret resources themselves (cdk-nag's acknowledgments go there).
+        self.secrets: dict[str, secretsmanager.ISecret] = {}
+        self.resources: list[secretsmanager.Secret] = []
+        self.rotated = bool(database and rotation_days)
+        for kind in ROLE_KINDS:
+            username, secret_name = role_name(env_name, kind), role_secret_name(env_name, kind)
+            description = f"{secret_name}: the {kind} login of the {resource_name(env_name)} store (pcelery-migrate " \
+                          "creates the role)"
+            if database:
+                secret: secretsmanager.Secret = rds.DatabaseSecret(
+                    self, kind, username=username, secret_name=secret_name, master_secret=database.secret,
+                    exclude_characters=PASSWORD_EXCLUDE,
+                )
+                attached = secret.attach(database.instance)  # host, port, engine: what rotation reads
+                if rotation_days:
+                    database.instance.add_rotation_multi_user(
+                        f"{kind.capitalize()}Rotation", secret=attached,
+                        automatically_after=Duration.days(rotation_days),
+                        # Not at deploy: the role does not exist until the first migration has run.
+                        rotate_immediately_on_update=False,
+                        vpc_subnets=rotation_subnets,
+                    )
+                self.secrets[kind] = attached
+            else:
+                secret = secretsmanager.Secret(
+                    self, kind, secret_name=secret_name, description=description,
+                    generate_secret_string=secretsmanager.SecretStringGenerator(
+                        secret_string_template=json.dumps({"username": username}),
+                        generate_string_key="password", exclude_characters=PASSWORD_EXCLUDE,
+                    ),
+                )
+                self.secrets[kind] = secret
+            # As long as the data they open, like the master secret.
+            secret.apply_removal_policy(removal_policy_for_logs(removal_policy))
+            self.resources.append(secret)

@@ -16,8 +16,11 @@ from constructs import Construct
 
 from .cache import Cache
 from .config import EnvConfig
-from .database import Database
+from .database import Database, RoleSecrets
 from .network import Network
+
+# The construct id CDK gives the singleton Lambda of AwsCustomResource (aws-cdk-lib custom_resources).
+AWS_CUSTOM_RESOURCE_PROVIDER = "AWS679f53fac002430cb0da5b7982bd2287"
 
 
 def add_checks(app: cdk.App) -> None:
@@ -33,10 +36,28 @@ def acknowledge(scope: Construct, rule: str, reason: str) -> None:
 
 
 def acknowledge_stateful(config: EnvConfig, *, network: Network, database: Database | None,
-                         cache: Cache | None) -> None:
+                         roles: RoleSecrets, cache: Cache | None) -> None:
     """`database` is None with database.external: the team's database is no resource of this app."""
     if database:
         _acknowledge_rds(config, database)
+    if not roles.rotated:
+        reason = (
+            f"{config.name} keeps the generated password of this database role; prod rotates it (multi-user "
+            "rotation, cdk.json rotation_days)." if database else
+            "The team's database (database.external) is out of this app's reach for a rotation Lambda: rotate by "
+            "putting a new password in the secret and running pcelery-migrate (RUNBOOK.md#rotate-secrets).")
+        for secret in roles.resources:
+            acknowledge(secret, "AwsSolutions-SMG4", reason)
+    if network.s3_prefix_list is not None:
+        lookup = network.s3_prefix_list.lookup
+        acknowledge(lookup, "AwsSolutions-IAM5[Resource::*]",
+                    "ec2:DescribePrefixLists has no resource-level permissions; the lookup reads the id of S3's "
+                    "AWS-managed prefix list once per deploy, for the relay's, migrations' and ops' egress rules.")
+        # CDK's one Lambda behind every AwsCustomResource of the stack.
+        provider = cdk.Stack.of(lookup).node.find_child(AWS_CUSTOM_RESOURCE_PROVIDER)
+        acknowledge(provider.node.find_child("ServiceRole"), "AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:"
+                    "policy/service-role/AWSLambdaBasicExecutionRole]",
+                    "CDK's AwsCustomResource provider Lambda: the managed policy only lets it write its own logs.")
     acknowledge(network.vpc, "CloudFormation-Validate::W3010",
                 "Zones are named in cdk.json on purpose: synth must work offline, without an AZ lookup.")
     if not config.network.flow_logs:
@@ -76,7 +97,7 @@ def acknowledge_task_definitions(tasks: Iterable[ecs.TaskDefinition]) -> None:
                     "ecr:GetAuthorizationToken has no resource-level permissions; the image pull and "
                     "log actions CDK adds are scoped to the repository and log group.")
         acknowledge(task, "AwsSolutions-ECS2",
-                    "Only non-secret settings (env name, catalog, queue, task modules, Celery app, DB "
+                    "Only non-secret settings (env name, catalog, queue, task modules, Celery app, schedules, DB "
                     "host/port/name/CA path, Redis host, the team's application.environment, where config.py "
                     "refuses credential-like names) are environment variables; credentials, the team's "
                     "application.secrets among them, are ECS secrets from Secrets Manager.")

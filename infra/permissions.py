@@ -2,8 +2,9 @@
 
 The stateless stack calls these with the queues of the stateful stack; nothing else in infra/
 adds a statement to a task role. No wildcard actions anywhere. The migration task gets no grant
-at all: it talks to Postgres only. tests/integration/test_infra.py holds the roles to exactly
-these lists, and the ops lists to exactly the calls in the ops source.
+at all: it talks to Postgres only. The relay and the scheduler only publish.
+tests/integration/test_infra.py holds the roles to exactly these lists, and the ops lists to
+exactly the calls in the ops source.
 
 Execution roles get what ECS needs to start a task: CDK grants the image pull, the log group and
 the read of each ECS secret as the containers are added; `grant_secret_keys` adds the decrypt on
@@ -25,8 +26,13 @@ CONSUME_ACTIONS = [
     "sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:ChangeMessageVisibility",
     "sqs:GetQueueAttributes", "sqs:GetQueueUrl",
 ]
-# Publishing a task (the submit API after commit, or the relay for what it missed).
+# Publishing a task (the submit API after commit, the relay for what it missed, the scheduler for
+# each slot). GetQueueUrl also on every catalog queue at start (pcelery.startup.queue_urls).
 PUBLISH_ACTIONS = ["sqs:SendMessage", "sqs:GetQueueUrl"]
+# A worker giving up on a task (its retry policy does not retry, or the last attempt failed) sends
+# a copy of the message to its queue's DLQ itself, then acks the original
+# (pcelery.worker.PersistentTask._send_to_dlq): the DLQ's URL, then one send. Nothing else on it.
+DEAD_LETTER_ACTIONS = ["sqs:SendMessage", "sqs:GetQueueUrl"]
 # The ops CLI (ops/, and app/outbox.py for replay) on every work queue and DLQ of its
 # environment: depth, peek (receive, then make visible again), redrive in both modes (the
 # native move task needs receive/delete/attributes on the DLQ and send on the destination),
@@ -41,19 +47,29 @@ OPS_QUEUE_ACTIONS = [
 OPS_METRIC_ACTIONS = ["cloudwatch:GetMetricStatistics"]
 
 
-def grant_worker(role: iam.IRole, *, own_queue: sqs.IQueue, work_queues: Iterable[sqs.IQueue]) -> None:
-    """A worker consumes its own queue and publishes to every work queue, never to a DLQ.
+def grant_worker(role: iam.IRole, *, own_queue: sqs.IQueue, own_dead_letter_queue: sqs.IQueue,
+                 work_queues: Iterable[sqs.IQueue]) -> None:
+    """A worker consumes its own queue, publishes to every work queue, and sends to its own
+    queue's DLQ only (a task it gives up on); it never reads, deletes from or moves a DLQ.
 
     A task may submit follow-up tasks to any queue, and the submit API publishes right after
     commit; without the publish grant every follow-up would wait for the relay.
     """
     role.add_to_principal_policy(iam.PolicyStatement(
         sid="ConsumeOwnQueue", actions=CONSUME_ACTIONS, resources=[own_queue.queue_arn]))
+    role.add_to_principal_policy(iam.PolicyStatement(
+        sid="DeadLetterOwnFailures", actions=DEAD_LETTER_ACTIONS, resources=[own_dead_letter_queue.queue_arn]))
     _publish(role, work_queues)
 
 
 def grant_relay(role: iam.IRole, *, work_queues: Iterable[sqs.IQueue]) -> None:
     """The relay only publishes the rows their submitter failed to publish."""
+    _publish(role, work_queues)
+
+
+def grant_scheduler(role: iam.IRole, *, work_queues: Iterable[sqs.IQueue]) -> None:
+    """The scheduler only publishes each slot's task (through the outbox, as any submitter), and
+    looks up every catalog queue's URL at start."""
     _publish(role, work_queues)
 
 

@@ -1,8 +1,11 @@
 """The outbox relay service and the one-off task definitions: schema migration and the ops CLI.
 
-All run the environment's one application image (infra/image.py) with a different entry point.
-The relay publishes `pending` rows that their submitter failed to publish; one task is enough (it
-batches, and several would be safe thanks to SKIP LOCKED), so it does not scale.
+All run the environment's one application image (infra/image.py) with a different entry point,
+on a read-only root file system. The relay publishes `pending` rows that their submitter failed to
+publish; one task is enough (it batches, and several would be safe thanks to SKIP LOCKED), so it
+does not scale. Each of the three has a security group of its own with no outbound rule: the stack
+allows exactly what it calls (the database, and AWS's APIs: the VPC endpoints where the network has
+them), since only the product's code runs there.
 """
 
 from __future__ import annotations
@@ -32,28 +35,39 @@ class Relay(Construct):
         *,
         env_name: str,
         cluster: ecs.ICluster,
+        vpc: ec2.IVpc,
         subnets: ec2.SubnetSelection,
-        security_group: ec2.ISecurityGroup,
         image: ecs.ContainerImage,
         environment: dict[str, str],
         secrets: dict[str, ecs.Secret],
+        migrate_environment: dict[str, str],
+        migrate_secrets: dict[str, ecs.Secret],
         log_retention: logs.RetentionDays,
         log_removal_policy: RemovalPolicy,
     ) -> None:
         super().__init__(scope, id)
         self.service_name = resource_name(env_name, "relay")
+        # Outbound rules are the stack's to add (what each task calls), none by default.
+        self.security_group = ec2.SecurityGroup(
+            self, "SecurityGroup", vpc=vpc, allow_all_outbound=False,
+            description=f"{resource_name(env_name)} outbox relay: the database and SQS only",
+        )
+        self.migrate_security_group = ec2.SecurityGroup(
+            self, "MigrateSecurityGroup", vpc=vpc, allow_all_outbound=False,
+            description=f"{resource_name(env_name)} one-off migrations: the database only",
+        )
         # No fixed name: retained groups of a deleted stateless stack must not block recreating it.
         self.log_group = logs.LogGroup(
             self, "Logs",
             retention=log_retention, removal_policy=log_removal_policy,
         )
         # Every container sets its entry point (the image's own may be the team's web server).
-        self.task_definition, relay = _task(
+        self.task_definition, relay = product_task(
             self, "Task", family=self.service_name, image=image, entry_point=RELAY_COMMAND,
             environment=environment, secrets=secrets, log_group=self.log_group, stream_prefix="relay",
         )
-        add_schema_migration(self.task_definition, relay, image=image, environment=environment,
-                             secrets=secrets, log_group=self.log_group)
+        add_schema_migration(self.task_definition, relay, image=image, environment=migrate_environment,
+                             secrets=migrate_secrets, log_group=self.log_group)
         self.service = ecs.FargateService(
             self, "Service",
             cluster=cluster,
@@ -61,7 +75,7 @@ class Relay(Construct):
             service_name=self.service_name,
             desired_count=1,
             vpc_subnets=subnets,
-            security_groups=[security_group],
+            security_groups=[self.security_group],
             assign_public_ip=False,
             # One relay at a time is the steady state; a deployment briefly runs two, which
             # SKIP LOCKED makes harmless.
@@ -71,9 +85,9 @@ class Relay(Construct):
         )
         # For running a migration by hand (`aws ecs run-task`, infra/README.md); the services
         # also migrate in an init container before they start.
-        self.migrate_task_definition, _ = _task(
+        self.migrate_task_definition, _ = product_task(
             self, "MigrateTask", family=resource_name(env_name, "migrate"), image=image,
-            entry_point=MIGRATE_COMMAND, environment=environment, secrets=secrets,
+            entry_point=MIGRATE_COMMAND, environment=migrate_environment, secrets=migrate_secrets,
             log_group=self.log_group, stream_prefix="migrate",
         )
 
@@ -107,16 +121,19 @@ class OpsTask(Construct):
             retention=log_retention, removal_policy=log_removal_policy,
         )
         self.security_group = ec2.SecurityGroup(
-            self, "SecurityGroup", vpc=vpc, allow_all_outbound=True,
-            description=f"{resource_name(env_name)} ops one-off tasks: outbound only (SQS, CloudWatch, RDS)",
+            self, "SecurityGroup", vpc=vpc, allow_all_outbound=False,
+            description=f"{resource_name(env_name)} ops one-off tasks: the database, SQS and CloudWatch only",
         )
-        self.task_definition, self.container = _task(
+        self.task_definition, self.container = product_task(
             self, "Task", family=resource_name(env_name, "ops"), image=image, entry_point=OPS_ENTRY_POINT,
             environment=environment, secrets=secrets, log_group=self.log_group, stream_prefix=OPS_CONTAINER,
         )
 
 
-def _task(scope, id, *, family, image, entry_point, environment, secrets, log_group, stream_prefix):
+def product_task(scope, id, *, family, image, entry_point, environment, secrets, log_group, stream_prefix):
+    """A one-container task definition running a console script of persistent-celery from the
+    application image (relay, scheduler, migrate, ops): the smallest Fargate size, a read-only
+    root, its output to `log_group` under `stream_prefix`; the container is named after the prefix."""
     task = ecs.FargateTaskDefinition(
         scope, id, cpu=256, memory_limit_mib=512, family=family,
         runtime_platform=ecs.RuntimePlatform(
@@ -127,5 +144,6 @@ def _task(scope, id, *, family, image, entry_point, environment, secrets, log_gr
     container = task.add_container(
         stream_prefix, image=image, entry_point=entry_point, environment=environment, secrets=secrets,
         logging=ecs.LogDrivers.aws_logs(stream_prefix=stream_prefix, log_group=log_group),
+        readonly_root_filesystem=True,
     )
     return task, container

@@ -26,6 +26,13 @@ MIGRATE_COMMAND = ["pcelery-migrate"]
 WORKER_ENTRY_POINT = ["pcelery-worker"]
 # Time a warm shutdown needs beyond the task itself: finish the ack, close the pool, exit.
 SHUTDOWN_SLACK = 15
+# Every container runs on a read-only root file system. The worker alone gets a writable /tmp:
+# Celery's prefork pool (billiard) keeps its shared-memory arena in a temporary file there (a worker
+# without one dies at start), and the team's tasks may want scratch files. A bind-mount volume on
+# the task's ephemeral storage; ECS seeds it from the image's /tmp (mode 1777) when the image
+# declares `VOLUME ["/tmp"]`, which is what lets a non-root USER write to it (infra/README.md).
+TMP_VOLUME = "tmp"
+TMP_PATH = "/tmp"  # the container's own /tmp: a volume of its task
 
 
 def stop_timeout(contract: QueueContract) -> int:
@@ -62,11 +69,14 @@ def add_schema_migration(task: ecs.TaskDefinition, main: ecs.ContainerDefinition
     the first deploy of an environment, and every release that adds a migration, would
     crash-loop until someone ran the one-off task, and the circuit breaker would roll the
     release back. Migrate is idempotent and takes an advisory lock, so tasks starting together
-    are safe; migrations must stay backward compatible with the code still running.
+    are safe; migrations must stay backward compatible with the code still running. It also
+    creates the database roles `main` logs in as, so `environment` and `secrets` are the
+    migration's own (the owner's login and the roles' secrets), not `main`'s.
     """
     migrate = task.add_container(
         "migrate", image=image, entry_point=MIGRATE_COMMAND, environment=environment, secrets=secrets,
-        essential=False, logging=ecs.LogDrivers.aws_logs(stream_prefix="migrate", log_group=log_group),
+        essential=False, readonly_root_filesystem=True,
+        logging=ecs.LogDrivers.aws_logs(stream_prefix="migrate", log_group=log_group),
     )
     main.add_container_dependencies(
         ecs.ContainerDependency(container=migrate, condition=ecs.ContainerDependencyCondition.SUCCESS)
@@ -98,6 +108,8 @@ class Workers(Construct):
         memory_mib: int,
         environment: dict[str, str],
         secrets: dict[str, ecs.Secret],
+        migrate_environment: dict[str, str],
+        migrate_secrets: dict[str, ecs.Secret],
         log_retention: logs.RetentionDays,
         log_removal_policy: RemovalPolicy,
     ) -> None:
@@ -110,9 +122,10 @@ class Workers(Construct):
             # The running-low alarms and the scaling metric read its RunningTaskCount.
             container_insights_v2=ecs.ContainerInsights.ENABLED,
         )
+        # All outbound: the team's tasks run here and call whatever they call.
         self.security_group = ec2.SecurityGroup(
             self, "SecurityGroup", vpc=vpc, allow_all_outbound=True,
-            description=f"{resource_name(env_name)} workers and relay: outbound only (SQS, RDS, Redis, ECR)",
+            description=f"{resource_name(env_name)} workers: all outbound (SQS, RDS, Redis, what team tasks call)",
         )
         self.services: dict[str, ecs.FargateService] = {}
         self.task_roles: dict[str, iam.IRole] = {}
@@ -123,11 +136,13 @@ class Workers(Construct):
                 contract, env_name=env_name, subnets=subnets, queue=queues[contract.name],
                 low=low, high=high, image=image, cpu=cpu, memory_mib=memory_mib,
                 environment={**environment, "PCELERY_WORKER_QUEUES": contract.name},
-                secrets=secrets, log_retention=log_retention, log_removal_policy=log_removal_policy,
+                secrets=secrets, migrate_environment=migrate_environment, migrate_secrets=migrate_secrets,
+                log_retention=log_retention, log_removal_policy=log_removal_policy,
             )
 
     def _worker(self, contract: QueueContract, *, env_name, subnets, queue, low, high, image, cpu,
-                memory_mib, environment, secrets, log_retention, log_removal_policy) -> None:
+                memory_mib, environment, secrets, migrate_environment, migrate_secrets, log_retention,
+                log_removal_policy) -> None:
         scope = Construct(self, contract.name)
         scaled = high > low or low == 0
         # No fixed name: retained groups of a deleted stateless stack must not block recreating it.
@@ -148,8 +163,11 @@ class Workers(Construct):
             "worker", image=image, entry_point=WORKER_ENTRY_POINT, environment=environment, secrets=secrets,
             logging=ecs.LogDrivers.aws_logs(stream_prefix="worker", log_group=log_group),
             stop_timeout=Duration.seconds(stop_timeout(contract)),
+            readonly_root_filesystem=True,
         )
-        add_schema_migration(task, worker, image=image, environment=environment, secrets=secrets,
+        task.add_volume(name=TMP_VOLUME)
+        worker.add_mount_points(ecs.MountPoint(container_path=TMP_PATH, source_volume=TMP_VOLUME, read_only=False))
+        add_schema_migration(task, worker, image=image, environment=migrate_environment, secrets=migrate_secrets,
                              log_group=log_group)
         service = ecs.FargateService(
             scope, "Service",

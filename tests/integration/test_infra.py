@@ -37,16 +37,20 @@ from cdk_support import (
     synth_templates,
 )
 
+from infra.monitoring import OUTBOX_NAMESPACE, SCHEDULER_PASSES_METRIC, SCHEDULER_SUBMITTED_METRIC
 from infra.permissions import (
     CONSUME_ACTIONS,
+    DEAD_LETTER_ACTIONS,
     OPS_METRIC_ACTIONS,
     OPS_QUEUE_ACTIONS,
     PUBLISH_ACTIONS,
 )
 from infra.relay import MIGRATE_COMMAND, OPS_CONTAINER, OPS_ENTRY_POINT, RELAY_COMMAND
+from infra.scheduler import SCHEDULER_CONTAINER, SCHEDULER_ENTRY_POINT
 from infra.workers import (
     ECS_MAX_STOP_TIMEOUT,
     IDLE_SCALE_IN_MINUTES,
+    TMP_VOLUME,
     WORKER_ENTRY_POINT,
     outlasts_stop_timeout,
     stop_timeout,
@@ -60,9 +64,11 @@ CONFIGS = configs()
 EXPLAINED_WARNINGS = {
     # Zones are named in cdk.json on purpose: synth must work offline, without an AZ lookup.
     "W3010": lambda message: "Avoid hardcoding availability zones" in message,
-    # A DependsOn that CDK's own custom-resource provider (which strips the default security
-    # group) writes next to a GetAtt; harmless and not ours to change.
-    "W3005": lambda message: message.startswith("'CustomVpcRestrictDefaultSGCustomResourceProviderRole"),
+    # A DependsOn that CDK's own custom-resource providers write next to a GetAtt (the one that
+    # strips the default security group; in prod the AwsCustomResource Lambda that reads S3's prefix
+    # list id); harmless and not ours to change.
+    "W3005": lambda message: message.startswith(("'CustomVpcRestrictDefaultSGCustomResourceProviderRole",
+                                                 "'AWS679f53fac002430cb0da5b7982bd2287ServiceRole")),
 }
 
 
@@ -75,11 +81,28 @@ ANCHOR_BY_SIGNAL = {
     "db-free-storage-low": "alarm-db-free-storage-low",
     "db-connections-high": "alarm-db-connections-high",
     "redis-memory-high": "alarm-redis-memory-high",
+    "scheduler-stopped": "alarm-scheduler-stopped",
 }
 
 
 def stateful(env):
     return synth_templates(env)[f"pcelery-{env}-stateful"]
+
+
+def scheduled(env) -> bool:
+    """Whether `env` runs the scheduler service (cdk.json application.schedules; all three do)."""
+    return CONFIGS[env].application.schedules_spec is not None
+
+
+def task_count(env) -> int:
+    """Task definitions: a worker per queue, the relay, the migrate and ops tasks, the scheduler."""
+    return len(CONFIGS[env].catalog) + 3 + scheduled(env)
+
+
+def container_count(env) -> int:
+    """Containers: each worker, the relay and the scheduler with a migrate init container; the
+    migrate and ops tasks."""
+    return 2 * len(CONFIGS[env].catalog) + 2 + 2 * scheduled(env) + 1 + 1
 
 
 def stateless(env):
@@ -133,6 +156,10 @@ def as_list(x):
      "pcelery:environments.staging.application.catalog: catalog spec 'shop.queues:Catalog' names a type, not a "
      "Catalog"),
     # An external database beside the keys of the stack's own RDS instance (staging keeps them all).
+    # The schedules are imported at synth as the scheduler would load them.
+    ("application.schedules", "shop.schedules:NIGHTLY",
+     "pcelery:environments.staging.application.schedules: PCELERY_SCHEDULES='shop.schedules:NIGHTLY' cannot be "
+     "loaded (AttributeError: module 'shop.schedules' has no attribute 'NIGHTLY')"),
     ("database.external", {"host": "shop-db.abcdefghijkl.eu-west-1.rds.amazonaws.com", "port": 5432, "name": "shop",
                            "secret_arn": "arn:aws:secretsmanager:eu-west-1:222222222222:secret:shop/db-AbCdEf"},
      "pcelery:environments.staging.database.instance_type: sizes the RDS instance the stack creates, and with "
@@ -272,33 +299,39 @@ def test_no_wildcard_actions_anywhere(env):
 
 
 @pytest.mark.parametrize("env", ENVS)
-def test_worker_role_consumes_its_own_queue_publishes_work_and_never_touches_a_dlq(env):
+def test_worker_role_consumes_its_own_queue_publishes_work_and_only_sends_to_its_own_dlq(env):
+    """A worker giving up on a task sends a copy to its queue's DLQ itself (pcelery.worker
+    PersistentTask._send_to_dlq: GetQueueUrl, then SendMessage), then acks the original. It may
+    not read, delete from or move any DLQ, nor send to another queue's."""
     t, producer = stateless(env), stateful(env)
     work_names = {sqs_queue_name(env, q.name) for q in CONFIGS[env].catalog}
     for q in CONFIGS[env].catalog:
         task = task_definition(t, f"pcelery-{env}-worker-{q.name}")
         grants: dict[str, set[str]] = {}
         for st in statements_of_role(t, task["TaskRoleArn"]):
-            assert st["Effect"] == "Allow"
+            assert st["Effect"] == "Allow" and "Condition" not in st
             for resource in as_list(st["Resource"]):
-                name = queue_name_of(resource, producer)
-                assert not name.endswith("-dlq"), f"worker {q.name} may touch DLQ {name}"
-                grants.setdefault(name, set()).update(as_list(st["Action"]))
-        own = sqs_queue_name(env, q.name)
+                grants.setdefault(queue_name_of(resource, producer), set()).update(as_list(st["Action"]))
+        own, own_dlq = sqs_queue_name(env, q.name), sqs_queue_name(env, q.name, dlq=True)
         assert grants[own] == set(CONSUME_ACTIONS) | set(PUBLISH_ACTIONS)
         for other in work_names - {own}:
             assert grants[other] == set(PUBLISH_ACTIONS), f"worker {q.name} on {other}: {grants[other]}"
-        assert set(grants) == work_names
+        assert grants[own_dlq] == set(DEAD_LETTER_ACTIONS) == {"sqs:SendMessage", "sqs:GetQueueUrl"}
+        assert set(grants) == work_names | {own_dlq}, f"worker {q.name} may touch {set(grants) - work_names}"
 
 
 @pytest.mark.parametrize("env", ENVS)
-def test_relay_only_publishes_and_migration_has_no_sqs_access(env):
+def test_relay_and_scheduler_only_publish_and_migration_has_no_sqs_access(env):
+    """The relay and the scheduler send to the work queues and look up their URLs (the scheduler
+    for every catalog queue at start); nothing on a DLQ, nothing else."""
     t, producer = stateless(env), stateful(env)
-    relay = task_definition(t, f"pcelery-{env}-relay")
-    statements = statements_of_role(t, relay["TaskRoleArn"])
-    assert {a for st in statements for a in as_list(st["Action"])} == set(PUBLISH_ACTIONS)
-    assert {queue_name_of(r, producer) for st in statements for r in as_list(st["Resource"])} == {
-        sqs_queue_name(env, q.name) for q in CONFIGS[env].catalog}
+    publishers = [f"pcelery-{env}-relay"] + ([f"pcelery-{env}-scheduler"] if scheduled(env) else [])
+    for family in publishers:
+        statements = statements_of_role(t, task_definition(t, family)["TaskRoleArn"])
+        assert all(st["Effect"] == "Allow" and "Condition" not in st for st in statements), family
+        assert {a for st in statements for a in as_list(st["Action"])} == set(PUBLISH_ACTIONS), family
+        assert {queue_name_of(r, producer) for st in statements for r in as_list(st["Resource"])} == {
+            sqs_queue_name(env, q.name) for q in CONFIGS[env].catalog}, family
     migrate = task_definition(t, f"pcelery-{env}-migrate")
     assert statements_of_role(t, migrate["TaskRoleArn"]) == []
 
@@ -306,62 +339,183 @@ def test_relay_only_publishes_and_migration_has_no_sqs_access(env):
 # --------------------------------------------------------------------------- containers
 
 
-@pytest.mark.parametrize("env", ENVS)
-def test_containers_get_the_runtime_contract_and_secrets_only_as_secrets(env):
-    t = stateless(env)
+def secret_read(value_from, producer: dict) -> str:
+    """What an ECS secret's ValueFrom reads, as "<secret name>:<JSON key>" (":" alone: the whole
+    value): a literal ARN (the team's secrets, an external database's), or a secret of the stateful
+    stack through its output, named by its Name (RDS-attached secrets through their attachment)."""
+    key = ""
+    if isinstance(value_from, dict) and "Fn::Join" in value_from:
+        value_from, suffix = value_from["Fn::Join"][1]
+        key = suffix.split(":")[1]
+    if isinstance(value_from, str):  # arn:aws:secretsmanager:<region>:<account>:secret:<name>-XXXXXX[:<key>::]
+        parts = value_from.split(":")
+        return f"{parts[6]}:{parts[7] if len(parts) > 7 else ''}"
+    resource = producer["Resources"][resolve(value_from, producer)["Ref"]]
+    if resource["Type"] == "AWS::SecretsManager::SecretTargetAttachment":
+        resource = producer["Resources"][resource["Properties"]["SecretId"]["Ref"]]
+    return f"{resource['Properties']['Name']}:{key}"
+
+
+def login(secret: str, prefix: str = "DB") -> dict[str, str]:
+    return {f"{prefix}_USER": f"{secret}:username", f"{prefix}_PASSWORD": f"{secret}:password"}
+
+
+# What every container gets: where the database is, the catalog, the team's non-secret settings.
+COMMON_ENV = {"PCELERY_ENV", "PCELERY_CATALOG", "AWS_REGION", "DB_HOST", "DB_PORT", "DB_NAME", "DB_SSLROOTCERT",
+              "DJANGO_SETTINGS_MODULE"}
+
+
+def role_of(name: str) -> str:
+    """worker, relay, scheduler, migrate or ops, from "<family>/<container>" (the init containers
+    migrate)."""
+    family, container = name.split("/")
+    return "migrate" if container == "migrate" else family.rsplit("-", 1)[1] if "-worker-" not in family else "worker"
+
+
+def expected_secrets(env: str, role: str, *, master: str | None = None, cache: bool | None = None) -> dict[str, str]:
+    """{variable: "<secret name>:<key>"} of a container: exactly what its process reads. `master`:
+    the secret the migrations connect with (the RDS master's, or an external database's)."""
     cfg = CONFIGS[env]
-    # The team's secrets (application.secrets: the shop's DJANGO_SECRET_KEY) go where its environment goes.
-    app_secrets = set(cfg.application.secrets)
-    assert app_secrets == {"DJANGO_SECRET_KEY"}
-    secret_names = {"DB_USER", "DB_PASSWORD"} | app_secrets | ({"REDIS_AUTH_TOKEN"} if cfg.cache else set())
-    # The catalog spec and the team's own settings go to every container (cdk.json application).
-    plain_names = {"PCELERY_ENV", "PCELERY_CATALOG", "AWS_REGION", "DB_HOST", "DB_PORT", "DB_NAME", "DB_SSLROOTCERT",
-                   "DJANGO_SETTINGS_MODULE"} | ({"REDIS_HOST", "REDIS_PORT"} if cfg.cache else set())
-    # What runs tasks only goes to the worker tasks (whose migrate init container shares it).
-    worker_names = {"PCELERY_WORKER_QUEUES", "PCELERY_TASK_MODULES", "PCELERY_CELERY_APP"}
+    cache = bool(cfg.cache) if cache is None else cache
+    runtime, ops = f"pcelery-{env}/runtime", f"pcelery-{env}/ops"
+    return {
+        # The runtime role, the team's secrets (its code runs here), the Redis token.
+        "worker": {**login(runtime), "DJANGO_SECRET_KEY": f"shop/{env}/django-AbCdEf:secret_key",
+                   **({"REDIS_AUTH_TOKEN": f"pcelery-{env}/redis-auth-token:"} if cache else {})},
+        "relay": login(runtime),
+        # The runtime role only: it imports the team's task modules but runs none of its code.
+        "scheduler": login(runtime),
+        "ops": login(ops),
+        # The tables' owner, and the two logins the migration creates the roles with.
+        "migrate": {**login(master or f"pcelery-{env}/master"), **login(runtime, "PCELERY_RUNTIME_DB"),
+                    **login(ops, "PCELERY_OPS_DB")},
+    }[role]
+
+
+def expected_environment(env: str, role: str, *, cache: bool | None = None) -> set[str]:
+    cfg = CONFIGS[env]
+    cache = bool(cfg.cache) if cache is None else cache
+    if role == "scheduler":  # its schedules and the team's tasks (their declared queues); no Redis
+        return COMMON_ENV | {"PCELERY_SCHEDULES", "PCELERY_TASK_MODULES", "PCELERY_CELERY_APP"}
+    if role == "ops" and scheduled(env):  # `ops schedules` loads the scheduler's schedules
+        return COMMON_ENV | {"PCELERY_SCHEDULES"}
+    if role != "worker":
+        return COMMON_ENV  # no Redis host, no task modules: the relay, migrations and ops use neither
+    return COMMON_ENV | {"PCELERY_WORKER_QUEUES", "PCELERY_TASK_MODULES", "PCELERY_CELERY_APP"} | (
+        {"REDIS_HOST", "REDIS_PORT"} if cache else set())
+
+
+@pytest.mark.parametrize("env", ENVS)
+def test_each_container_gets_only_the_secrets_and_settings_its_process_uses(env):
+    """Workers log in as the runtime role and alone get the team's secrets and Redis; the relay
+    logs in as the runtime role, the ops task as the ops role; only migrations (the one-off task
+    and the services' init containers) hold the owner's login, and the roles' logins they create
+    the roles with. Secrets only ever as ECS secrets."""
+    t, producer = stateless(env), stateful(env)
+    found = containers(t)
+    assert len(found) == container_count(env)
+    roles = Counter(role_of(name) for name in found)
+    assert roles == {"worker": len(CONFIGS[env].catalog), "relay": 1, "ops": 1, "scheduler": int(scheduled(env)),
+                     "migrate": len(CONFIGS[env].catalog) + 2 + scheduled(env)}
+    for name, container in found.items():
+        role = role_of(name)
+        secrets = {s["Name"]: secret_read(s["ValueFrom"], producer) for s in container["Secrets"]}
+        assert secrets == expected_secrets(env, role), name
+        env_vars = {e["Name"]: e["Value"] for e in container["Environment"]}
+        assert set(env_vars) == expected_environment(env, role), name
+        assert not set(secrets) & set(env_vars), f"{name} has a secret in plain env"
+        for var, value in env_vars.items():
+            assert not re.search(r"PASSWORD|TOKEN|SECRET|KEY", var), var
+            assert "secretsmanager" not in json.dumps(value), f"{name}: {var} resolves a secret"
+        assert env_vars["PCELERY_ENV"] == env
+        assert env_vars["PCELERY_CATALOG"] == "shop.queues:CATALOG"
+        assert env_vars["DJANGO_SETTINGS_MODULE"] == "shopsite.settings"
+        if role in ("worker", "scheduler"):
+            assert env_vars["PCELERY_TASK_MODULES"] == "shop.tasks"
+            assert env_vars["PCELERY_CELERY_APP"] == "shopsite.celery:app"
+        if role in ("scheduler", "ops"):
+            assert env_vars["PCELERY_SCHEDULES"] == "shop.schedules:SCHEDULES"
+        assert container["LogConfiguration"]["LogDriver"] == "awslogs"
+
+
+@pytest.mark.parametrize("env", ENVS)
+def test_each_execution_role_reads_exactly_the_secrets_of_its_containers(env):
+    """The read ECS needs to inject a container's secrets is the only one: a relay's execution role
+    cannot read the master secret, an ops task's not the runtime role's, and no task role (what
+    the application's code runs as) reads any secret."""
+    t, producer = stateless(env), stateful(env)
+    for task in (r["Properties"] for r in resources({"t": t}, "AWS::ECS::TaskDefinition").values()):
+        wanted = {v.rsplit(":", 1)[0] for c in task["ContainerDefinitions"]
+                  for v in (secret_read(s["ValueFrom"], producer) for s in c["Secrets"])}
+        read = {secret_read(r, producer).rsplit(":", 1)[0] for r in secret_reads(t, task)}
+        assert read == wanted, task["Family"]
+        assert not [st for st in statements_of_role(t, task["TaskRoleArn"])
+                    if any(a.startswith(("secretsmanager:", "kms:")) for a in as_list(st["Action"]))]
+    # The owner's login reaches migrations only.
+    master = f"pcelery-{env}/master"
+    holders = {name for name, c in containers(t).items()
+               if any(secret_read(s["ValueFrom"], producer).startswith(f"{master}:") for s in c["Secrets"])}
+    assert holders and all(name.endswith("/migrate") for name in holders), holders
+
+
+@pytest.mark.parametrize("env", ENVS)
+def test_services_migrate_first_with_the_entry_points_of_the_product(env):
+    t = stateless(env)
     tasks = [r["Properties"] for r in resources({"t": t}, "AWS::ECS::TaskDefinition").values()]
-    assert len(tasks) == len(CONFIGS[env].catalog) + 3
+    assert len(tasks) == task_count(env)
     for task in tasks:
         family = task["Family"]
-        # The ops CLI never touches Redis, so it gets neither its host nor its token.
-        ops = family.endswith("-ops")
-        for container in task["ContainerDefinitions"]:
-            env_vars = {e["Name"]: e["Value"] for e in container["Environment"]}
-            assert not secret_names & set(env_vars), f"{family} has a secret in plain env"
-            for name, value in env_vars.items():
-                assert not re.search(r"PASSWORD|TOKEN|SECRET|KEY", name), name
-                assert "secretsmanager" not in json.dumps(value), f"{family}: {name} resolves a secret"
-            assert {s["Name"] for s in container["Secrets"]} == (
-                {"DB_USER", "DB_PASSWORD"} | app_secrets if ops else secret_names), family
-            worker = "-worker-" in family
-            assert set(env_vars) == (plain_names - {"REDIS_HOST", "REDIS_PORT"} if ops else plain_names) | (
-                worker_names if worker else set()), f"{family}/{container['Name']}"
-            assert env_vars["PCELERY_ENV"] == env
-            assert env_vars["PCELERY_CATALOG"] == "shop.queues:CATALOG"
-            assert env_vars["DJANGO_SETTINGS_MODULE"] == "shopsite.settings"
-            if worker:
-                assert env_vars["PCELERY_TASK_MODULES"] == "shop.tasks"
-                assert env_vars["PCELERY_CELERY_APP"] == "shopsite.celery:app"
-            assert container["LogConfiguration"]["LogDriver"] == "awslogs"
         main = [c for c in task["ContainerDefinitions"] if c.get("Essential", True)]
         [container] = main
         if family.endswith("-migrate"):
             assert container["EntryPoint"] == MIGRATE_COMMAND
             continue
-        if ops:
+        if family.endswith("-ops"):
             continue  # its own test below
-        # Services migrate in an init container first: the worker refuses an old schema.
+        # Services migrate in an init container first: the worker refuses an old schema, and the
+        # migration creates the role the main container logs in as.
         [init] = [c for c in task["ContainerDefinitions"] if c.get("Essential") is False]
         assert init["EntryPoint"] == MIGRATE_COMMAND
         assert container["DependsOn"] == [{"ContainerName": init["Name"], "Condition": "SUCCESS"}]
         if family.endswith("-relay"):
             assert container["EntryPoint"] == RELAY_COMMAND
+        elif family.endswith("-scheduler"):
+            assert container["EntryPoint"] == SCHEDULER_ENTRY_POINT
         else:
             queue = family.rsplit("-worker-", 1)[1]
             env_vars = {e["Name"]: e["Value"] for e in container["Environment"]}
             assert env_vars["PCELERY_WORKER_QUEUES"] == queue
             assert container["EntryPoint"] == WORKER_ENTRY_POINT  # whatever the team's image's ENTRYPOINT is
             assert container["StopTimeout"] == stop_timeout(CONFIGS[env].catalog.get(queue)) <= ECS_MAX_STOP_TIMEOUT
+
+
+@pytest.mark.parametrize("env", ENVS)
+def test_every_container_runs_on_a_read_only_root_and_only_workers_get_a_writable_tmp(env):
+    """Celery's prefork pool needs a temporary directory (tests/integration/test_least_privilege.py
+    shows a worker dies at start without one): the worker containers mount the task's `tmp`
+    volume on /tmp; nothing else is writable anywhere."""
+    for task in (r["Properties"] for r in resources({"t": stateless(env)}, "AWS::ECS::TaskDefinition").values()):
+        worker_task = "-worker-" in task["Family"]
+        assert task.get("Volumes", []) == ([{"Name": TMP_VOLUME}] if worker_task else []), task["Family"]
+        for container in task["ContainerDefinitions"]:
+            name = f"{task['Family']}/{container['Name']}"
+            assert container["ReadonlyRootFilesystem"] is True, name
+            mounts = container.get("MountPoints", [])
+            if worker_task and container["Name"] == "worker":
+                assert mounts == [{"ContainerPath": "/tmp", "ReadOnly": False, "SourceVolume": TMP_VOLUME}], name
+            else:
+                assert mounts == [], name
+            assert "VolumesFrom" not in container or container["VolumesFrom"] == [], name
+
+
+def test_the_images_let_their_non_root_user_write_the_tmp_volume():
+    """Fargate makes a bind-mount volume root-owned 0755 unless the image declares the path a
+    VOLUME, which seeds it with the image's /tmp (mode 1777): the shop's image and the product's
+    run as a non-root USER, so both must declare it (infra/README.md, what the image must contain)."""
+    for dockerfile in (REPO_ROOT / "Dockerfile", REPO_ROOT / "examples" / "django_shop" / "Dockerfile"):
+        text = dockerfile.read_text()
+        assert re.search(r'^VOLUME \["/tmp"\]$', text, re.MULTILINE), dockerfile
+        assert re.search(r"^USER \w+$", text, re.MULTILINE), dockerfile
 
 
 @pytest.mark.parametrize("env", ENVS)
@@ -376,8 +530,8 @@ def test_every_container_that_reaches_the_database_verifies_its_certificate(env)
                 assert env_vars.get("DB_SSLROOTCERT") == "/etc/ssl/certs/rds-global-bundle.pem", (
                     f"{task['Family']}/{container['Name']}")
                 checked.append(f"{task['Family']}/{container['Name']}")
-    # Workers and relay with their migrate init containers, the migrate task and the ops task.
-    assert len(checked) == 2 * len(CONFIGS[env].catalog) + 2 + 2, checked
+    # Workers, relay and scheduler with their migrate init containers, the migrate and ops tasks.
+    assert len(checked) == container_count(env), checked
     # The image really puts the CA bundle where the containers look for it: the team's image must
     # (infra/README.md), as the example shop's and the product's own base image do.
     image = CONFIGS[env].application.image
@@ -420,7 +574,7 @@ def test_one_application_image_runs_every_container_of_the_environment(env):
     """Workers, relay, the migrate init containers, the migrate and ops tasks: the team's image,
     with the product's console scripts as entry points."""
     found = containers(stateless(env))
-    assert len(found) == 2 * len(CONFIGS[env].catalog) + 2 + 1 + 1
+    assert len(found) == container_count(env)
     assert len({json.dumps(c["Image"], sort_keys=True) for c in found.values()}) == 1, found.keys()
 
 
@@ -454,7 +608,7 @@ def test_a_pinned_uri_image_is_pulled_from_its_ecr_repository_with_the_pull_gran
     for name, container in containers(t).items():
         assert join(container["Image"]) == "333333333333.dkr.ecr.eu-west-1.amazonaws.com/shop:1.0.0", name
     grants = pull_grants(t)
-    assert len(grants) == len(CONFIGS["prod"].catalog) + 3
+    assert len(grants) == task_count("prod")
     for family, repos in grants.items():
         assert repos == [json.dumps("arn:aws:ecr:eu-west-1:333333333333:repository/shop")], (family, repos)
     # Nothing to build: prod deploys no image asset.
@@ -481,7 +635,7 @@ def test_no_container_anywhere_runs_the_demo_tasks(env):
         assert "devstack" not in json.dumps(template), name
     for name, container in containers(stateless(env)).items():
         env_vars = {e["Name"]: e["Value"] for e in container["Environment"]}
-        if "-worker-" in name.split("/")[0]:
+        if role_of(name) in ("worker", "scheduler"):
             modules = env_vars["PCELERY_TASK_MODULES"].split(",")
             assert modules == list(CONFIGS[env].application.task_modules) == ["shop.tasks"], name
         else:
@@ -510,28 +664,27 @@ def key_decrypts(template: dict, task: dict) -> list[dict]:
 
 
 @pytest.mark.parametrize("env", ENVS)
-def test_the_teams_secrets_reach_every_container_and_only_their_arn_is_read(env):
+def test_the_teams_secrets_reach_the_workers_only_and_only_their_arn_is_read(env):
     """application.secrets (the shop's DJANGO_SECRET_KEY, one placeholder secret per environment)
-    is an ECS secret of every container, and each execution role reads exactly its ARN."""
+    is an ECS secret of the worker containers, where the team's code runs; the relay, migrations
+    and ops run only the product's code and do not get it. Each worker's execution role reads
+    exactly its ARN."""
     cfg, t = CONFIGS[env], stateless(env)
     ref = cfg.application.secrets["DJANGO_SECRET_KEY"]
     assert ref.arn == f"arn:aws:secretsmanager:{cfg.region}:{cfg.account}:secret:shop/{env}/django-AbCdEf"
-    found = containers(t)
-    assert len(found) == 2 * len(cfg.catalog) + 2 + 1 + 1
-    for name, container in found.items():
+    for name, container in containers(t).items():
         secrets = {s["Name"]: s["ValueFrom"] for s in container["Secrets"]}
-        assert secrets["DJANGO_SECRET_KEY"] == f"{ref.arn}:secret_key::", name
+        if role_of(name) == "worker":
+            assert secrets["DJANGO_SECRET_KEY"] == f"{ref.arn}:secret_key::", name
+        else:
+            assert "DJANGO_SECRET_KEY" not in secrets, name
     for task in (r["Properties"] for r in resources({"t": t}, "AWS::ECS::TaskDefinition").values()):
         reads = secret_reads(t, task)
-        # Exactly the ARN from cdk.json, never a wildcard; beside it only the stack's own secrets
-        # (the RDS master secret, and the Redis token but for ops), by reference.
-        assert [r for r in reads if isinstance(r, str)] == [ref.arn], task["Family"]
-        stack_own = 1 + (1 if cfg.cache and not task["Family"].endswith("-ops") else 0)
-        assert len(reads) == 1 + stack_own and all("Fn::GetStackOutput" in r for r in reads if r != ref.arn)
+        # Exactly the ARN from cdk.json, never a wildcard; beside it only the stack's own secrets, by reference.
+        literal = [r for r in reads if isinstance(r, str)]
+        assert literal == ([ref.arn] if "-worker-" in task["Family"] else []), task["Family"]
+        assert all("Fn::GetStackOutput" in json.dumps(r) for r in reads if not isinstance(r, str))
         assert key_decrypts(t, task) == []  # no customer key named: the AWS-managed key needs no grant
-        # The task role (the application's code) reads no secret: ECS injects them at start.
-        assert not [st for st in statements_of_role(t, task["TaskRoleArn"])
-                    if any(a.startswith(("secretsmanager:", "kms:")) for a in as_list(st["Action"]))]
 
 
 # --------------------------------------------------------------------------- the ops one-off task
@@ -591,7 +744,7 @@ def test_the_ops_cli_source_calls_what_the_reader_expects():
 
 
 @pytest.mark.parametrize("env", ENVS)
-def test_ops_task_runs_the_cli_in_the_vpc_with_the_relays_database_settings(env):
+def test_ops_task_runs_the_cli_in_the_vpc_with_the_relays_database_settings_as_the_ops_role(env):
     t, producer = stateless(env), stateful(env)
     task = task_definition(t, f"pcelery-{env}-ops")
     [container] = task["ContainerDefinitions"]
@@ -606,9 +759,14 @@ def test_ops_task_runs_the_cli_in_the_vpc_with_the_relays_database_settings(env)
     relay_env = {e["Name"]: e["Value"] for e in relay["Environment"]}
     for name in ("PCELERY_ENV", "AWS_REGION", "DB_HOST", "DB_PORT", "DB_NAME", "DB_SSLROOTCERT"):
         assert env_vars[name] == relay_env[name], name
-    relay_secrets = {s["Name"]: s["ValueFrom"] for s in relay["Secrets"]}
-    assert {s["Name"]: s["ValueFrom"] for s in container["Secrets"]} == {
-        k: relay_secrets[k] for k in ("DB_USER", "DB_PASSWORD", "DJANGO_SECRET_KEY")}
+    # `ops schedules` loads the schedules the scheduler runs (none where no scheduler runs).
+    schedulers = [c for r in resources({"t": t}, "AWS::ECS::TaskDefinition").values()
+                  for c in r["Properties"]["ContainerDefinitions"] if c["Name"] == "scheduler"]
+    scheduled = {e["Name"]: e["Value"] for c in schedulers for e in c["Environment"]}.get("PCELERY_SCHEDULES")
+    assert env_vars.get("PCELERY_SCHEDULES") == scheduled
+    # The same database, as the ops role (what `tasks`, `replay` and `redrive` do on its rows).
+    assert {s["Name"]: secret_read(s["ValueFrom"], producer) for s in container["Secrets"]} == login(
+        f"pcelery-{env}/ops")
     assert "password" not in json.dumps(container["Environment"]).lower()
 
     # Its own log group: an operator's output is not buried in a service's logs.
@@ -771,6 +929,128 @@ def test_worker_services_roll_back_and_scale_on_backlog_per_task(env):
     assert relay["DeploymentConfiguration"]["DeploymentCircuitBreaker"]["Rollback"] is True
 
 
+# --------------------------------------------------------------------------- the scheduler
+
+
+@pytest.mark.parametrize("env", ENVS)
+def test_scheduler_service_runs_pcelery_scheduler_on_the_teams_schedules(env):
+    """`pcelery-<env>-scheduler`: the application image with entry point pcelery-scheduler,
+    PCELERY_SCHEDULES and the team's task modules and Celery app, the relay's database settings and
+    login and nothing more, a migrate init container first, a read-only root, its own log group,
+    and a fixed count per environment (cdk.json scheduler.tasks: 1 in dev and staging, 2 in prod)."""
+    t, producer = stateless(env), stateful(env)
+    services = {r["Properties"]["ServiceName"]: r["Properties"]
+                for r in resources({"t": t}, "AWS::ECS::Service").values()}
+    service = services[f"pcelery-{env}-scheduler"]
+    assert service["DesiredCount"] == CONFIGS[env].scheduler.tasks == {"dev": 1, "staging": 1, "prod": 2}[env]
+    assert service["LaunchType"] == "FARGATE"
+    assert service["DeploymentConfiguration"] == {
+        "DeploymentCircuitBreaker": {"Enable": True, "Rollback": True}, "MaximumPercent": 200,
+        "MinimumHealthyPercent": 100}
+    network = service["NetworkConfiguration"]["AwsvpcConfiguration"]
+    assert network["AssignPublicIp"] == "DISABLED"
+    assert service["Cluster"] == services[f"pcelery-{env}-relay"]["Cluster"]
+    assert network["Subnets"] == services[f"pcelery-{env}-relay"]["NetworkConfiguration"]["AwsvpcConfiguration"][
+        "Subnets"]
+    [family] = [t["Resources"][service["TaskDefinition"]["Ref"]]["Properties"]["Family"]]
+    assert family == f"pcelery-{env}-scheduler"
+
+    task = task_definition(t, family)
+    assert task["RequiresCompatibilities"] == ["FARGATE"] and (task["Cpu"], task["Memory"]) == ("256", "512")
+    by_name = {c["Name"]: c for c in task["ContainerDefinitions"]}
+    assert set(by_name) == {SCHEDULER_CONTAINER, "migrate"}
+    scheduler, init = by_name[SCHEDULER_CONTAINER], by_name["migrate"]
+    assert scheduler["EntryPoint"] == SCHEDULER_ENTRY_POINT == ["pcelery-scheduler"] and "Command" not in scheduler
+    assert scheduler.get("Essential", True) is True and init["Essential"] is False
+    assert scheduler["DependsOn"] == [{"ContainerName": "migrate", "Condition": "SUCCESS"}]
+    assert init["EntryPoint"] == MIGRATE_COMMAND
+    assert scheduler["ReadonlyRootFilesystem"] is True and init["ReadonlyRootFilesystem"] is True
+    assert "MountPoints" not in scheduler or scheduler["MountPoints"] == []
+    assert task.get("Volumes", []) == []
+
+    env_vars = {e["Name"]: e["Value"] for e in scheduler["Environment"]}
+    assert env_vars["PCELERY_SCHEDULES"] == CONFIGS[env].application.schedules_spec == "shop.schedules:SCHEDULES"
+    assert env_vars["PCELERY_TASK_MODULES"] == "shop.tasks"
+    assert env_vars["PCELERY_CELERY_APP"] == "shopsite.celery:app"
+    # The relay's environment, as it gets it (database, catalog, the team's DJANGO_SETTINGS_MODULE);
+    # no Redis, no queue of its own.
+    [relay] = [c for c in task_definition(t, f"pcelery-{env}-relay")["ContainerDefinitions"] if c["Name"] == "relay"]
+    relay_env = {e["Name"]: e["Value"] for e in relay["Environment"]}
+    assert {k: v for k, v in env_vars.items() if k in relay_env} == relay_env
+    assert set(env_vars) - set(relay_env) == {"PCELERY_SCHEDULES", "PCELERY_TASK_MODULES", "PCELERY_CELERY_APP"}
+    assert scheduler["Image"] == relay["Image"]
+    # Secrets: the runtime role's login, nothing else (not the team's secrets, not the Redis token).
+    assert {s["Name"]: secret_read(s["ValueFrom"], producer) for s in scheduler["Secrets"]} == login(
+        f"pcelery-{env}/runtime")
+
+    # Its own log group (the scheduler's and its migrations' output), named by an output for RUNBOOK.md.
+    groups = {c["Name"]: c["LogConfiguration"]["Options"] for c in task["ContainerDefinitions"]}
+    assert groups[SCHEDULER_CONTAINER]["awslogs-stream-prefix"] == SCHEDULER_CONTAINER
+    assert groups[SCHEDULER_CONTAINER]["awslogs-group"] == groups["migrate"]["awslogs-group"] == t["Outputs"][
+        "SchedulerLogGroup"]["Value"]
+    others = [c["LogConfiguration"]["Options"]["awslogs-group"] for r in resources({"t": t}, "AWS::ECS::TaskDefinition")
+              .values() if r["Properties"]["Family"] != family for c in r["Properties"]["ContainerDefinitions"]]
+    assert groups[SCHEDULER_CONTAINER]["awslogs-group"] not in others
+
+
+@pytest.mark.parametrize("env", ENVS)
+def test_scheduler_stopped_pages_when_no_scheduler_reports_a_pass_for_five_minutes(env):
+    t = stateless(env)
+    [topic_id] = resources({"t": t}, "AWS::SNS::Topic")
+    [alarm] = [r["Properties"] for r in resources({"t": t}, "AWS::CloudWatch::Alarm").values()
+               if r["Properties"].get("AlarmName") == f"pcelery-{env}-scheduler-stopped"]
+    assert (alarm["Namespace"], alarm["MetricName"]) == ("PersistentCelery", "SchedulerPasses")
+    assert alarm["Dimensions"] == [{"Name": "Environment", "Value": env}]
+    assert (alarm["Statistic"], alarm["Period"]) == ("Sum", 300)
+    assert (alarm["Threshold"], alarm["ComparisonOperator"]) == (1, "LessThanThreshold")
+    assert alarm["EvaluationPeriods"] == alarm["DatapointsToAlarm"] == 1
+    # No scheduler running writes nothing at all: that must page, not read as "no data".
+    assert alarm["TreatMissingData"] == "breaching"
+    assert alarm["AlarmActions"] == alarm["OKActions"] == [{"Ref": topic_id}]
+    assert alarm["AlarmDescription"].startswith(f"No scheduler of pcelery-{env}-scheduler reported a pass")
+    assert alarm["AlarmDescription"].endswith(" RUNBOOK.md#alarm-scheduler-stopped")
+
+
+def test_the_scheduler_alarm_watches_what_the_scheduler_prints():
+    """The alarm's namespace, metric and dimension are the EMF line pcelery-scheduler prints every
+    pass, and a healthy scheduler passes far more often than once per alarm period."""
+    from pcelery.relay import EMF_NAMESPACE
+    from pcelery.scheduler import LONGEST_SLEEP, PassResult, emf_line
+
+    line = json.loads(emf_line("prod", PassResult(submitted=2)))
+    [directive] = line["_aws"]["CloudWatchMetrics"]
+    assert directive["Namespace"] == EMF_NAMESPACE == OUTBOX_NAMESPACE
+    assert directive["Dimensions"] == [["Environment"]] and line["Environment"] == "prod"
+    assert {m["Name"] for m in directive["Metrics"]} == {SCHEDULER_PASSES_METRIC, SCHEDULER_SUBMITTED_METRIC}
+    assert (line[SCHEDULER_PASSES_METRIC], line[SCHEDULER_SUBMITTED_METRIC]) == (1, 2)
+    assert LONGEST_SLEEP * 10 <= 300  # dozens of passes per 5-minute period
+
+
+def test_without_schedules_an_environment_has_no_scheduler_and_nothing_of_it():
+    """application.schedules left out (and with it the scheduler block): no service, task
+    definition, role, security group, database rule, log group, output, alarm or widget of a
+    scheduler; everything else as before, cdk-nag still clean (the synth runs it)."""
+    from infra.config import CONTEXT_KEY
+
+    ctx = context_with("dev", "application.schedules", KeyError)
+    del ctx[CONTEXT_KEY]["dev"]["scheduler"]
+    s = synth(("dev",), context=ctx)
+    t, producer = s.templates["dev"]["pcelery-dev-stateless"], s.templates["dev"]["pcelery-dev-stateful"]
+    assert "pcelery-scheduler" not in json.dumps(t) and "PCELERY_SCHEDULES" not in json.dumps(t)
+    assert not [lid for lid in t["Resources"] if lid.startswith(("Scheduler", "DatabaseFromScheduler"))]
+    assert "pcelery-dev-scheduler" not in {r["Properties"]["ServiceName"]
+                                           for r in resources({"t": t}, "AWS::ECS::Service").values()}
+    assert len(resources({"t": t}, "AWS::ECS::TaskDefinition")) == len(CONFIGS["dev"].catalog) + 3
+    assert "SchedulerLogGroup" not in t["Outputs"]
+    assert set(service_groups(t)) == {"worker", "relay", "migrate", "ops"}
+    found = summary({"t": t})["t"]["alarms"]
+    assert set(found) == set(expected_alarms("dev")) - {"pcelery-dev-scheduler-stopped"}
+    [board] = resources({"t": t}, "AWS::CloudWatch::Dashboard").values()
+    assert "SchedulerPasses" not in json.dumps(board["Properties"]["DashboardBody"])
+    # The stateful side does not depend on it at all.
+    assert summary({"t": producer}) == summary({"t": stateful("dev")})
+
+
 # --------------------------------------------------------------------------- data stores and network
 
 
@@ -826,10 +1106,161 @@ def test_network_matches_the_env(env):
     endpoints = [r["Properties"] for r in resources({"t": t}, "AWS::EC2::VPCEndpoint").values()]
     kinds = Counter(e.get("VpcEndpointType", "Gateway") for e in endpoints)
     assert kinds["Gateway"] == 1  # S3, free
-    assert kinds["Interface"] == (5 if net.interface_endpoints else 0)
+    # SQS, Secrets Manager, ECR api and dkr, Logs and CloudWatch (the ops task's `depth`).
+    assert kinds["Interface"] == (6 if net.interface_endpoints else 0)
     subnets = resources({"t": t}, "AWS::EC2::Subnet")
     for kind in ("public", "private", "isolated"):
         assert sum(kind in lid for lid in subnets) == len(CONFIGS[env].availability_zones)
+
+
+def group_rules(template: dict, group_ref: dict, kind: str) -> list[dict]:
+    """The ingress or egress rules ("Ingress" / "Egress") of a security group of `template`: its
+    inline ones and the separate AWS::EC2::SecurityGroup<kind> resources on it, CDK's dummy
+    "disallow all" egress left out."""
+    group_id = group_ref["Fn::GetAtt"][0]
+    inline = [dict(r) for r in template["Resources"][group_id]["Properties"].get(f"SecurityGroup{kind}", [])
+              if r.get("Description") != "Disallow all traffic"]
+    separate = [r["Properties"] for r in resources({"t": template}, f"AWS::EC2::SecurityGroup{kind}").values()
+                if r["Properties"]["GroupId"] == group_ref]
+    return inline + separate
+
+
+def peer(rule: dict, producer: dict) -> str:
+    """Where an egress rule goes: "anywhere", "prefix-list" or the producer's logical id of a group."""
+    if rule.get("CidrIp") == "0.0.0.0/0":
+        return "anywhere"
+    if "DestinationPrefixListId" in rule:
+        return "prefix-list"
+    target = resolve(rule["DestinationSecurityGroupId"], producer)
+    return target["Fn::GetAtt"][0] if isinstance(target, dict) else target
+
+
+def service_groups(t: dict) -> dict[str, dict]:
+    """{worker|relay|migrate|ops|scheduler: the security group reference its tasks run in} (the
+    scheduler's only where the environment has one)."""
+    services = {r["Properties"]["ServiceName"]: r["Properties"]
+                for r in resources({"t": t}, "AWS::ECS::Service").values()}
+    relay = next(p for n, p in services.items() if n.endswith("-relay"))
+    [relay_group] = relay["NetworkConfiguration"]["AwsvpcConfiguration"]["SecurityGroups"]
+    worker_groups = {json.dumps(p["NetworkConfiguration"]["AwsvpcConfiguration"]["SecurityGroups"])
+                     for n, p in services.items() if "-worker-" in n}
+    assert len(worker_groups) == 1
+    outputs = t["Outputs"]
+    groups = {"worker": outputs["TaskSecurityGroup"]["Value"], "relay": relay_group,
+              "migrate": outputs["MigrateSecurityGroup"]["Value"], "ops": outputs["OpsSecurityGroup"]["Value"]}
+    schedulers = [p for n, p in services.items() if n.endswith("-scheduler")]
+    if schedulers:
+        [[groups["scheduler"]]] = [p["NetworkConfiguration"]["AwsvpcConfiguration"]["SecurityGroups"]
+                                   for p in schedulers]
+    return groups
+
+
+@pytest.mark.parametrize("env", ENVS)
+def test_each_service_has_its_own_group_and_only_the_workers_reach_redis(env):
+    """One group per kind of task, each allowed into the database by a rule of its own (the
+    database's rules and the flow logs tell them apart); Redis (the result backend) lets in the
+    workers only: neither the relay nor migrations nor ops use it."""
+    t, producer = stateless(env), stateful(env)
+    groups = service_groups(t)
+    assert set(groups) == {"worker", "relay", "migrate", "ops"} | ({"scheduler"} if scheduled(env) else set())
+    assert len({json.dumps(g, sort_keys=True) for g in groups.values()}) == len(groups)
+    assert [json.loads(x) for x in {json.dumps(p["NetworkConfiguration"]["AwsvpcConfiguration"]["SecurityGroups"])
+            for n, p in ((r["Properties"]["ServiceName"], r["Properties"])
+                         for r in resources({"t": t}, "AWS::ECS::Service").values()) if "-worker-" in n}] == [
+        [groups["worker"]]]
+    [db] = resources({"t": producer}, "AWS::RDS::DBInstance").values()
+    db_group = db["Properties"]["VPCSecurityGroups"][0]["Fn::GetAtt"][0]
+    ingress = [r["Properties"] for r in resources({"t": t}, "AWS::EC2::SecurityGroupIngress").values()]
+    by_target: dict[str, list] = {}
+    for rule in ingress:
+        target = resolve(rule["GroupId"], producer)["Fn::GetAtt"][0]
+        source = [k for k, g in groups.items() if g == rule["SourceSecurityGroupId"]]
+        by_target.setdefault(target, []).append((source[0], rule["FromPort"], rule["ToPort"], rule["IpProtocol"]))
+    assert sorted(by_target.pop(db_group)) == sorted((k, 5432, 5432, "tcp") for k in groups)
+    if CONFIGS[env].cache:
+        [cache_group] = by_target
+        assert cache_group.startswith("CacheSecurityGroup")
+        assert by_target[cache_group] == [("worker", 6379, 6379, "tcp")]
+    else:
+        assert by_target == {}
+
+
+@pytest.mark.parametrize("env", ENVS)
+def test_relay_migrate_and_ops_egress_is_what_they_call(env):
+    """Workers run the team's code and keep all outbound. The relay, migrations and ops run only
+    the product's: the database on its port, and HTTPS for what ECS and the product call (SQS,
+    CloudWatch for ops, ECR, Secrets Manager, Logs). Where the network has interface endpoints
+    (prod) HTTPS goes only to the endpoints' group and S3's prefix list (the image layers through
+    the gateway endpoint); without them AWS's APIs are behind NAT, so HTTPS may go anywhere."""
+    t, producer = stateless(env), stateful(env)
+    groups = service_groups(t)
+    assert group_rules(t, groups["worker"], "Egress") == [
+        {"CidrIp": "0.0.0.0/0", "Description": "Allow all outbound traffic by default", "IpProtocol": "-1"}]
+    [db] = resources({"t": producer}, "AWS::RDS::DBInstance").values()
+    db_group = db["Properties"]["VPCSecurityGroups"][0]["Fn::GetAtt"][0]
+    endpoints = CONFIGS[env].network.interface_endpoints
+    restricted = ("relay", "migrate", "ops", "scheduler") if scheduled(env) else ("relay", "migrate", "ops")
+    for kind in restricted:
+        rules = {(peer(r, producer), r["IpProtocol"], r["FromPort"], r["ToPort"])
+                 for r in group_rules(t, groups[kind], "Egress")}
+        https = ({("NetworkEndpointSecurityGroup6DEF6240", "tcp", 443, 443), ("prefix-list", "tcp", 443, 443)}
+                 if endpoints else {("anywhere", "tcp", 443, 443)})
+        assert rules == {(db_group, "tcp", 5432, 5432)} | https, (kind, rules)
+    if endpoints:
+        # The prefix list is S3's in this region, read when the stack deploys (no synth-time lookup).
+        [lookup] = resources({"t": producer}, "Custom::AWS").values()
+        call = json.loads(lookup["Properties"]["Create"])
+        assert (call["service"], call["action"]) == ("EC2", "DescribePrefixLists")
+        assert call["parameters"]["Filters"] == [{"Name": "prefix-list-name", "Values": ["com.amazonaws.eu-west-1.s3"]}]
+        for kind in restricted:
+            [rule] = [r for r in group_rules(t, groups[kind], "Egress") if "DestinationPrefixListId" in r]
+            output = resolve(rule["DestinationPrefixListId"], producer)
+            assert output["Fn::GetAtt"][0] in resources({"t": producer}, "Custom::AWS")
+        # ops depth reads CloudWatch: its endpoint is there, so ops needs no NAT at all.
+        services = {json.dumps(r["Properties"]["ServiceName"]) for r in
+                    resources({"t": producer}, "AWS::EC2::VPCEndpoint").values()}
+        assert any("monitoring" in s for s in services), services
+    else:
+        assert resources({"t": producer}, "Custom::AWS") == {}
+
+
+@pytest.mark.parametrize("env", ENVS)
+def test_each_database_role_has_its_own_secret_kept_like_the_data_and_rotated_in_prod(env):
+    """pcelery-<env>/runtime and pcelery-<env>/ops: generated passwords of the logins
+    pcelery_<env>_runtime and pcelery_<env>_ops (pcelery-migrate creates the roles), naming the
+    master secret (what multi-user rotation logs in with) and attached to the instance. Where
+    rotation_days is set (prod) Secrets Manager's multi-user rotation rotates each one, not at
+    deploy (the role does not exist before the first migration); dev and staging acknowledge
+    cdk-nag's SMG4 on each secret."""
+    producer, cfg = stateful(env), CONFIGS[env]
+    secrets = {r["Properties"]["Name"]: (lid, r)
+               for lid, r in resources({"t": producer}, "AWS::SecretsManager::Secret").items()}
+    master_id = secrets[f"pcelery-{env}/master"][0]
+    attachments = {r["Properties"]["SecretId"]["Ref"]: lid
+                   for lid, r in resources({"t": producer}, "AWS::SecretsManager::SecretTargetAttachment").items()}
+    rotations = {r["Properties"]["SecretId"]["Ref"]: r["Properties"]
+                 for r in resources({"t": producer}, "AWS::SecretsManager::RotationSchedule").values()}
+    for kind in ("runtime", "ops"):
+        lid, secret = secrets[f"pcelery-{env}/{kind}"]
+        template = json.dumps(secret["Properties"]["GenerateSecretString"]["SecretStringTemplate"])
+        assert f'\\"username\\":\\"pcelery_{env}_{kind}\\"' in template, template
+        assert attachments[master_id] in template  # masterarn
+        assert secret["DeletionPolicy"] == secrets[f"pcelery-{env}/master"][1]["DeletionPolicy"]
+        rotation = rotations.get(attachments[lid])
+        if cfg.database.rotation_days:
+            assert rotation["RotationRules"] == {"ScheduleExpression": f"rate({cfg.database.rotation_days} days)"}
+            assert rotation["RotateImmediatelyOnUpdate"] is False
+            app = producer["Resources"][rotation["RotationLambdaARN"]["Fn::GetAtt"][0]]
+            mapping = producer["Mappings"][app["Properties"]["Location"]["ApplicationId"]["Fn::FindInMap"][0]]
+            assert mapping["aws"]["applicationId"].endswith("/SecretsManagerRDSPostgreSQLRotationMultiUser")
+            assert app["Properties"]["Parameters"]["masterSecretArn"] == {"Ref": attachments[master_id]}
+        else:
+            assert rotation is None
+    acknowledged = {(path.rsplit("/", 1)[-1], rule) for path, entries in synth_all().metadata[
+        f"pcelery-{env}-stateful"].items() if "/DatabaseRoles/" in path
+        for e in entries if e["type"] == "aws:cdk:acknowledged-rules" for rule in e["data"]}
+    assert acknowledged == (set() if cfg.database.rotation_days else {
+        ("runtime", "Annotation::AwsSolutions-SMG4"), ("ops", "Annotation::AwsSolutions-SMG4")})
 
 
 # --------------------------------------------------------------------------- alarms and dashboard
@@ -846,6 +1277,8 @@ def expected_alarms(env: str) -> dict[str, str]:
         names[f"pcelery-{env}-{signal}"] = ANCHOR_BY_SIGNAL[signal]
     if CONFIGS[env].cache:
         names[f"pcelery-{env}-redis-memory-high"] = "alarm-redis-memory-high"
+    if scheduled(env):
+        names[f"pcelery-{env}-scheduler-stopped"] = ANCHOR_BY_SIGNAL["scheduler-stopped"]
     return names
 
 
@@ -900,6 +1333,10 @@ def test_dashboard_shows_depth_age_dlq_workers_and_throughput(env):
     for metric in ("ApproximateNumberOfMessagesVisible", "ApproximateAgeOfOldestMessage", "RunningTaskCount",
                    "NumberOfMessagesDeleted", "OutboxOldestPendingAgeSeconds"):
         assert metric in body, metric
+    if scheduled(env):  # passes and submitted slots, with the scheduler's running tasks
+        assert "scheduler: passes and submitted slots" in body
+        for needle in ("SchedulerPasses", "SchedulerSubmitted", f"pcelery-{env}-scheduler"):
+            assert needle in body, needle
     for q in CONFIGS[env].catalog:
         assert f"{q.name}: DLQ depth" in body and f"{q.name}: throughput" in body
 
@@ -939,13 +1376,14 @@ def test_an_external_database_leaves_out_the_rds_instance_its_secret_rotation_an
     # prod rotates its own master password (a rotation schedule and its SAR Lambda); nothing here.
     assert not {"AWS::SecretsManager::RotationSchedule", "AWS::Serverless::Application",
                 "AWS::SecretsManager::SecretTargetAttachment"} & kinds
-    # The one secret left is the Redis token: no pcelery-prod/master.
+    # No pcelery-prod/master: the Redis token and the two database roles' logins, which the stack
+    # generates for the team's database too (pcelery-migrate creates the roles there).
     secrets = [r["Properties"].get("Name") for r in resources({"t": producer}, "AWS::SecretsManager::Secret").values()]
-    assert secrets == ["pcelery-prod/redis-auth-token"]
+    assert sorted(secrets) == ["pcelery-prod/ops", "pcelery-prod/redis-auth-token", "pcelery-prod/runtime"]
     assert not [r for r in resources({"t": producer}, "AWS::Logs::LogGroup").values()
                 if "/aws/rds/" in json.dumps(r["Properties"].get("LogGroupName", ""))]
-    # Nothing of a database crosses the stacks.
-    assert not [o for o in producer.get("Outputs", {}) if "Database" in o]
+    # Nothing of a database crosses the stacks but the roles' logins (pcelery-prod/runtime and /ops).
+    assert not [o for o in producer.get("Outputs", {}) if "Database" in o and "DatabaseRoles" not in o]
     # The team watches its own database: no db-* alarm, no RDS metric on the dashboard.
     found = summary({"t": t})["t"]["alarms"]
     assert set(found) == {n for n in expected_alarms("prod") if "-db-" not in n}
@@ -957,53 +1395,77 @@ def test_an_external_database_leaves_out_the_rds_instance_its_secret_rotation_an
     assert s.termination_protection["pcelery-prod-stateful"] is True
 
 
-def test_every_container_connects_to_the_external_database_with_its_secret(external_prod):
-    _, _, t = external_prod
-    arn = EXTERNAL_DB["secret_arn"]
+def test_every_container_connects_to_the_external_database_and_only_migrations_with_its_secret(external_prod):
+    """database.external's secret is the migrations' (it owns the tables and creates the roles);
+    the workers and relay log in as the runtime role, ops as the ops role, with the secrets the
+    stack generated; the team's secrets go to the workers."""
+    _, producer, t = external_prod
     found = containers(t)
-    assert len(found) == 2 * len(CONFIGS["prod"].catalog) + 2 + 1 + 1
+    assert len(found) == container_count("prod")
     for name, container in found.items():
         env_vars = {e["Name"]: e["Value"] for e in container["Environment"]}
         assert {k: env_vars[k] for k in ("DB_HOST", "DB_PORT", "DB_NAME", "DB_SSLROOTCERT")} == {
             "DB_HOST": "shop-db.abcdefghijkl.eu-west-1.rds.amazonaws.com", "DB_PORT": "5433", "DB_NAME": "shop",
             "DB_SSLROOTCERT": "/etc/ssl/certs/rds-global-bundle.pem"}, name
-        secrets = {s["Name"]: s["ValueFrom"] for s in container["Secrets"]}
-        # The RDS secret format: JSON keys username and password.
-        assert (secrets["DB_USER"], secrets["DB_PASSWORD"]) == (f"{arn}:username::", f"{arn}:password::"), name
-        assert secrets["DJANGO_SECRET_KEY"].endswith(":secret:shop/prod/django-AbCdEf:secret_key::"), name
-        assert secrets["STRIPE_API_KEY"] == STRIPE_SECRET, name  # no field: the whole value
+        role = role_of(name)
+        secrets = {s["Name"]: secret_read(s["ValueFrom"], producer) for s in container["Secrets"]}
+        wanted = expected_secrets("prod", role, master="shop/db-AbCdEf")
+        if role == "worker":
+            wanted["STRIPE_API_KEY"] = "shop/stripe-AbCdEf:"  # no field: the whole value
+        assert secrets == wanted, name
+        raw = {s["Name"]: s["ValueFrom"] for s in container["Secrets"]}
+        if role == "migrate":  # the RDS secret format: JSON keys username and password
+            arn = EXTERNAL_DB["secret_arn"]
+            assert (raw["DB_USER"], raw["DB_PASSWORD"]) == (f"{arn}:username::", f"{arn}:password::"), name
+        if role == "worker":
+            assert raw["STRIPE_API_KEY"] == STRIPE_SECRET, name
 
 
-def test_execution_roles_read_exactly_the_external_secret_and_decrypt_only_through_secrets_manager(external_prod):
-    _, _, t = external_prod
+def test_execution_roles_read_exactly_their_secrets_and_decrypt_only_through_secrets_manager(external_prod):
+    _, producer, t = external_prod
     django = CONFIGS["prod"].application.secrets["DJANGO_SECRET_KEY"].arn
     tasks = [r["Properties"] for r in resources({"t": t}, "AWS::ECS::TaskDefinition").values()]
-    assert len(tasks) == len(CONFIGS["prod"].catalog) + 3
+    assert len(tasks) == task_count("prod")
     for task in tasks:
+        family = task["Family"]
+        worker, ops = "-worker-" in family, family.endswith("-ops")
         reads = secret_reads(t, task)
         literal = sorted(r for r in reads if isinstance(r, str))
-        assert literal == sorted([EXTERNAL_DB["secret_arn"], django, STRIPE_SECRET]), task["Family"]
-        # By reference only the Redis token (not for ops, which never uses the cache).
-        assert len(reads) - len(literal) == (0 if task["Family"].endswith("-ops") else 1), task["Family"]
+        # The team's database secret wherever a migration runs (every task but ops); its own
+        # secrets in the workers only.
+        assert literal == sorted([*([] if ops else [EXTERNAL_DB["secret_arn"]]),
+                                  *([django, STRIPE_SECRET] if worker else [])]), family
+        by_reference = {secret_read(r, producer).rsplit(":", 1)[0] for r in reads if not isinstance(r, str)}
+        assert by_reference == ({"pcelery-prod/ops"} if ops else {"pcelery-prod/runtime", "pcelery-prod/ops"} | (
+            {"pcelery-prod/redis-auth-token"} if worker else set())), family
         decrypts = key_decrypts(t, task)
-        assert {a for st in decrypts for a in as_list(st["Action"])} == {"kms:Decrypt"}
+        assert {a for st in decrypts for a in as_list(st["Action"])} == (set() if ops else {"kms:Decrypt"})
         assert sorted(r for st in decrypts for r in as_list(st["Resource"])) == sorted(
-            [EXTERNAL_DB["kms_key_arn"], APP_SECRET_KEY]), task["Family"]
+            [*([] if ops else [EXTERNAL_DB["kms_key_arn"]]), *([APP_SECRET_KEY] if worker else [])]), family
         for st in decrypts:
             assert st["Condition"] == {"StringEquals": {"kms:ViaService": "secretsmanager.eu-west-1.amazonaws.com"}}
 
 
-def test_the_external_databases_own_security_group_lets_the_tasks_and_ops_in(external_prod):
-    _, _, t = external_prod
+def test_the_external_databases_own_security_group_lets_each_kind_of_task_in(external_prod):
+    _, producer, t = external_prod
+    groups = service_groups(t)
     ingress = [r["Properties"] for r in resources({"t": t}, "AWS::EC2::SecurityGroupIngress").values()]
     on_db = [i for i in ingress if i["GroupId"] == EXTERNAL_DB["security_group_id"]]
-    assert {json.dumps(i["SourceSecurityGroupId"], sort_keys=True) for i in on_db} == {
-        json.dumps(t["Outputs"][o]["Value"], sort_keys=True) for o in ("TaskSecurityGroup", "OpsSecurityGroup")}
-    assert [(i["IpProtocol"], i["FromPort"], i["ToPort"]) for i in on_db] == [("tcp", 5433, 5433)] * 2
+    assert sorted(json.dumps(i["SourceSecurityGroupId"], sort_keys=True) for i in on_db) == sorted(
+        json.dumps(g, sort_keys=True) for g in groups.values())
+    assert len(groups) == 5  # workers, relay, migrations, ops, scheduler
+    assert [(i["IpProtocol"], i["FromPort"], i["ToPort"]) for i in on_db] == [("tcp", 5433, 5433)] * len(groups)
     # The team's group says whose rules they are.
     assert all(i["Description"].startswith("from pcelery-prod ") for i in on_db), on_db
-    # Besides them only the cache's rule: nothing is opened on 5432 or anywhere else.
-    assert [(i["FromPort"]) for i in ingress if i not in on_db] == [6379]
+    # Besides them only the cache's rule (from the workers): nothing is opened on 5432 or anywhere else.
+    assert [(i["FromPort"], i["SourceSecurityGroupId"]) for i in ingress if i not in on_db] == [
+        (6379, groups["worker"])]
+    # The relay, migrations, ops and the scheduler go out to the team's database group on its port,
+    # and nowhere else but HTTPS to the endpoints and S3.
+    for kind in ("relay", "migrate", "ops", "scheduler"):
+        rules = {(peer(r, producer), r["FromPort"]) for r in group_rules(t, groups[kind], "Egress")}
+        assert rules == {(EXTERNAL_DB["security_group_id"], 5433), ("NetworkEndpointSecurityGroup6DEF6240", 443),
+                         ("prefix-list", 443)}, kind
 
 
 def test_nag_and_cfn_lint_accept_an_external_database(external_prod):
@@ -1018,20 +1480,31 @@ def test_nag_and_cfn_lint_accept_an_external_database(external_prod):
 
 
 def test_without_its_security_group_an_external_database_gets_no_rule_but_stays_reachable():
-    """Left out, the team allows the tasks in on its side (infra/README.md); the task groups
-    allow all outbound, so the tasks reach the database once it does. No customer key: no decrypt."""
+    """Left out, the team allows the tasks in on its side (infra/README.md); the workers allow all
+    outbound, and the relay, migrations and ops may go out on the database's port (its address is
+    the team's, so anywhere) and HTTPS. No customer key: no decrypt."""
     external = {k: v for k, v in EXTERNAL_DB.items() if k not in ("security_group_id", "kms_key_arn")}
     external.update(port=5432, secret_arn=external["secret_arn"].replace("333333333333", "111111111111"))
-    t = synth(("dev",), context=context_with("dev", "database", {"external": external})
-              ).templates["dev"]["pcelery-dev-stateless"]
+    s = synth(("dev",), context=context_with("dev", "database", {"external": external}))
+    t, producer = s.templates["dev"]["pcelery-dev-stateless"], s.templates["dev"]["pcelery-dev-stateful"]
     ingress = [r["Properties"] for r in resources({"t": t}, "AWS::EC2::SecurityGroupIngress").values()]
     assert ingress == []  # dev has no cache either
-    for output in ("TaskSecurityGroup", "OpsSecurityGroup"):
-        group = t["Resources"][t["Outputs"][output]["Value"]["Fn::GetAtt"][0]]["Properties"]
-        assert [(e["CidrIp"], e["IpProtocol"]) for e in group["SecurityGroupEgress"]] == [("0.0.0.0/0", "-1")]
+    groups = service_groups(t)
+    assert [(e["CidrIp"], e["IpProtocol"]) for e in group_rules(t, groups["worker"], "Egress")] == [("0.0.0.0/0", "-1")]
+    for kind in ("relay", "migrate", "ops", "scheduler"):
+        assert {(peer(r, producer), r["FromPort"]) for r in group_rules(t, groups[kind], "Egress")} == {
+            ("anywhere", 5432), ("anywhere", 443)}, kind
     for task in (r["Properties"] for r in resources({"t": t}, "AWS::ECS::TaskDefinition").values()):
-        assert external["secret_arn"] in secret_reads(t, task)
+        assert (external["secret_arn"] in secret_reads(t, task)) is (not task["Family"].endswith("-ops"))
         assert key_decrypts(t, task) == []
+    # The roles' logins are the stack's, generated: no rotation Lambda reaches the team's database,
+    # so cdk-nag's SMG4 is acknowledged on each, with the manual rotation named.
+    assert resources({"t": producer}, "AWS::SecretsManager::RotationSchedule") == {}
+    smg4 = "Annotation::AwsSolutions-SMG4"
+    reasons = [e["data"][smg4] for path, entries in s.metadata["pcelery-dev-stateful"].items()
+               for e in entries if e["type"] == "aws:cdk:acknowledged-rules" and smg4 in e["data"]
+               and "/DatabaseRoles/" in path]
+    assert len(reasons) == 2 and all("RUNBOOK.md#rotate-secrets" in r for r in reasons)
 
 
 # --------------------------------------------------------------------------- catalog drives everything
