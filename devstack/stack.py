@@ -53,12 +53,23 @@ class MotoServer:
                 self.process.wait()
 
 
-def start_moto_server(port: int | None = None, *, log: IO[bytes] | None = None, timeout: float = 30.0) -> MotoServer:
+def supervised(command: list[str], exit_file: Path | None) -> list[str]:
+    """`command`, run through devstack.supervise when exit_file is given: it records the exit code,
+    signal and time there (the detached local stack, whose starter has long returned)."""
+    if exit_file is None:
+        return command
+    return [sys.executable, "-m", "devstack.supervise", str(exit_file), "--", *command]
+
+
+def start_moto_server(port: int | None = None, *, log: IO[bytes] | None = None, timeout: float = 30.0,
+                      exit_file: Path | None = None) -> MotoServer:
     """Start `moto_server` as a child process bound to 127.0.0.1 and wait until it answers."""
     port = port or free_port()
     endpoint = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        supervised([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], exit_file),
+        cwd=REPO_ROOT,
+        stdin=subprocess.DEVNULL,  # a detached server never holds the operator's terminal
         stdout=log or subprocess.DEVNULL,
         stderr=log or subprocess.DEVNULL,
         start_new_session=True,  # Ctrl-C in a terminal reaches the demo, which stops it in order
@@ -139,7 +150,8 @@ def console_script(name: str) -> str:
 
 
 def start_worker(environ: dict[str, str], *, queues: list[str] | None = None, concurrency: int | None = None,
-                 hostname: str | None = None, log: IO[bytes] | None = None) -> subprocess.Popen:
+                 hostname: str | None = None, log: IO[bytes] | None = None,
+                 exit_file: Path | None = None) -> subprocess.Popen:
     """Start `pcelery-worker` (the worker image's entry point) with os.environ | environ, in its
     own session: signal the whole group (os.killpg) to stop it and its pool children together."""
     env = {**os.environ, **environ}
@@ -149,18 +161,18 @@ def start_worker(environ: dict[str, str], *, queues: list[str] | None = None, co
         env["PCELERY_CONCURRENCY"] = str(concurrency)
     if hostname:
         env["PCELERY_WORKER_NAME"] = hostname
-    return _start([console_script("pcelery-worker")], env, log)
+    return _start(supervised([console_script("pcelery-worker")], exit_file), env, log)
 
 
 def start_relay(environ: dict[str, str], *, log: IO[bytes] | None = None, interval: float | None = None,
-                min_age: float | None = None) -> subprocess.Popen:
+                min_age: float | None = None, exit_file: Path | None = None) -> subprocess.Popen:
     """Start the outbox relay (`pcelery-relay`, the relay service's command) the same way."""
     command = [console_script("pcelery-relay")]
     if interval is not None:
         command += ["--interval", str(interval)]
     if min_age is not None:
         command += ["--min-age", str(min_age)]
-    return _start(command, {**os.environ, **environ}, log)
+    return _start(supervised(command, exit_file), {**os.environ, **environ}, log)
 
 
 def _start(command: list[str], env: dict[str, str], log: IO[bytes] | None) -> subprocess.Popen:

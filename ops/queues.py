@@ -14,7 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypedDict
 
@@ -57,6 +57,7 @@ class QueueDepth(TypedDict):
     in_flight: int
     delayed: int
     oldest_age_seconds: float | None
+    oldest_age_unavailable: str | None  # why oldest_age_seconds is null (a local endpoint, no datapoints...)
     dlq: DlqDepth | None
     tasks: dict[str, int] | None  # rows per state of its catalog queue; None: not known
 
@@ -181,11 +182,19 @@ def dead_letter_target(attrs: dict[str, str]) -> str | None:
 # ----------------------------------------------------------------------------------- depth
 
 
+LOCAL_NO_AGE = "a local endpoint has no CloudWatch metrics (on AWS: the age of the oldest message, from CloudWatch)"
+
+
 def oldest_age(aws: Aws, queue_name: str) -> float | None:
     """ApproximateAgeOfOldestMessage from CloudWatch (the newest 1-minute maximum); None where
     CloudWatch cannot tell: local endpoints, no datapoints yet, or no permission."""
+    return oldest_age_and_why(aws, queue_name)[0]
+
+
+def oldest_age_and_why(aws: Aws, queue_name: str) -> tuple[float | None, str | None]:
+    """(age, None), or (None, why there is no age)."""
     if aws.local:
-        return None
+        return None, LOCAL_NO_AGE
     now = dt.datetime.now(dt.UTC)
     try:
         points = aws.cloudwatch().get_metric_statistics(
@@ -195,10 +204,10 @@ def oldest_age(aws: Aws, queue_name: str) -> float | None:
         )["Datapoints"]
     except Exception as exc:  # noqa: BLE001 - an age is a nicety; depth itself must still answer
         log.warning("oldest message age of %s unavailable (%s)", queue_name, exc)
-        return None
+        return None, f"CloudWatch did not answer ({type(exc).__name__}): see the warning above"
     if not points:
-        return None
-    return float(max(points, key=lambda p: p["Timestamp"])["Maximum"])
+        return None, "no CloudWatch datapoints in the last 10 minutes (a new or idle queue; metrics lag minutes)"
+    return float(max(points, key=lambda p: p["Timestamp"])["Maximum"]), None
 
 
 def depth(aws: Aws, refs: list[QueueRef], *, env: str, catalog: Catalog,
@@ -208,8 +217,9 @@ def depth(aws: Aws, refs: list[QueueRef], *, env: str, catalog: Catalog,
     rows: list[QueueDepth] = []
     for ref in refs:
         attrs = attributes(aws.sqs, ref)
-        row: QueueDepth = {"queue": ref.name, "url": ref.url, **counts(attrs),
-                           "oldest_age_seconds": oldest_age(aws, ref.name), "dlq": None, "tasks": None}
+        age, why = oldest_age_and_why(aws, ref.name)
+        row: QueueDepth = {"queue": ref.name, "url": ref.url, **counts(attrs), "oldest_age_seconds": age,
+                           "oldest_age_unavailable": why, "dlq": None, "tasks": None}
         target = dead_letter_target(attrs)
         if target:
             dlq = ref_from_arn(aws.sqs, target, env=env, catalog=catalog)
@@ -310,3 +320,52 @@ def purge(sqs: SqsClient, ref: QueueRef) -> PurgeResult:
             "purged_approximately": before["visible"] + before["in_flight"] + before["delayed"],
             "before_visible": before["visible"], "before_in_flight": before["in_flight"],
             "before_delayed": before["delayed"]}
+
+
+# ------------------------------------------------------------------------------ DLQ copies
+
+Progress = Callable[[int, int | None], None]  # (done, total or None when not known)
+
+
+def find_copies(sqs: SqsClient, ref: QueueRef, task_ids: set[str], *, delete: bool, hold: int = 60,
+                progress: Progress | None = None) -> int:
+    """The messages of `ref` (a DLQ) that carry one of these task ids: deleted (delete=True) or
+    only counted. Every other message is held while the scan runs and made visible again at once
+    after it. Returns how many were found (and, with delete, deleted)."""
+    held: dict[str, Message] = {}  # message id -> newest copy; released at the end
+    handled: set[str] = set()
+    found = 0
+    total = counts(attributes(sqs, ref))["visible"]
+    try:
+        while True:
+            batch = receive(sqs, ref, BATCH, hold)
+            fresh = [m for m in batch if m["MessageId"] not in held and m["MessageId"] not in handled]
+            for m in batch:
+                if m["MessageId"] in held:
+                    held[m["MessageId"]] = m  # its hold ran out: keep the newer receipt handle
+            if not fresh:
+                break
+            matches = []
+            for m in fresh:
+                if getattr(decode(m.get("Body", "")), "task_id", None) in task_ids:
+                    matches.append(m)
+                else:
+                    held[m["MessageId"]] = m
+            handled.update(m["MessageId"] for m in matches)
+            if delete and matches:
+                resp = call(f"delete copies from {ref.name!r}", sqs.delete_message_batch, QueueUrl=ref.url,
+                            Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]}
+                                     for i, m in enumerate(matches)])
+                failed = {int(f["Id"]) for f in resp.get("Failed", [])}
+                for i in sorted(failed):
+                    log.warning("could not delete the old copy %s from %s: it stays there",
+                                matches[i]["MessageId"], ref.name)
+                found += len(matches) - len(failed)
+            else:
+                held.update((m["MessageId"], m) for m in matches)
+                found += len(matches)
+            if progress:
+                progress(len(set(held) | handled), total)
+    finally:
+        release(sqs, ref, list(held.values()))
+    return found

@@ -23,6 +23,7 @@ from pcelery.ops.aws import Aws, SqsClient, aws_error, call, error_code, http_st
 from pcelery.ops.queues import (
     BATCH,
     Message,
+    Progress,
     QueueRef,
     attributes,
     decode,
@@ -46,9 +47,11 @@ class RedrivePlan:
     source_arn: str
     destination: QueueRef
     destination_arn: str
-    mode: str  # native or client (auto is resolved when it runs)
+    mode: str  # native or client: what this run uses
     visible: int
     notes: list[str] = field(default_factory=list)
+    mode_reason: str = ""  # why that mode, in words the operator reads before anything moves
+    requested_mode: str = "auto"  # --mode as given
 
 
 @dataclass
@@ -121,13 +124,48 @@ def plan_redrive(sqs: SqsClient, dlq: QueueRef, *, env: str, catalog: Catalog, t
             notes.append(f"--force: {to.name} is not a source of {dlq.name}")
     if destination.url == dlq.url:
         raise OpsError("source and destination are the same queue: pick another --to", EXIT_REFUSED)
-    if mode == "auto" and (task or limit):
-        mode = "client"
+    requested = mode
+    if mode == "client":
+        reason = "receive, send, delete from here (--mode client)"
+    elif mode == "native":
+        missing = native_missing(sqs, attrs["QueueArn"])
+        if missing is not None:
+            raise OpsError(f"--mode native: this SQS endpoint does not implement the native move task ({missing}): "
+                           "use --mode client (moto lacks it; AWS and LocalStack have it)", EXIT_UNREACHABLE)
+        reason = "SQS's move task, StartMessageMoveTask (--mode native)"
+    elif task:
+        mode, reason = "client", "receive, send, delete from here: --task picks messages one by one"
+    elif limit:
+        mode, reason = "client", "receive, send, delete from here: --limit stops after that many"
+    else:
+        missing = native_missing(sqs, attrs["QueueArn"])
+        if missing is None:
+            mode, reason = "native", "SQS's move task, StartMessageMoveTask"
+        else:
+            mode = "client"
+            reason = f"receive, send, delete from here: this endpoint has no native move task ({missing})"
     return RedrivePlan(
         source=dlq, source_arn=attrs["QueueArn"], destination=destination,
         destination_arn=attributes(sqs, destination, ["QueueArn"])["QueueArn"], mode=mode,
-        visible=int(attrs.get("ApproximateNumberOfMessages", 0)), notes=notes,
+        visible=int(attrs.get("ApproximateNumberOfMessages", 0)), notes=notes, mode_reason=reason,
+        requested_mode=requested,
     )
+
+
+def native_missing(sqs: SqsClient, source_arn: str) -> str | None:
+    """None when the endpoint has SQS's move-task API (or it cannot be told: the run then falls
+    back by itself), else how it said it has none ("ListMessageMoveTasks answered HTTP 500").
+    Asks ListMessageMoveTasks, which changes nothing."""
+    import botocore.exceptions as bx
+
+    try:
+        sqs.list_message_move_tasks(SourceArn=source_arn, MaxResults=1)
+    except (bx.BotoCoreError, bx.ClientError) as exc:
+        unsupported = _native_unsupported(exc)
+        if unsupported is not None:
+            return f"ListMessageMoveTasks answered {unsupported}"
+        log.debug("could not check for the native move task (%s): trying it", exc)
+    return None
 
 
 # ---------------------------------------------------------------------------------- native
@@ -154,7 +192,8 @@ def _native_unsupported(exc: Exception) -> str | None:
 
 
 def redrive_native(sqs: SqsClient, plan: RedrivePlan, *, rate: float | None = None, poll_seconds: float = 2.0,
-                   sleep: Callable[[float], None] = time.sleep, cancel_wait_seconds: float = 30.0) -> RedriveResult:
+                   sleep: Callable[[float], None] = time.sleep, cancel_wait_seconds: float = 30.0,
+                   progress: Progress | None = None) -> RedriveResult:
     """StartMessageMoveTask, then follow ListMessageMoveTasks until it ends. Ctrl-C cancels the
     task (CancelMessageMoveTask), waits for it to stop and returns with result.interrupted set."""
     import botocore.exceptions as bx
@@ -176,11 +215,16 @@ def redrive_native(sqs: SqsClient, plan: RedrivePlan, *, rate: float | None = No
     try:
         while True:
             task = _native_status(sqs, plan, handle)
-            log.info("move task %s: %s of %s moved", task.get("Status"),
-                     task.get("ApproximateNumberOfMessagesMoved", 0),
-                     task.get("ApproximateNumberOfMessagesToMove", "?"))
+            to_move = task.get("ApproximateNumberOfMessagesToMove")
+            if progress:
+                progress(int(task.get("ApproximateNumberOfMessagesMoved", 0)),
+                         None if to_move is None else int(to_move))
             if task.get("Status") in NATIVE_TERMINAL:
+                log.info("move task %s: %s of %s moved", task.get("Status"),
+                         task.get("ApproximateNumberOfMessagesMoved", 0), to_move if to_move is not None else "?")
                 break
+            log.debug("move task %s: %s of %s moved", task.get("Status"),
+                      task.get("ApproximateNumberOfMessagesMoved", 0), to_move if to_move is not None else "?")
             sleep(poll_seconds)
     except KeyboardInterrupt:
         log.warning("interrupted: cancelling the move task (messages already moved stay moved)")
@@ -233,7 +277,7 @@ def _send_attributes(msg: Message) -> dict[str, dict[str, Any]]:
 
 def redrive_client(sqs: SqsClient, plan: RedrivePlan, *, limit: int | None = None, rate: float | None = None,
                    task: str | None = None, dry_run: bool = False, hold_seconds: int = DEFAULT_HOLD_SECONDS,
-                   sleep: Callable[[float], None] = time.sleep) -> RedriveResult:
+                   sleep: Callable[[float], None] = time.sleep, progress: Progress | None = None) -> RedriveResult:
     """Receive in batches, send to the destination preserving body and attributes, delete only
     what was sent. --task moves only that task's messages; the others are held (invisible) until
     the end of the run so the loop does not receive them again, then made visible again at once."""
@@ -247,6 +291,8 @@ def redrive_client(sqs: SqsClient, plan: RedrivePlan, *, limit: int | None = Non
     started = time.monotonic()
     is_fifo = plan.destination.url.endswith(".fifo")
     would = 0
+    # What the bar counts toward: unknown when --task picks some of them.
+    total = None if task is not None else (min(plan.visible, limit) if limit is not None else plan.visible)
     try:
         while remaining > 0:
             batch = receive(sqs, plan.source, int(min(per_batch, remaining)), hold_seconds)
@@ -278,7 +324,9 @@ def redrive_client(sqs: SqsClient, plan: RedrivePlan, *, limit: int | None = Non
                 would += len(to_move)
                 continue
             _move_batch(sqs, plan, to_move, is_fifo, result)
-            log.info("moved %d, failed %d, skipped %d", result.moved, result.failed, len(skipped_ids))
+            log.debug("moved %d, failed %d, skipped %d", result.moved, result.failed, len(skipped_ids))
+            if progress:
+                progress(result.moved + result.failed, total)
             if rate:
                 # Pace on the running total so a slow batch is not followed by a burst.
                 wait = started + (result.moved + result.failed) / rate - time.monotonic()
@@ -352,7 +400,9 @@ def _move_batch(sqs: SqsClient, plan: RedrivePlan, messages: list[Message], is_f
 
 def redrive(aws: Aws, plan: RedrivePlan, *, limit: int | None = None, rate: float | None = None,
             task: str | None = None, dry_run: bool = False,
-            hold_seconds: int = DEFAULT_HOLD_SECONDS) -> RedriveResult:
+            hold_seconds: int = DEFAULT_HOLD_SECONDS, progress: Progress | None = None) -> RedriveResult:
+    """Run the plan in its mode. A native move the endpoint turns out not to have (it could not
+    be checked when planning) falls back to the client mode unless --mode native asked for it."""
     if dry_run:
         if plan.mode == "client":
             result = redrive_client(aws.sqs, plan, limit=limit, task=task, dry_run=True, hold_seconds=hold_seconds)
@@ -361,12 +411,14 @@ def redrive(aws: Aws, plan: RedrivePlan, *, limit: int | None = None, rate: floa
             result = RedriveResult(source=plan.source.name, destination=plan.destination.name, mode=plan.mode,
                                    dry_run=True, would_move=plan.visible)
         return result
-    if plan.mode in ("native", "auto"):
+    if plan.mode == "native":
         try:
-            return redrive_native(aws.sqs, plan, rate=rate)
+            return redrive_native(aws.sqs, plan, rate=rate, progress=progress)
         except NativeUnsupported as exc:
-            if plan.mode == "native":
+            if plan.requested_mode == "native":
                 raise OpsError(f"this SQS endpoint does not implement the native move task ({exc}): use --mode "
                                "client (moto lacks it; AWS and LocalStack have it)", EXIT_UNREACHABLE) from None
-            log.info("native redrive not available at this endpoint (%s): moving messages client-side", exc)
-    return redrive_client(aws.sqs, plan, limit=limit, rate=rate, task=task, hold_seconds=hold_seconds)
+            log.warning("the native move task is not available after all (%s): moving messages client-side", exc)
+            plan.mode = "client"
+    return redrive_client(aws.sqs, plan, limit=limit, rate=rate, task=task, hold_seconds=hold_seconds,
+                          progress=progress)

@@ -4,15 +4,20 @@ the rows into JSON (TaskRow.as_json) or table cells."""
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import re
-from collections.abc import Callable
-from typing import TypedDict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import sqlalchemy as sa
 
 from pcelery.ops import EXIT_DB, EXIT_NOT_FOUND, EXIT_USAGE, OpsError
 from pcelery.store import TaskRow
+
+if TYPE_CHECKING:
+    from pcelery.scheduler import Schedule
 
 log = logging.getLogger("ops")
 
@@ -21,6 +26,7 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 # publish(ids) -> {task_id: message_id} of those sent (the outbox's publisher; see replay).
 Publish = Callable[[list[str]], dict[str, str] | None]
+PUBLISH_CHUNK = 100  # ids handed to the publisher at a time (progress moves between them)
 
 
 class ReplayResult(TypedDict):
@@ -32,6 +38,20 @@ class ReplayResult(TypedDict):
     published: list[str]
     left_for_relay: list[str]
     error: str | None
+    # {DLQ name: old copies deleted}: the replayed tasks' messages still in their DLQ, removed so
+    # that a later redrive cannot run them a second time (empty when none were found).
+    dlq_copies_deleted: dict[str, int]
+    dlq_copies_checked: bool  # False with --keep-dlq-copies: the DLQs were not looked at
+
+
+class RowOutcome(TypedDict):
+    """What became of the rows of messages a client redrive moved."""
+
+    requeued: int  # dead -> queued
+    other_states: dict[str, int]  # rows not dead any more (a worker already took them): {state: n}
+    no_row: int  # Celery messages whose id has no row (poison)
+    not_celery: int  # messages that carry no task id at all
+    unknown: int  # not checked: the store could not be read
 
 
 MAX_DURATION_DAYS = 3650  # rows are not older than ten years; a larger value is a typo
@@ -97,6 +117,51 @@ def task_rows(engine: sa.Engine, task_ids: list[str | None]) -> dict[str, TaskRo
     return get_tasks(engine, [t for t in task_ids if t])
 
 
+def count_tasks(engine: sa.Engine, *, state: str | None = None, task_name: str | None = None,
+                older_than_seconds: float | None = None, stuck: bool = False) -> int:
+    """How many rows list_tasks would return without its limit (so a cut list can say how many
+    it left out). The same filters as pcelery.store.list_tasks; a unit test holds them equal."""
+    import datetime as dt
+
+    from pcelery.schema import begin, tasks, utcnow
+
+    now = utcnow()
+    query = sa.select(sa.func.count()).select_from(tasks)
+    if state is not None:
+        query = query.where(tasks.c.state == state)
+    if task_name is not None:
+        query = query.where(tasks.c.task_name == task_name)
+    if older_than_seconds is not None:
+        query = query.where(tasks.c.created_at <= now - dt.timedelta(seconds=older_than_seconds))
+    if stuck:
+        query = query.where(tasks.c.state == "running", tasks.c.lease_until < now)
+    with begin(engine, read_only=True) as conn:
+        return int(conn.execute(query).scalar_one())
+
+
+def requeue_moved(engine: sa.Engine | None, task_ids: list[str], *, not_celery: int = 0) -> RowOutcome:
+    """After a client redrive: the moved tasks' rows dead -> queued (pcelery.store.mark_redriven),
+    and what the others are: rows a worker already took, ids without a row, or (engine None)
+    not checked."""
+    outcome: RowOutcome = {"requeued": 0, "other_states": {}, "no_row": 0, "not_celery": not_celery, "unknown": 0}
+    if engine is None:
+        outcome["unknown"] = len(task_ids)
+        return outcome
+    from pcelery.store import get_tasks, mark_redriven
+
+    moved = set(mark_redriven(engine, task_ids)) if task_ids else set()
+    outcome["requeued"] = len(moved)
+    rest = [t for t in task_ids if t not in moved]
+    rows = get_tasks(engine, rest) if rest else {}
+    for tid in rest:
+        row = rows.get(tid)
+        if row is None:
+            outcome["no_row"] += 1
+        else:
+            outcome["other_states"][row.state] = outcome["other_states"].get(row.state, 0) + 1
+    return outcome
+
+
 def list_tasks(engine: sa.Engine, *, state: str | None = None, task_name: str | None = None,
                older_than_seconds: float | None = None, stuck: bool = False, limit: int = 100) -> list[TaskRow]:
     from pcelery.store import STATES
@@ -131,22 +196,27 @@ def select_for_replay(engine: sa.Engine, *, task_ids: list[str] | None = None, s
     return list_tasks(engine, state=state, task_name=task_name, limit=limit)
 
 
-def replay(engine: sa.Engine, rows: list[TaskRow], publish: Publish) -> ReplayResult:
+def replay(engine: sa.Engine, rows: list[TaskRow], publish: Publish,
+           progress: Callable[[int, int | None], None] | None = None) -> ReplayResult:
     """Reset the rows to pending (store.reset_for_replay: live running rows are skipped) and hand
     the reset ids to `publish(ids) -> {task_id: message_id}` (the outbox publisher), which sends
-    them and marks them queued. What it does not send stays pending for the relay."""
+    them and marks them queued, PUBLISH_CHUNK at a time. What it does not send stays pending for
+    the relay. (The CLI then removes the old copies from the DLQs: queues.find_copies.)"""
     from pcelery.store import reset_for_replay
 
     ids = [r.id for r in rows]
     reset = reset_for_replay(engine, ids)
     published: dict[str, str] = {}
     error = None
-    if reset:
+    for i in range(0, len(reset), PUBLISH_CHUNK):
         try:
-            published = publish(reset) or {}
+            published.update(publish(reset[i:i + PUBLISH_CHUNK]) or {})
         except Exception as exc:  # noqa: BLE001 - the rows are pending: the relay publishes them
             error = f"publish failed ({exc}); the rows stay pending and the outbox relay will send them"
             log.warning("%s", error)
+            break
+        if progress:
+            progress(min(i + PUBLISH_CHUNK, len(reset)), len(reset))
     return {
         "requested": ids,
         "reset": reset,
@@ -154,4 +224,107 @@ def replay(engine: sa.Engine, rows: list[TaskRow], publish: Publish) -> ReplayRe
         "published": sorted(published),
         "left_for_relay": [i for i in reset if i not in published],
         "error": error,
+        "dlq_copies_deleted": {},
+        "dlq_copies_checked": False,
     }
+
+
+# --------------------------------------------------------------------------------- cancel
+
+
+class CancelResult(TypedDict):
+    """What cancel did: the rows cancelled, and the state of each that was not (None: no row)."""
+
+    requested: list[str]
+    cancelled: list[str]
+    not_cancelled: dict[str, str | None]
+
+
+def cancel(engine: sa.Engine, task_ids: list[str], *, dry_run: bool = False) -> CancelResult:
+    """Cancel tasks that have not started (scheduled, pending, queued, failed): their rows become
+    `cancelled` and a message that still arrives is acked without running (pcelery.store.cancel).
+    With dry_run, says which would be, changing nothing."""
+    from pcelery.store import CANCELLABLE, get_tasks
+    from pcelery.store import cancel as store_cancel
+
+    ids = list(dict.fromkeys(task_ids))
+    if dry_run:
+        rows = get_tasks(engine, ids)
+        cancelled = [i for i in ids if i in rows and rows[i].state in CANCELLABLE]
+    else:
+        cancelled = store_cancel(engine, ids)
+    rest = [i for i in ids if i not in set(cancelled)]
+    after = get_tasks(engine, rest) if rest else {}
+    return {"requested": ids, "cancelled": cancelled,
+            "not_cancelled": {i: after[i].state if i in after else None for i in rest}}
+
+
+# ------------------------------------------------------------------------------ schedules
+
+
+@dataclass(frozen=True)
+class ScheduleView:
+    """A periodic schedule as on-call sees it: what it runs and when, its latest slot submitted
+    (by any scheduler) with that task's state, and its next slot."""
+
+    name: str
+    task: str | None  # None: the store has a record of it, the code no longer declares it
+    when: str | None  # "cron 30 2 * * * Europe/Paris" or "every 300s"
+    missed: str | None
+    last_slot: dt.datetime | None
+    last_task_id: str | None
+    last_task_state: str | None  # None: no slot yet, or its row is gone
+    next_slot: dt.datetime | None  # from the code when declared, else the store's record
+
+    def as_json(self) -> dict[str, Any]:
+        def iso(v: Any) -> Any:
+            if not isinstance(v, dt.datetime):
+                return v
+            return (v if v.tzinfo else v.replace(tzinfo=dt.UTC)).isoformat().replace("+00:00", "Z")
+
+        return {k: iso(v) for k, v in asdict(self).items()}
+
+
+def describe_when(schedule: Schedule) -> str:
+    if schedule.cron is not None:
+        return f"cron {schedule.cron} {schedule.timezone}"
+    every = schedule.every or 0
+    return f"every {every:g}s"
+
+
+def list_schedules(engine: sa.Engine | None, declared: Sequence[Schedule] | None,
+                   now: dt.datetime | None = None) -> list[ScheduleView]:
+    """The declared schedules (in their order), then any the store remembers that the code no
+    longer declares. engine None: the code's schedules alone (no last run)."""
+    from pcelery.store import get_tasks, schedule_states, utcnow
+
+    now = now or utcnow()
+    states = schedule_states(engine) if engine is not None else {}
+    last_ids = [s.last_task_id for s in states.values() if s.last_task_id]
+    rows = get_tasks(engine, last_ids) if engine is not None and last_ids else {}
+
+    def view(name: str, schedule: Schedule | None) -> ScheduleView:
+        state = states.get(name)
+        last_id = state.last_task_id if state else None
+        return ScheduleView(
+            name=name, task=schedule.task if schedule else None,
+            when=describe_when(schedule) if schedule else None,
+            missed=schedule.missed if schedule else None,
+            last_slot=state.last_slot if state else None, last_task_id=last_id,
+            last_task_state=rows[last_id].state if last_id in rows else None,
+            next_slot=schedule.next_after(now) if schedule else (state.next_slot if state else None))
+
+    views = [view(s.name, s) for s in declared or ()]
+    known = {s.name for s in declared or ()}
+    views += [view(name, None) for name in sorted(states) if name not in known]
+    return views
+
+
+def load_declared(spec: str, setting: str) -> list[Schedule]:
+    """The schedules --schedules or PCELERY_SCHEDULES (`setting`) names; a load error is EXIT_USAGE."""
+    from pcelery.scheduler import ScheduleError, load_schedules
+
+    try:
+        return load_schedules(spec, setting)
+    except ScheduleError as exc:
+        raise OpsError(str(exc), EXIT_USAGE) from None

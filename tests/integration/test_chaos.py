@@ -118,7 +118,8 @@ def test_chaos_run_loses_nothing_doubles_nothing_and_dead_letters_only_poison(ch
     bug.unlink()
     wait_for(lambda: env.depth("default", dlq=True) == len(fixable) + len(poison), timeout=120,
              what="the fixable tasks and the poison in the DLQ", logs=env.logs())
-    redrive = subprocess.run([sys.executable, "-m", "ops", "redrive", "default-dlq", "--yes", "-o", "json"],
+    redrive = subprocess.run([sys.executable, "-m", "ops", "redrive", "default-dlq", "--yes", "-o", "json",
+                              "--endpoint-url", env.endpoint],  # env prod on moto: named, not inherited
                              cwd=REPO, env={**env.environ}, capture_output=True, text=True, timeout=120, check=False)
     assert redrive.returncode == 0, redrive.stderr
     assert json.loads(redrive.stdout)["moved"] == len(fixable) + len(poison)

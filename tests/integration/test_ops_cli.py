@@ -52,6 +52,12 @@ class OpsEnv(LocalEnv):
         return subprocess.run([sys.executable, "-m", "ops", *args], check=False, env={**self.env, **(env or {})},
                               cwd=REPO, capture_output=True, text=True, timeout=timeout, stdin=stdin)
 
+    def ops_prod(self, *args: str, **kw: Any) -> subprocess.CompletedProcess:
+        """ops --env prod on this moto server. Named on purpose (--endpoint-url): a local endpoint or
+        a SQLite store taken from the environment is refused for a deployed env."""
+        return self.ops(*args, "--env", "prod", "--endpoint-url", self.endpoint,
+                        env={"DATABASE_URL": "", **kw.pop("env", {})}, **kw)
+
     def ops_json(self, *args: str, **kw: Any) -> Any:
         proc = self.ops(*args, "--output", "json", **kw)
         assert proc.returncode == 0, proc.stderr
@@ -192,11 +198,18 @@ def test_peek_shows_messages_with_their_rows_and_consumes_nothing(stack):
     # --limit bounds it; a second peek sees the same messages again (receive count grows).
     [one] = stack.ops_json("peek", "default-dlq", "--limit", "1")
     assert one["receive_count"] == 2
+    # The table: a row per message with its task, row and why; a summary by task under it.
     table = stack.ops("peek", "default-dlq")
-    assert "app.demo_tasks.always_fails" in table.stdout and "payment API down" in table.stdout
-    assert f"task     app.demo_tasks.add  id {damaged_id}" in table.stdout
-    assert "no row with this id: a poison message" in table.stdout
-    assert "  why      the body is not JSON" in table.stdout
+    header, *lines = table.stdout.splitlines()
+    assert header.split() == ["TASK", "ID", "TASK", "SENT", "ROW", "WHY"]
+    by_id = {ln.split()[0]: ln for ln in lines[:3]}
+    assert "app.demo_tasks.always_fails" in by_id[tid] and "dead/1" in by_id[tid]
+    assert "RuntimeError: payment API down" in by_id[tid]
+    assert "app.demo_tasks.add" in by_id[damaged_id] and "no row" in by_id[damaged_id]
+    assert "the body is not JSON" in by_id[damaged_id]
+    assert "(not Celery)" in by_id["-"] and "the envelope is not JSON" in by_id["-"]
+    assert ("pcelery-local-default-dlq: 3 messages shown, none consumed; by task: (not Celery) 1, "
+            "app.demo_tasks.add 1, app.demo_tasks.always_fails 1") in table.stdout
     assert stack.counts(stack.url("default", dlq=True)) == (3, 0, 0)
 
 
@@ -301,7 +314,8 @@ def test_redrive_refusals_and_errors_have_their_exit_codes(stack):
     assert proc.returncode == 6 and "--mode client" in _error_line(proc)
 
     proc = stack.ops("redrive", "default-dlq", "--mode", "native", "--yes")  # moto lacks the move-task API
-    assert proc.returncode == 4 and "StartMessageMoveTask" in _error_line(proc)
+    assert proc.returncode == 4 and "ListMessageMoveTasks answered HTTP 500" in _error_line(proc)
+    assert "use --mode client" in _error_line(proc)
 
     proc = stack.ops("redrive", "nope-dlq", "--yes")
     assert proc.returncode == 3 and "not found" in _error_line(proc)
@@ -324,10 +338,10 @@ def test_redrive_refusals_and_errors_have_their_exit_codes(stack):
     ok = stack.ops_json("redrive", "default-dlq", "--to", "second-source", "--yes")
     assert ok["moved"] == 1 and ok["destination"] == "second-source"
 
-    # Auto mode on moto falls back to client and says so.
+    # Auto mode on moto picks client, and its plan says so before anything moves.
     stack.send(stack.url("default", dlq=True), "z")
     proc = stack.ops("redrive", "default-dlq", "--to", "default", "--yes")
-    assert proc.returncode == 0 and "client-side" in proc.stderr
+    assert proc.returncode == 0 and "mode client" in proc.stderr and "no native move task" in proc.stderr
 
 
 # ------------------------------------------------------------------------------ errors
@@ -342,7 +356,7 @@ def test_unknown_queue_unreachable_endpoint_and_missing_credentials(stack, tmp_p
 
     # Real AWS (no endpoint) and no credentials anywhere.
     bare = {k: v for k, v in stack.env.items()
-            if not k.startswith("AWS_") or k in ("AWS_REGION", "AWS_EC2_METADATA_DISABLED")}
+            if (not k.startswith("AWS_") or k in ("AWS_REGION", "AWS_EC2_METADATA_DISABLED")) and k != "DATABASE_URL"}
     bare.update(AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"))
     proc = subprocess.run([sys.executable, "-m", "ops", "depth", "--env", "prod"], check=False, env=bare, cwd=REPO,
                           capture_output=True, text=True, timeout=60)
@@ -378,7 +392,7 @@ def test_tasks_lists_rows_by_state_age_and_stuck(stack):
     proc = stack.ops("tasks", "--older-than", "ten minutes")
     assert proc.returncode == 2 and "90s, 15m, 2h or 1d" in proc.stderr
     proc = stack.ops("tasks", "--state", "zombie")
-    assert proc.returncode == 2 and "unknown state" in _error_line(proc)
+    assert proc.returncode == 2 and "argument --state: invalid choice: 'zombie'" in proc.stderr
     proc = stack.ops("tasks", env={"DATABASE_URL": f"postgresql://postgres@127.0.0.1:{free_port()}/nope"})
     assert proc.returncode == 9 and "unreachable" in _error_line(proc)
     # A store behind the code (its rows lack columns ops reads): told to migrate, not a traceback.
@@ -447,23 +461,213 @@ def test_purge_asks_and_empties_and_guards_prod(stack):
     prod = create_queues(stack.sqs, DEMO_CATALOG, "prod")
     stack.send(prod["default"]["url"], "live prod task")
     stack.send(prod["default"]["dlq_url"], "dead prod task")
-    proc = stack.ops("purge", "default", "--env", "prod", "--yes", "--confirm-name", "pcelery-prod-default")
+    proc = stack.ops_prod("purge", "default", "--yes", "--confirm-name", "pcelery-prod-default")
     assert proc.returncode == 6 and "work queue in prod" in _error_line(proc)
-    proc = stack.ops("purge", "default-dlq", "--env", "prod", "--yes")  # --yes is not enough in prod
+    proc = stack.ops_prod("purge", "default-dlq", "--yes")  # --yes is not enough in prod
     assert proc.returncode == 7
     assert _error_line(proc) == ("ops: error: purging 'pcelery-prod-default-dlq' in prod needs its name typed back: "
                                  "pass --confirm-name pcelery-prod-default-dlq (--yes is not enough in prod) after a "
                                  "--dry-run; nothing was purged")
-    proc = stack.ops("purge", "default-dlq", "--env", "prod", "--confirm-name", "pcelery-prod-default")
+    proc = stack.ops_prod("purge", "default-dlq", "--confirm-name", "pcelery-prod-default")
     assert proc.returncode == 7 and "is not the queue's name" in _error_line(proc)
     assert stack.counts(prod["default"]["dlq_url"]) == (1, 0, 0)
-    proc = stack.ops("purge", "default-dlq", "--env", "prod", "--confirm-name", "pcelery-prod-default-dlq")
+    proc = stack.ops_prod("purge", "default-dlq", "--confirm-name", "pcelery-prod-default-dlq")
     assert proc.returncode == 0
     assert stack.counts(prod["default"]["dlq_url"]) == (0, 0, 0)
     assert stack.counts(prod["default"]["url"]) == (1, 0, 0)
-    forced = stack.ops("purge", prod["default"]["url"], "--env", "prod", "--force",
-                       "--confirm-name", "pcelery-prod-default")
+    forced = stack.ops_prod("purge", prod["default"]["url"], "--force", "--confirm-name", "pcelery-prod-default")
     assert forced.returncode == 0 and stack.counts(prod["default"]["url"]) == (0, 0, 0)
+
+
+# ------------------------------------------------- what the on-call engineer is told (issue 13)
+
+
+def test_redrive_says_the_mode_it_will_use_before_and_the_result_once(stack):
+    """The dry run names the mode the real run uses and why; the real run says its plan once on
+    stderr, makes no fall-back note and prints its result once, on stdout."""
+    for _ in range(3):
+        stack.dead_task("demo.always_fail")
+    dry = stack.ops("redrive", "default-dlq", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert ("dry run of redrive pcelery-local-default-dlq -> pcelery-local-default (3 visible); mode client: receive, "
+            "send, delete from here: this endpoint has no native move task (ListMessageMoveTasks answered HTTP 500)"
+            ) in dry.stderr
+    assert "mode auto" not in dry.stderr + dry.stdout
+    assert dry.stdout.startswith("dry run: would move 3 messages from pcelery-local-default-dlq to "
+                                 "pcelery-local-default (mode client); nothing moved")
+    assert dry.stdout.count("\n") == 1
+
+    real = stack.ops("redrive", "default-dlq", "--yes")
+    assert real.returncode == 0, real.stderr
+    assert "mode client: receive, send, delete from here" in real.stderr
+    assert "client-side" not in real.stderr and "falls back" not in real.stderr
+    assert real.stderr.count("HTTP 500") == 1  # the plan's reason, said once
+    result_line = "moved 3, failed 0, skipped 0: pcelery-local-default-dlq -> pcelery-local-default (mode client)"
+    assert (real.stdout + real.stderr).count("moved 3") == 1 and result_line in real.stdout
+
+
+def test_redrive_says_what_became_of_each_moved_message_s_row(stack):
+    """Rows dead -> queued; messages without a row are named as such (never "claimed by a worker");
+    messages that are no Celery message at all too."""
+    dead = [stack.dead_task("demo.always_fail") for _ in range(2)]
+    for _ in range(3):  # Celery messages whose ids have no row (poison)
+        stack.send(stack.url("default", dlq=True), encode_body(str(uuid.uuid4()), "demo.add", queue="default"))
+    stack.send(stack.url("default", dlq=True), "not a celery message")
+
+    proc = stack.ops("redrive", "default-dlq", "--yes")
+
+    assert proc.returncode == 0, proc.stderr
+    assert ("task rows: 2 dead -> queued; 3 messages with no task row (poison: see `peek` on the queue, "
+            "RUNBOOK.md#poison-task); 1 message that are not Celery messages") in proc.stdout
+    assert "claimed" not in proc.stdout and "already taken" not in proc.stdout
+    assert {store.get_task(stack.engine, t).state for t in dead} == {"queued"}
+
+    # Only poison: no "0 of 3", no word about workers.
+    for _ in range(2):
+        stack.send(stack.url("default", dlq=True), encode_body(str(uuid.uuid4()), "demo.add", queue="default"))
+    summary = stack.ops_json("redrive", "default-dlq", "--yes")
+    assert summary["task_rows"] == {"requeued": 0, "other_states": {}, "no_row": 2, "not_celery": 0, "unknown": 0}
+    assert summary["tasks_requeued"] == 0
+
+    # Rows a worker already took since: said with their states.
+    taken = stack.dead_task("demo.always_fail")
+    store.claim(stack.engine, taken, worker="w9", lease_seconds=300)
+    proc = stack.ops("redrive", "default-dlq", "--yes")
+    assert "task rows: 1 already taken by a worker since, or not dead (running 1)" in proc.stdout
+
+
+def test_replay_deletes_the_old_copies_from_the_dlq_and_says_so(stack):
+    """A replayed dead task's message still in the DLQ would run it again on the next redrive:
+    the replay deletes it, and the dry run says it will."""
+    dead = [stack.dead_task("demo.always_fail") for _ in range(3)]
+    other = stack.dead_task("demo.flaky")  # not replayed: its copy stays
+    dlq = stack.url("default", dlq=True)
+    assert stack.counts(dlq)[0] == 4
+
+    dry = stack.ops("replay", "--state", "dead", "--task", "demo.always_fail", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert ("3 of them still have a message in pcelery-local-default-dlq: the replay deletes those copies"
+            in dry.stdout)
+    assert stack.counts(dlq) == (4, 0, 0)  # looked at, left there
+
+    proc = stack.ops("replay", "--state", "dead", "--task", "demo.always_fail", "--yes")
+    assert proc.returncode == 0, proc.stderr
+    assert "replayed 3 tasks: published 3" in proc.stdout
+    assert "deleted 3 old copies of them from pcelery-local-default-dlq" in proc.stdout
+    assert stack.counts(dlq) == (1, 0, 0)
+    from pcelery.messages import decode_body
+
+    [left] = stack.dlq_bodies("default")
+    assert decode_body(left).task_id == other
+    msgs = stack.drain_bodies(stack.url("default"), 3)
+    assert sorted(decode_body(b).task_id for b in msgs) == sorted(dead)
+
+    # --keep-dlq-copies leaves them, and says what that means.
+    kept = stack.ops_json("replay", other, "--keep-dlq-copies", "--yes")
+    assert kept["dlq_copies_checked"] is False and stack.counts(dlq)[0] == 1
+    assert "do not also redrive" in stack.ops("replay", other, "--keep-dlq-copies", "--yes").stdout
+
+
+def test_lists_say_how_many_they_left_out(stack):
+    """tasks (default --limit 50) and peek (10) say every time that there are more, and how many."""
+    with stack.engine.begin() as conn:
+        for i in range(60):
+            store.insert_task(conn, task_id=str(uuid.uuid4()), task_name="demo.add", queue="default", args=[i, 1],
+                              kwargs={})
+    table = stack.ops("tasks")
+    assert len(table.stdout.splitlines()) == 1 + 50 + 1
+    assert table.stdout.splitlines()[-1] == "showing 50 of 60 rows: --limit 60 shows them all"
+    as_json = stack.ops("tasks", "-o", "json")
+    assert len(json.loads(as_json.stdout)) == 50
+    assert "ops: showing 50 of 60 rows: --limit 60 shows them all" in as_json.stderr
+    assert "showing" not in stack.ops("tasks", "--limit", "60").stdout
+    narrowed = stack.ops("tasks", "--state", "pending", "--limit", "7")
+    assert "showing 7 of 60 rows: --limit 60 shows them all" in narrowed.stdout
+
+    for i in range(12):
+        stack.send(stack.url("default", dlq=True), f"poison {i}")
+    peek = stack.ops("peek", "default-dlq")
+    assert "showing 10 of about 12 visible messages: --limit 12 shows them all" in peek.stdout
+    peek_json = stack.ops("peek", "default-dlq", "-o", "json")
+    assert len(json.loads(peek_json.stdout)) == 10 and "showing 10 of about 12" in peek_json.stderr
+    assert "showing" not in stack.ops("peek", "default-dlq", "--limit", "20").stdout
+
+
+def test_tasks_says_an_error_on_a_succeeded_row_is_an_earlier_attempt_s(stack):
+    tid = str(uuid.uuid4())
+    with stack.engine.begin() as conn:
+        store.insert_task(conn, task_id=tid, task_name="demo.flaky", queue="default", args=["k"], kwargs={})
+    store.claim(stack.engine, tid, worker="w1", lease_seconds=30)
+    store.finish_failure(stack.engine, tid, worker="w1", error="RuntimeError: flaky k: failing on purpose",
+                         final=False)
+    store.claim(stack.engine, tid, worker="w1", lease_seconds=30)
+    store.finish_success(stack.engine, tid, worker="w1", result=2)
+    dead = stack.dead_task("demo.always_fail", error="RuntimeError: payment API down")
+
+    table = stack.ops("tasks")
+    assert table.stdout.splitlines()[0].split() == ["ID", "TASK", "STATE", "TRIES", "UPDATED", "LAST", "ERROR"]
+    [ok_line] = [ln for ln in table.stdout.splitlines() if ln.startswith(tid)]
+    [dead_line] = [ln for ln in table.stdout.splitlines() if ln.startswith(dead)]
+    assert "succeeded" in ok_line and "(earlier attempt) RuntimeError: flaky k" in ok_line
+    assert dead_line.endswith("RuntimeError: payment API down") and "earlier" not in dead_line
+    assert "(earlier attempt): the row has run to another state since that error" in table.stdout
+
+
+def test_depth_says_why_oldest_is_not_known_locally(stack):
+    table = stack.ops("depth")
+    assert table.returncode == 0
+    assert table.stdout.splitlines()[0].split() == ["QUEUE", "VISIBLE", "IN-FLIGHT", "DELAYED", "OLDEST", "DLQ",
+                                                    "TASKS"]
+    assert "n/a" in table.stdout.splitlines()[1]
+    assert "OLDEST n/a: a local endpoint has no CloudWatch metrics" in table.stdout
+    [row] = stack.ops_json("depth", "default")
+    assert row["oldest_age_seconds"] is None and row["oldest_age_unavailable"].startswith("a local endpoint")
+
+
+def test_commands_aimed_at_a_deployed_env_refuse_the_local_stack_s_settings(stack):
+    """A shell that still has the local stack's exports must not run `--env prod` against moto:
+    not depth, and above all not purge of moto's pcelery-prod-* queues."""
+    prod = create_queues(stack.sqs, DEMO_CATALOG, "prod")
+    stack.send(prod["default"]["dlq_url"], "a prod message, on moto")
+    for args in (["depth", "--env", "prod"], ["purge", "default-dlq", "--env", "prod", "--confirm-name",
+                                              "pcelery-prod-default-dlq"], ["tasks"]):
+        proc = stack.ops(*args, env={"PCELERY_ENV": "prod"} if args == ["tasks"] else None)
+        assert proc.returncode == 6, (args, proc.stderr)
+        line = _error_line(proc)
+        assert "aimed at env 'prod', a deployed environment, but this shell points at a local stack" in line
+        assert f"the SQS endpoint {stack.endpoint} (AWS_ENDPOINT_URL_SQS" in line and "DATABASE_URL=sqlite" in line
+        assert 'eval "$(python -m ops local down)"' in line
+    assert stack.counts(prod["default"]["dlq_url"]) == (1, 0, 0)
+    # The emulators' dummy key alone (the endpoint already unset) is refused too.
+    proc = stack.ops("depth", "--env", "staging", env={"AWS_ENDPOINT_URL_SQS": "", "DATABASE_URL": ""})
+    assert proc.returncode == 6 and "AWS_ACCESS_KEY_ID=local (the emulators' dummy key)" in _error_line(proc)
+    # On purpose, with --endpoint-url, it runs, and says where.
+    proc = stack.ops_prod("depth", "default-dlq")
+    assert proc.returncode == 0
+    assert f"env prod on the endpoint {stack.endpoint} (--endpoint-url), not AWS" in proc.stderr
+    # With no database configured for a deployed env, task fields say where the database is.
+    assert "it runs in the VPC, where the ops task has it (RUNBOOK.md#ops-in-the-vpc)" in proc.stderr
+
+
+def test_a_missing_dependency_is_a_setup_problem_with_its_fix(tmp_path):
+    """`python -m ops` from a Python without the package (outside the virtualenv) and a Python
+    missing a dependency: the fix, exit 10, never "internal error" or a traceback."""
+    outside = subprocess.run([sys.executable, "-S", "-m", "ops", "depth", "--env", "prod"], check=False, cwd=REPO,
+                             capture_output=True, text=True, timeout=60)
+    assert outside.returncode == 10, outside.stderr
+    assert outside.stderr.startswith("ops: setup problem: this Python (")
+    assert "cannot import 'pcelery', which ops needs" in outside.stderr
+    assert "`.venv/bin/python -m ops depth --env prod`" in outside.stderr
+    assert "`. .venv/bin/activate` once per shell" in outside.stderr
+    assert "Traceback" not in outside.stderr and "internal error" not in outside.stderr
+
+    no_sqlalchemy = ("import sys; sys.modules['sqlalchemy'] = None; sys.argv = ['pcelery-ops', 'tasks']; "
+                     "from pcelery.ops.cli import main; sys.exit(main())")
+    proc = subprocess.run([sys.executable, "-c", no_sqlalchemy], check=False, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 10, proc.stderr
+    assert "setup problem" in proc.stderr and "'sqlalchemy'" in proc.stderr
+    assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr
 
 
 # ------------------------------------------------------------------------ bad input
@@ -532,7 +736,7 @@ def test_help_documents_every_exit_code_and_parse_only_mode_touches_nothing(stac
                          cwd=REPO).stdout
     for code in EXIT_CODES:
         assert f"  {code:>3}  " in out
-    for cmd in ("depth", "peek", "redrive", "tasks", "replay", "purge", "local"):
+    for cmd in ("depth", "peek", "redrive", "tasks", "replay", "purge"):
         sub = stack.ops(cmd, "--help")
         assert sub.returncode == 0 and "--output" in sub.stdout and "--endpoint-url" in sub.stdout
     stack.send(stack.url("default", dlq=True), "x")
@@ -564,13 +768,14 @@ def test_the_store_side_works_on_postgres_too(stack, pg_url):
         engine.dispose()
 
 
-def _ops_on_terminal(stack: OpsEnv, args: list[str], answer: str) -> subprocess.CompletedProcess:
+def _ops_on_terminal(stack: OpsEnv, args: list[str], answer: str, env: dict[str, str] | None = None
+                     ) -> subprocess.CompletedProcess:
     """Run ops with a terminal on stdin where `answer` is already typed."""
     master, slave = os.openpty()
     try:
         os.write(master, answer.encode() + b"\n")
-        return subprocess.run([sys.executable, "-m", "ops", *args], check=False, stdin=slave, env=stack.env,
-                              cwd=REPO, capture_output=True, text=True, timeout=60)
+        return subprocess.run([sys.executable, "-m", "ops", *args], check=False, stdin=slave,
+                              env={**stack.env, **(env or {})}, cwd=REPO, capture_output=True, text=True, timeout=60)
     finally:
         os.close(slave)
         os.close(master)
@@ -591,70 +796,16 @@ def test_confirmation_on_a_terminal(stack):
     # In prod, purge wants the queue's name typed back; "yes" is not enough.
     prod = create_queues(stack.sqs, DEMO_CATALOG, "prod")
     stack.send(prod["default"]["dlq_url"], "dead")
-    wrong = _ops_on_terminal(stack, ["purge", "default-dlq", "--env", "prod"], "yes")
+    prod_args = ["--env", "prod", "--endpoint-url", stack.endpoint]
+    wrong = _ops_on_terminal(stack, ["purge", "default-dlq", *prod_args], "yes", env={"DATABASE_URL": ""})
     assert wrong.returncode == 7 and stack.counts(prod["default"]["dlq_url"]) == (1, 0, 0)
-    typed = _ops_on_terminal(stack, ["purge", "default-dlq", "--env", "prod"], "pcelery-prod-default-dlq")
+    typed = _ops_on_terminal(stack, ["purge", "default-dlq", *prod_args], "pcelery-prod-default-dlq",
+                             env={"DATABASE_URL": ""})
     assert typed.returncode == 0 and stack.counts(prod["default"]["dlq_url"]) == (0, 0, 0)
 
     # A URL that names no queue is "not found", like a name.
     gone = stack.ops("peek", stack.url("default", dlq=True).replace("default-dlq", "gone-dlq"))
     assert gone.returncode == 3 and "not found" in _error_line(gone)
-
-
-# ------------------------------------------------------------------------- local stack
-
-
-def test_local_up_is_idempotent_seeds_work_and_down_stops_everything_it_started(tmp_path):
-    env = {**os.environ, "PCELERY_LOCAL_DIR": str(tmp_path / "local")}
-    for key in ("AWS_ENDPOINT_URL_SQS", "AWS_ENDPOINT_URL", "DATABASE_URL"):
-        env.pop(key, None)
-
-    def ops(*args):
-        return subprocess.run([sys.executable, "-m", "ops", "local", *args], check=False, env=env, cwd=REPO,
-                              capture_output=True, text=True, timeout=120)
-
-    assert ops("status").returncode == 4
-    stack = {"pids": {}}
-    try:
-        up = ops("up")
-        assert up.returncode == 0, up.stderr
-        exports = dict(line[len("export "):].split("=", 1) for line in up.stdout.splitlines())
-        assert exports["PCELERY_ENV"] == "local" and exports["PCELERY_CATALOG"] == "devstack:DEMO_CATALOG"
-        assert exports["AWS_ENDPOINT_URL_SQS"].startswith("http://127.0.0.1:")
-        assert exports["DATABASE_URL"].startswith("sqlite:///") and str(tmp_path) in exports["DATABASE_URL"]
-        stack = json.loads((tmp_path / "local" / "stack.json").read_text())
-        assert set(stack["pids"]) == {"moto", "worker", "relay"}
-
-        again = ops("up")  # idempotent: same stack, same exports
-        assert again.returncode == 0 and again.stdout == up.stdout and "already up" in again.stderr
-        assert ops("status").returncode == 0
-
-        seeded = json.loads(ops("seed", "-o", "json").stdout)
-        assert len(seeded["task_ids"]) == 10
-        # The stack's own worker runs them: the adds succeed.
-        engine = schema.make_engine(exports["DATABASE_URL"])
-        wait_for(lambda: store.count_by_state(engine)["succeeded"] >= 5, timeout=90, interval=0.5,
-                 what="the seeded adds to succeed")
-        engine.dispose()
-    finally:
-        down = ops("down")
-    assert down.returncode == 0 and "stopped: worker, relay, moto" in down.stderr
-    for pid in stack["pids"].values():
-        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
-    assert ops("status").returncode == 4
-    assert "nothing to stop" in ops("down").stderr
-
-    # A new stack has new (empty) queues, so it starts with an empty store too: rows from the
-    # last one would name messages that exist nowhere.
-    try:
-        fresh = ops("up")
-        assert fresh.returncode == 0, fresh.stderr
-        stack = json.loads((tmp_path / "local" / "stack.json").read_text())
-        engine = schema.make_engine(exports["DATABASE_URL"])
-        assert sum(store.count_by_state(engine).values()) == 0
-        engine.dispose()
-    finally:
-        assert ops("down").returncode == 0
 
 
 # --------------------------------------------------------------- native redrive (LocalStack)

@@ -23,6 +23,7 @@ from pcelery.ops.redrive import (
 )
 from pcelery.ops.render import when
 from pcelery.ops.tasks import parse_duration
+from pcelery.scheduler import Schedule  # at collection: croniter's import runs `file` once
 
 # ------------------------------------------------------------------------------ queue names
 
@@ -113,13 +114,17 @@ def test_native_redrive_follows_progress_until_completed(caplog):
         {"Status": "COMPLETED", "ApproximateNumberOfMessagesMoved": 10, "ApproximateNumberOfMessagesToMove": 10},
     ])
     caplog.set_level("INFO", logger="ops")
-    result = redrive_native(fake, _plan(), rate=900, sleep=lambda s: None)
+    progress: list[tuple[int, int | None]] = []
+    result = redrive_native(fake, _plan(), rate=900, sleep=lambda s: None,
+                            progress=lambda done, total: progress.append((done, total)))
     assert (result.moved, result.failed, result.interrupted, result.failure_reason) == (10, 0, False, None)
     assert fake.started == [{"SourceArn": "arn:aws:sqs:r:1:pcelery-local-default-dlq",
                              "DestinationArn": "arn:aws:sqs:r:1:pcelery-local-default",
                              "MaxNumberOfMessagesPerSecond": 500}]  # SQS's ceiling
+    # Progress goes to the bar (or a line now and then); the log says how it ended, once.
+    assert progress == [(3, 10), (7, 10), (10, 10)]
     assert [r.getMessage() for r in caplog.records if "moved" in r.getMessage()] == [
-        "move task RUNNING: 3 of 10 moved", "move task RUNNING: 7 of 10 moved", "move task COMPLETED: 10 of 10 moved"]
+        "move task COMPLETED: 10 of 10 moved"]
 
 
 def test_native_redrive_cancels_the_move_task_on_ctrl_c():
@@ -276,3 +281,245 @@ def test_table_times_read_the_same_from_a_row_and_from_its_json():
     assert when(at) == when("2026-11-24T01:38:21.123456Z") == "2026-11-24 01:38:21"
     assert when(at.replace(microsecond=0)) == "2026-11-24 01:38:21"
     assert when(None) is None
+
+
+# ------------------------------------------------------------- what the operator is told
+
+
+def test_count_tasks_counts_what_list_tasks_lists(engine):
+    """tasks says how many rows --limit left out: count_tasks keeps the filters of
+    pcelery.store.list_tasks, whatever they become."""
+    import uuid
+
+    from pcelery import store
+    from pcelery.ops.tasks import count_tasks
+
+    def add(name: str) -> str:
+        tid = str(uuid.uuid4())
+        with engine.begin() as conn:
+            store.insert_task(conn, task_id=tid, task_name=name, queue="default", args=[], kwargs={})
+        return tid
+
+    for _ in range(3):
+        add("demo.add")
+    dead = add("demo.always_fail")
+    store.claim(engine, dead, worker="w", lease_seconds=30)
+    store.finish_failure(engine, dead, worker="w", error="boom", final=True)
+    stuck = add("demo.slow")
+    store.claim(engine, stuck, worker="gone", lease_seconds=0)
+    for filters in ({}, {"state": "pending"}, {"state": "dead"}, {"task_name": "demo.add"}, {"stuck": True},
+                    {"older_than_seconds": 0}, {"older_than_seconds": 3600}, {"state": "pending", "task_name": "x"}):
+        assert count_tasks(engine, **filters) == len(store.list_tasks(engine, limit=1000, **filters)), filters
+
+
+def test_requeue_moved_says_what_became_of_each_row(engine):
+    import uuid
+
+    from pcelery import store
+    from pcelery.ops.tasks import requeue_moved
+
+    ids = []
+    for _ in range(3):
+        tid = str(uuid.uuid4())
+        with engine.begin() as conn:
+            store.insert_task(conn, task_id=tid, task_name="demo.add", queue="default", args=[], kwargs={})
+        store.claim(engine, tid, worker="w", lease_seconds=30)
+        store.finish_failure(engine, tid, worker="w", error="boom", final=True)
+        ids.append(tid)
+    store.claim(engine, ids[2], worker="w2", lease_seconds=30)  # a worker took this one already
+    ghost = str(uuid.uuid4())
+    outcome = requeue_moved(engine, [*ids, ghost], not_celery=2)
+    assert outcome == {"requeued": 2, "other_states": {"running": 1}, "no_row": 1, "not_celery": 2, "unknown": 0}
+    assert requeue_moved(None, ids)["unknown"] == 3
+
+
+def test_find_copies_deletes_only_the_given_tasks_messages_and_leaves_the_rest_visible():
+    from moto import mock_aws
+
+    from pcelery.messages import encode_body
+    from pcelery.ops.queues import attributes, counts, find_copies
+
+    with mock_aws():
+        sqs = sqs_client(None)
+        q = create_queues(sqs, DEMO_CATALOG, "local")
+        dlq_url = q["default"]["dlq_url"]
+        for tid in ("a", "b", "c", "a"):  # two copies of a
+            sqs.send_message(QueueUrl=dlq_url, MessageBody=encode_body(tid, "demo.add", queue="default"))
+        sqs.send_message(QueueUrl=dlq_url, MessageBody="not celery")
+        dlq = resolve(sqs, "default-dlq", env="local", catalog=DEMO_CATALOG)
+        seen = []
+        assert find_copies(sqs, dlq, {"a", "c"}, delete=False, progress=lambda d, t: seen.append((d, t))) == 3
+        assert counts(attributes(sqs, dlq)) == {"visible": 5, "in_flight": 0, "delayed": 0}
+        assert seen and seen[-1] == (5, 5)
+        assert find_copies(sqs, dlq, {"a", "c"}, delete=True) == 3
+        assert counts(attributes(sqs, dlq)) == {"visible": 2, "in_flight": 0, "delayed": 0}
+
+
+def test_the_native_move_task_is_probed_without_moving_anything():
+    from pcelery.ops.redrive import native_missing
+
+    class Answers:
+        def list_message_move_tasks(self, **kw):
+            return {"Results": []}
+
+    class Moto500:
+        def list_message_move_tasks(self, **kw):
+            raise ClientError({"Error": {"Code": "500", "Message": ""}, "ResponseMetadata": {"HTTPStatusCode": 500}},
+                              "ListMessageMoveTasks")
+
+    class Denied:
+        def list_message_move_tasks(self, **kw):
+            raise ClientError({"Error": {"Code": "AccessDenied", "Message": "no"},
+                               "ResponseMetadata": {"HTTPStatusCode": 403}}, "ListMessageMoveTasks")
+
+    from botocore.exceptions import ClientError
+
+    assert native_missing(Answers(), "arn") is None
+    assert native_missing(Moto500(), "arn") == "ListMessageMoveTasks answered HTTP 500"
+    assert native_missing(Denied(), "arn") is None  # cannot tell: the run tries it and falls back
+
+
+def test_a_deployed_env_refuses_a_local_stack_s_settings(tmp_path, monkeypatch):
+    from pcelery.ops.cli import is_local_endpoint, local_settings_in_env
+    from pcelery.settings import Settings
+
+    monkeypatch.chdir(tmp_path)
+    assert is_local_endpoint("http://127.0.0.1:4566") and is_local_endpoint("https://localhost:9")
+    assert is_local_endpoint("http://sqs.internal:80")  # plain http is never SQS itself
+    assert not is_local_endpoint("https://sqs.eu-west-1.amazonaws.com")
+    assert not is_local_endpoint("https://vpce-1.sqs.eu-west-1.vpce.amazonaws.com")
+    local = {"AWS_ENDPOINT_URL_SQS": "http://127.0.0.1:5000", "DATABASE_URL": "sqlite:////x/tasks.sqlite3"}
+
+    def found(env: str, environ: dict[str, str], **kw: str | None) -> list[str]:
+        return local_settings_in_env(Settings.from_env(environ, env=env), endpoint_flag=kw.pop("flag", None), **kw)
+
+    assert found("local", local, access_key="local") == []
+    assert found("prod", local) == ["the SQS endpoint http://127.0.0.1:5000 (AWS_ENDPOINT_URL_SQS or AWS_ENDPOINT_URL)",
+                                    "DATABASE_URL=sqlite:////x/tasks.sqlite3"]
+    # An endpoint named on the command line is meant; the embedded default store is not a setting.
+    assert found("prod", local, flag="http://127.0.0.1:5000") == ["DATABASE_URL=sqlite:////x/tasks.sqlite3"]
+    assert found("prod", {}) == []
+    assert found("prod", {}, access_key="local") == ["AWS_ACCESS_KEY_ID=local (the emulators' dummy key)"]
+    assert found("staging", {"AWS_ENDPOINT_URL_SQS": "https://vpce-1.sqs.eu-west-1.vpce.amazonaws.com",
+                             "DATABASE_URL": "postgresql://db/x"}) == []
+
+
+def test_tables_fit_by_narrowing_in_order_and_never_drop_a_column():
+    from pcelery.ops.render import Col, Styled, fit, table_lines
+
+    cols = [Col("ID"), Col("TASK", shrink=2, least=6, keep_end=True), Col("STATE"), Col("ERROR", shrink=1, least=10)]
+    natural = [36, 20, 9, 80]
+    assert fit(cols, natural, None) == natural
+    assert fit(cols, natural, 120) == [36, 20, 9, 49]  # the error gives first
+    assert fit(cols, natural, 80) == [36, 19, 9, 10]  # then the task name, down to what it must keep
+    assert fit(cols, natural, 40) == [36, 6, 9, 10]  # too narrow even so: wider than asked, nothing dropped
+    rows = [["6009ff2b-f35d-4f09-8054-93425d5d9ca5", "shop.payments.capture_card", Styled("dead", "red"), "E" * 80]]
+    lines = [t.plain for t in table_lines(cols, rows, 70)]
+    assert lines[0].split() == ["ID", "TASK", "STATE", "ERROR"] and all(len(ln) <= 70 for ln in lines)
+    assert "…capture_card" in lines[1] and lines[1].endswith("E…")  # a task name keeps its end
+    # A column that may go below: under its row, indented, when it would be cut to its minimum.
+    below = [Col("ID"), Col("STATE"), Col("ERROR", shrink=1, least=24, below=True)]
+    lines = [t.plain for t in table_lines(below, [["x" * 36, "dead", "RuntimeError: payment API down"]], 60)]
+    assert lines == ["ID" + " " * 36 + "STATE", "x" * 36 + "  dead", "    RuntimeError: payment API down"]
+    assert [t.plain for t in table_lines(below, [["x" * 36, "dead", None]], 60)][1:] == ["x" * 36 + "  dead   -"]
+
+
+def test_ages_and_durations_read_at_a_glance():
+    from pcelery.ops.render import ago, duration
+
+    now = dt.datetime(2026, 11, 30, 12, 0, tzinfo=dt.UTC)
+    assert ago(now - dt.timedelta(seconds=42), now) == "42s ago"
+    assert ago("2026-11-30T11:55:00Z", now) == "5m ago"
+    assert ago(now - dt.timedelta(hours=3, minutes=59), now) == "3h ago"
+    assert ago(now - dt.timedelta(days=2), now) == "2d ago" and ago(None, now) is None
+    assert [duration(s) for s in (42, 150, 7300, 200000)] == ["42s", "2m30s", "2h01m", "2d07h"]
+
+
+def test_without_a_terminal_progress_is_a_line_every_few_seconds(monkeypatch, capsys):
+    from pcelery.ops import render
+
+    clock = [100.0]
+    monkeypatch.setattr(render.time, "monotonic", lambda: clock[0])
+    progress = render.Progress("redrive q-dlq", 100, every=5)
+    for done in range(0, 101, 10):
+        clock[0] += 1
+        progress.update(done)
+    progress.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["ops: redrive q-dlq: 40 of about 100 (8.0 msg/s, about 7s left)",
+                     "ops: redrive q-dlq: 90 of about 100 (9.0 msg/s, about 1s left)"]
+
+
+def test_completion_covers_every_command_option_and_choice():
+    from pcelery.ops.cli import build_parser
+    from pcelery.ops.completion import script
+    from pcelery.store import STATES
+
+    bash = script(build_parser(), "bash")
+    assert bash.rstrip().endswith("complete -F _pcelery_ops pcelery-ops")
+    for word in ("depth", "peek", "redrive", "tasks", "replay", "purge", "local", "completion", "--hold-seconds",
+                 "--keep-dlq-copies", "'local seed --task'", "'auto native client'", *STATES):
+        assert word in bash, word
+    assert script(build_parser(), "zsh").startswith("autoload -U +X compinit && compinit\n")
+
+
+def test_a_setup_problem_says_the_fix_for_a_checkout_and_for_an_install():
+    from pcelery.ops import setup_problem
+
+    text = setup_problem(ModuleNotFoundError("No module named 'sqlalchemy'", name="sqlalchemy"), ["tasks", "--state",
+                                                                                                  "dead"])
+    assert text.startswith("ops: setup problem: this Python (") and "cannot import 'sqlalchemy'" in text
+    assert "-m ops tasks --state dead`" in text and "activate` once per shell" in text
+
+
+def test_cancel_says_what_it_cancelled_and_why_each_other_id_was_not(engine):
+    import uuid
+
+    from pcelery import store
+    from pcelery.ops.tasks import cancel
+
+    def add(**kw: Any) -> str:
+        tid = str(uuid.uuid4())
+        with engine.begin() as conn:
+            store.insert_task(conn, task_id=tid, task_name="demo.add", queue="default", args=[], kwargs={}, **kw)
+        return tid
+
+    scheduled, pending, running = add(delay_seconds=30 * 86400), add(), add()
+    assert store.get_task(engine, scheduled).state == "scheduled"
+    store.claim(engine, running, worker="w", lease_seconds=30)
+    ids = [scheduled, pending, running, "no-such-id", pending]
+    dry = cancel(engine, ids, dry_run=True)
+    assert dry == {"requested": [scheduled, pending, running, "no-such-id"], "cancelled": [scheduled, pending],
+                   "not_cancelled": {running: "running", "no-such-id": None}}
+    assert store.get_task(engine, scheduled).state == "scheduled"  # a dry run changes nothing
+    assert cancel(engine, ids) == dry
+    assert {store.get_task(engine, t).state for t in (scheduled, pending)} == {"cancelled"}
+    assert cancel(engine, [scheduled])["not_cancelled"] == {scheduled: "cancelled"}
+
+
+def test_schedules_show_the_code_s_and_the_store_s_with_last_and_next_run(engine):
+    from pcelery import store
+    from pcelery.ops.render import until
+    from pcelery.ops.tasks import list_schedules
+
+    now = dt.datetime(2026, 11, 30, 12, 0, 30, tzinfo=dt.UTC)
+    every = Schedule(name="sync", task="shop.sync", every=60)
+    nightly = Schedule(name="nightly", task="shop.report", cron="30 2 * * *", timezone="Europe/Paris")
+    slot = dt.datetime(2026, 11, 30, 12, 0, tzinfo=dt.UTC)
+    with engine.begin() as conn:
+        store.insert_task(conn, task_id=every.task_id(slot), task_name="shop.sync", queue="default", args=[],
+                          kwargs={})
+        store.record_slot(conn, name="sync", slot=slot, task_id=every.task_id(slot), next_slot=every.next_after(slot))
+        store.record_slot(conn, name="retired", slot=slot, task_id="gone", next_slot=slot + dt.timedelta(hours=1))
+    views = list_schedules(engine, [every, nightly], now=now)
+    assert [(v.name, v.task, v.when) for v in views] == [
+        ("sync", "shop.sync", "every 60s"), ("nightly", "shop.report", "cron 30 2 * * * Europe/Paris"),
+        ("retired", None, None)]
+    sync, report, retired = views
+    assert (sync.last_task_id, sync.last_task_state) == (every.task_id(slot), "pending")
+    assert sync.next_slot == dt.datetime(2026, 11, 30, 12, 1, tzinfo=dt.UTC)
+    assert report.last_slot is None and report.next_slot == dt.datetime(2026, 12, 1, 1, 30, tzinfo=dt.UTC)
+    assert retired.last_task_state is None and retired.next_slot is not None
+    assert report.as_json()["next_slot"] == "2026-12-01T01:30:00Z"
+    assert [v.name for v in list_schedules(None, [every], now=now)] == ["sync"]  # no store: the code's alone
+    assert until(report.next_slot, now) == "in 13h29m" and until(slot, now) == "30s ago"

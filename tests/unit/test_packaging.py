@@ -34,7 +34,7 @@ def test_the_package_is_app_and_ops_under_distinctive_names():
     assert PYPROJECT["tool"]["setuptools"]["packages"] == ["pcelery", "pcelery.ops", *subpackages]
     assert subpackages == ["pcelery.django", "pcelery.django.management", "pcelery.django.management.commands",
                            "pcelery.django.migrations"]
-    assert set(SCRIPTS) == {"pcelery-worker", "pcelery-relay", "pcelery-migrate", "pcelery-ops"}
+    assert set(SCRIPTS) == {"pcelery-worker", "pcelery-relay", "pcelery-migrate", "pcelery-ops", "pcelery-scheduler"}
 
 
 def test_every_console_script_resolves_to_a_callable():
