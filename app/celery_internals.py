@@ -310,6 +310,7 @@ class PersistentChannel(SQSChannel):
 
     RECEIVE_BACKOFF = (1.0, 10.0)  # first and longest wait after a failed receive, seconds
     BREAKER_RECHECK = 1.0  # seconds between looks at an open store breaker
+    REFILL_RECHECK = 0.005  # seconds between looks for a batch's worth of free prefetch slots
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -339,9 +340,11 @@ class PersistentChannel(SQSChannel):
             # messages as are free, so refilling one slot at a time costs a ReceiveMessage per
             # task). The window holds concurrency + a batch, so until a batch fits every pool
             # slot is busy and messages still wait: the wait costs no throughput.
+            # The look is local (no request), so it is repeated often: waiting a polling_interval
+            # here capped a full worker at one batch per interval (200 tasks/s at 0.05 s).
             free = self.qos.can_consume_max_estimate()
             if free is not None and 0 < free < min(self._receive_batch, self.qos.prefetch_count or 1):
-                self._later(self.connection.polling_interval or 0.05, queue)
+                self._later(self.REFILL_RECHECK, queue)
                 return
         try:
             super()._schedule_queue(queue)

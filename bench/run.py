@@ -85,6 +85,7 @@ from bench.harness import (
     worker_cpu_parts,
 )
 from pcelery.catalog import CATALOG
+from pcelery.outbox import DELAY_LINGER
 
 WARM_UP_TASKS = 20  # per worker start: every pool child opens its connections before the clock runs
 LATENCY_WARM_UP = 5
@@ -207,10 +208,11 @@ class Bench:
         return worker
 
     def submitter(self, case: Case, *, endpoint: str | None = None, db_url: str | None = None,
-                  queue_url: str | None = None):
+                  queue_url: str | None = None, publish_linger: float | None = None):
         endpoint = endpoint or self.emulator.endpoint
         if case.product:
-            return OutboxSubmitter(endpoint, db_url or case.db_url, self.args.publish_linger)
+            linger = self.args.publish_linger if publish_linger is None else publish_linger
+            return OutboxSubmitter(endpoint, db_url or case.db_url, linger)
         url = queue_url or self.queues.url(ENV)
         return PlainSubmitter(endpoint, url.replace(self.emulator.endpoint, endpoint, 1))
 
@@ -280,7 +282,11 @@ class Bench:
         self.queues.fresh()
         worker = self.start_worker(case, f"counted-{mode}", endpoint=self.proxy.sqs_endpoint("worker"),
                                    db_url=case.counted_worker_db)
-        submitter = self.submitter(case, endpoint=self.proxy.sqs_endpoint("submit"), db_url=case.counted_submit_db)
+        # submit_coalesced: single submit() calls whose caller lets them wait DELAY_LINGER to share a
+        # SendMessageBatch, as `.delay()` on a configured app and the Django outbox do by default.
+        linger = DELAY_LINGER if mode == "submit_coalesced" else None
+        submitter = self.submitter(case, endpoint=self.proxy.sqs_endpoint("submit"), db_url=case.counted_submit_db,
+                                   publish_linger=linger)
         chunk = args.counted_chunk if mode == "submit_many" else 1
 
         def submit(k: int) -> list[str]:
@@ -449,7 +455,7 @@ def run(args: argparse.Namespace) -> dict:
         if args.idle_seconds:
             bench.idle_start()
         for case in bench.cases:
-            modes = ["submit_many", "submit"] if case.product else ["delay"]
+            modes = ["submit_many", "submit", "submit_coalesced"] if case.product else ["delay"]
             for mode in modes:
                 key = f"{case.name}: {mode}"
                 results["counted"][key] = counted = bench.counted(case, mode)
