@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import uuid
@@ -42,10 +43,19 @@ BIN = Path(sys.executable).parent
 
 
 def read_only(command: list[str], *, writable_tmp: bool = False) -> list[str]:
-    """`command` on a read-only root (and, with writable_tmp, a fresh tmpfs on /tmp)."""
-    mounts = ["mount -o remount,bind,ro /"]
+    """`command` on a read-only root (and, with writable_tmp, a fresh tmpfs on /tmp). A checkout
+    under /tmp (CI may clone there) is mounted back, read-only, at its own path over the tmpfs,
+    through a bind of the old /tmp kept aside on /dev/shm while the tmpfs goes on."""
+    inside_tmp = writable_tmp and REPO.is_relative_to("/tmp")
+    keep = f"/dev/shm/pcelery-old-tmp-{uuid.uuid4().hex[:8]}"
+    mounts = [f"mkdir {keep}", f"mount --bind /tmp {keep}"] if inside_tmp else []
+    mounts.append("mount -o remount,bind,ro /")
     if writable_tmp:
         mounts.append("mount -t tmpfs -o size=64m,mode=1777 tmpfs /tmp")
+    if inside_tmp:
+        repo = shlex.quote(str(REPO))
+        mounts += [f"mkdir -p {repo}", f"mount --bind {keep}/{shlex.quote(str(REPO.relative_to('/tmp')))} {repo}",
+                   f"mount -o remount,bind,ro {repo}", f"umount -l {keep}", f"rmdir {keep}"]
     return ["unshare", "--mount", "--propagation", "private", "sh", "-c", " && ".join(mounts) + ' && exec "$@"', "sh",
             *command]
 
