@@ -47,42 +47,18 @@ class Relay(Construct):
     ) -> None:
         super().__init__(scope, id)
         self.service_name = resource_name(env_name, "relay")
-        # Outbound rules are the stack's to add (what each task calls), none by default.
-        self.security_group = ec2.SecurityGroup(
-            self, "SecurityGroup", vpc=vpc, allow_all_outbound=False,
-            description=f"{resource_name(env_name)} outbox relay: the database and SQS only",
-        )
         self.migrate_security_group = ec2.SecurityGroup(
             self, "MigrateSecurityGroup", vpc=vpc, allow_all_outbound=False,
             description=f"{resource_name(env_name)} one-off migrations: the database only",
         )
-        # No fixed name: retained groups of a deleted stateless stack must not block recreating it.
-        self.log_group = logs.LogGroup(
-            self, "Logs",
-            retention=log_retention, removal_policy=log_removal_policy,
-        )
-        # Every container sets its entry point (the image's own may be the team's web server).
-        self.task_definition, relay = product_task(
-            self, "Task", family=self.service_name, image=image, entry_point=RELAY_COMMAND,
-            environment=environment, secrets=secrets, log_group=self.log_group, stream_prefix="relay",
-        )
-        add_schema_migration(self.task_definition, relay, image=image, environment=migrate_environment,
-                             secrets=migrate_secrets, log_group=self.log_group)
-        self.service = ecs.FargateService(
-            self, "Service",
-            cluster=cluster,
-            task_definition=self.task_definition,
-            service_name=self.service_name,
-            desired_count=1,
-            vpc_subnets=subnets,
-            security_groups=[self.security_group],
-            assign_public_ip=False,
-            # One relay at a time is the steady state; a deployment briefly runs two, which
-            # SKIP LOCKED makes harmless.
-            min_healthy_percent=100,
-            max_healthy_percent=200,
-            circuit_breaker=ecs.DeploymentCircuitBreaker(rollback=True),
-        )
+        # One relay at a time is the steady state; a deployment briefly runs two, which SKIP
+        # LOCKED makes harmless.
+        self.security_group, self.log_group, self.task_definition, self.service = product_service(
+            self, service_name=self.service_name, description=f"{resource_name(env_name)} outbox relay: the "
+            "database and SQS only", cluster=cluster, vpc=vpc, subnets=subnets, image=image,
+            entry_point=RELAY_COMMAND, container="relay", desired_count=1, environment=environment,
+            secrets=secrets, migrate_environment=migrate_environment, migrate_secrets=migrate_secrets,
+            log_retention=log_retention, log_removal_policy=log_removal_policy)
         # For running a migration by hand (`aws ecs run-task`, infra/README.md); the services
         # also migrate in an init container before they start.
         self.migrate_task_definition, _ = product_task(
@@ -147,3 +123,41 @@ def product_task(scope, id, *, family, image, entry_point, environment, secrets,
         readonly_root_filesystem=True,
     )
     return task, container
+
+
+def product_service(scope: Construct, *, service_name: str, description: str, cluster: ecs.ICluster,
+                    vpc: ec2.IVpc, subnets: ec2.SubnetSelection, image: ecs.ContainerImage,
+                    entry_point: list[str], container: str, desired_count: int, environment: dict[str, str],
+                    secrets: dict[str, ecs.Secret], migrate_environment: dict[str, str],
+                    migrate_secrets: dict[str, ecs.Secret], log_retention: logs.RetentionDays,
+                    log_removal_policy: RemovalPolicy,
+                    ) -> tuple[ec2.SecurityGroup, logs.LogGroup, ecs.FargateTaskDefinition, ecs.FargateService]:
+    """A fixed-size service of one console script (the relay, the scheduler), as children of
+    `scope`: its own security group with no outbound rule (the stack adds what it calls), its own
+    log group, a product_task with a `migrate` init container (it refuses an old schema), and a
+    service whose deploys start new tasks before stopping old ones and roll back a failed one."""
+    security_group = ec2.SecurityGroup(scope, "SecurityGroup", vpc=vpc, allow_all_outbound=False,
+                                       description=description)
+    # No fixed name: retained groups of a deleted stateless stack must not block recreating it.
+    log_group = logs.LogGroup(scope, "Logs", retention=log_retention, removal_policy=log_removal_policy)
+    # Every container sets its entry point (the image's own may be the team's web server).
+    task_definition, main = product_task(
+        scope, "Task", family=service_name, image=image, entry_point=entry_point, environment=environment,
+        secrets=secrets, log_group=log_group, stream_prefix=container,
+    )
+    add_schema_migration(task_definition, main, image=image, environment=migrate_environment,
+                         secrets=migrate_secrets, log_group=log_group)
+    service = ecs.FargateService(
+        scope, "Service",
+        cluster=cluster,
+        task_definition=task_definition,
+        service_name=service_name,
+        desired_count=desired_count,
+        vpc_subnets=subnets,
+        security_groups=[security_group],
+        assign_public_ip=False,
+        min_healthy_percent=100,
+        max_healthy_percent=200,
+        circuit_breaker=ecs.DeploymentCircuitBreaker(rollback=True),
+    )
+    return security_group, log_group, task_definition, service

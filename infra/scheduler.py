@@ -21,8 +21,7 @@ from constructs import Construct
 
 from pcelery.catalog import resource_name
 
-from .relay import product_task
-from .workers import add_schema_migration
+from .relay import product_service
 
 SCHEDULER_ENTRY_POINT = ["pcelery-scheduler"]
 SCHEDULER_CONTAINER = "scheduler"
@@ -49,35 +48,11 @@ class Scheduler(Construct):
     ) -> None:
         super().__init__(scope, id)
         self.service_name = resource_name(env_name, "scheduler")
-        # Outbound rules are the stack's to add (the database, HTTPS to AWS), none by default.
-        self.security_group = ec2.SecurityGroup(
-            self, "SecurityGroup", vpc=vpc, allow_all_outbound=False,
-            description=f"{resource_name(env_name)} scheduler: the database and SQS only",
-        )
-        # No fixed name: retained groups of a deleted stateless stack must not block recreating it.
-        self.log_group = logs.LogGroup(
-            self, "Logs",
-            retention=log_retention, removal_policy=log_removal_policy,
-        )
-        self.task_definition, scheduler = product_task(
-            self, "Task", family=self.service_name, image=image, entry_point=SCHEDULER_ENTRY_POINT,
-            environment=environment, secrets=secrets, log_group=self.log_group, stream_prefix=SCHEDULER_CONTAINER,
-        )
-        add_schema_migration(self.task_definition, scheduler, image=image, environment=migrate_environment,
-                             secrets=migrate_secrets, log_group=self.log_group)
-        self.service = ecs.FargateService(
-            self, "Service",
-            cluster=cluster,
-            task_definition=self.task_definition,
-            service_name=self.service_name,
-            # Fixed, not scaled: more tasks only add availability, and none is ever idle work.
-            desired_count=desired_count,
-            vpc_subnets=subnets,
-            security_groups=[self.security_group],
-            assign_public_ip=False,
-            # New tasks start before old ones stop, so a deploy never leaves the schedules without
-            # a scheduler; the overlap is harmless (a slot is submitted once however many run).
-            min_healthy_percent=100,
-            max_healthy_percent=200,
-            circuit_breaker=ecs.DeploymentCircuitBreaker(rollback=True),
-        )
+        # Fixed, not scaled: more tasks only add availability, and none is ever idle work. A
+        # deploy's overlap is harmless (a slot is submitted once however many run).
+        self.security_group, self.log_group, self.task_definition, self.service = product_service(
+            self, service_name=self.service_name, description=f"{resource_name(env_name)} scheduler: the "
+            "database and SQS only", cluster=cluster, vpc=vpc, subnets=subnets, image=image,
+            entry_point=SCHEDULER_ENTRY_POINT, container=SCHEDULER_CONTAINER, desired_count=desired_count,
+            environment=environment, secrets=secrets, migrate_environment=migrate_environment,
+            migrate_secrets=migrate_secrets, log_retention=log_retention, log_removal_policy=log_removal_policy)
