@@ -462,6 +462,58 @@ class OutboxSubmitter:
         self.outbox.engine.dispose()
 
 
+class ReferenceConsumer:
+    """Not the product: the emulator's own floor for a traffic pattern. A thread with a bare boto3
+    client long-polls for up to 10 messages (WaitTimeSeconds as the workers), deletes what each
+    receive returned in one DeleteMessageBatch, and polls again at once; it never holds a visible
+    message back. What its ReceiveMessage count is above one per SendMessageBatch is how often the
+    emulator split a batch between two long polls, which no consumer that starts its tasks as soon
+    as they arrive can avoid."""
+
+    def __init__(self, endpoint: str, queue_url: str, wait_time_seconds: int):
+        import threading
+
+        self.client = sqs_client(endpoint)
+        self.queue_url, self.wait = queue_url, wait_time_seconds
+        self.received: list[int] = []  # messages per receive that returned any
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="reference-consumer", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while not self.stopping.is_set():
+            messages = self.client.receive_message(QueueUrl=self.queue_url, MaxNumberOfMessages=10,
+                                                   WaitTimeSeconds=self.wait).get("Messages", [])
+            if messages:
+                self.received.append(len(messages))
+                self.client.delete_message_batch(QueueUrl=self.queue_url, Entries=[
+                    {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(messages)])
+
+    def stop(self) -> None:
+        """Ends its waiting long poll with one last message (sent after the counts were taken)."""
+        self.stopping.set()
+        self.client.send_message(QueueUrl=self.queue_url, MessageBody="stop")
+        self.thread.join(timeout=self.wait + 5)
+
+
+class BatchSender:
+    """The reference consumer's producer: SendMessageBatch of `chunk` bodies per call, as
+    Outbox.submit_many publishes (no store, no Celery envelope: the emulator's side only)."""
+
+    def __init__(self, endpoint: str, queue_url: str):
+        self.client = sqs_client(endpoint)
+        self.queue_url = queue_url
+        self.sent = 0
+
+    def many(self, n: int) -> list[str]:
+        ids = [f"ref-{self.sent + i}" for i in range(n)]
+        for start in range(0, n, 10):
+            self.client.send_message_batch(QueueUrl=self.queue_url, Entries=[
+                {"Id": str(i), "MessageBody": task_id} for i, task_id in enumerate(ids[start:start + 10])])
+        self.sent += n
+        return ids
+
+
 def count_succeeded(db_url: str, ids: list[str]) -> int:
     import sqlalchemy as sa
 

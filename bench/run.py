@@ -7,7 +7,8 @@ bench/RESULTS.md (method, targets with PASS/FAIL, where the time goes).
     .venv/bin/python -m bench.run --save-baseline --label "..."  # this run becomes the "before"
 
 Cases: `plain` (bench/plain_app.py: the product's own Celery settings minus persistence, bare
-`.delay()`, `celery worker` with pcelery-worker's flags), `postgres` (the product: Outbox, the
+`.delay()`, `celery worker` with pcelery-worker's flags, prefetch multiplier 1), `plain_tuned`
+(the same at the product's own prefetch multiplier, a second baseline), `postgres` (the product: Outbox, the
 `pcelery-worker` console script running devstack.tasks' `demo.add`, a fresh Postgres database)
 and optionally `sqlite`. Every worker runs the real catalog's default queue (visibility 120 s,
 long poll 19 s) at the same concurrency.
@@ -21,7 +22,8 @@ Parts, in this order (sizes: --help):
      proxy for --idle-seconds while parts 4 and 5 run; scaled to an hour
   4. counted runs at steady load, through bench/counting_proxy.py (SQS requests per action and
      side, Postgres round trips): tasks submitted at --rate with the worker running: plain
-     `.delay()`, `Outbox.submit_many` (chunks of --counted-chunk) and single `submit()` calls
+     `.delay()`, `Outbox.submit_many` (chunks of --counted-chunk) and single `submit()` calls;
+     then a reference consumer (bare boto3, no product) on submit_many's traffic: the emulator's floor
   5. light-load latency: one task at a time, submit -> received / started / done, from the
      workers' own log lines
 
@@ -61,12 +63,14 @@ from bench.harness import (
     PG_ADMIN_URL,
     QUEUE,
     REPO_ROOT,
+    BatchSender,
     BenchError,
     CpuMeter,
     OutboxSubmitter,
     PlainSubmitter,
     Proxy,
     Queues,
+    ReferenceConsumer,
     Worker,
     check_succeeded,
     count_diff,
@@ -101,6 +105,7 @@ class Case:
     counted_worker_db: str | None = None  # through the proxy (Postgres only; SQLite has no wire to count)
     counted_submit_db: str | None = None
     idle_db: str | None = None
+    prefetch_multiplier: int | None = None  # plain Celery's; the product's comes from its settings
 
     @property
     def product(self) -> bool:
@@ -172,15 +177,20 @@ class Bench:
             user_host = admin.rsplit(":", 1)[0]
             return f"postgresql+psycopg://{user_host}:{self.proxy.pg_port(label)}/{self.pg_database}?sslmode=disable"
 
+        self.worker_conf = product_worker_conf(self.emulator.endpoint, args.concurrency)
+        own = self.worker_conf["worker_prefetch_multiplier"]
         for name in names:
             if name == "plain":
-                self.cases.append(Case("plain", "plain Celery"))
+                m = args.plain_prefetch_multiplier or own
+                self.cases.append(Case("plain", f"plain Celery, prefetch multiplier {m}", prefetch_multiplier=m))
+            elif name == "plain_tuned":
+                self.cases.append(Case("plain_tuned", f"plain Celery, prefetch multiplier {own} (the product's)",
+                                       prefetch_multiplier=own))
             elif name == "postgres":
                 self.cases.append(Case("postgres", "pcelery, Postgres", pg_url, proxied("worker"), proxied("submit"),
                                        proxied("idle")))
             elif name == "sqlite":
                 self.cases.append(Case("sqlite", "pcelery, SQLite", sqlite_url))
-        self.worker_conf = product_worker_conf(self.emulator.endpoint, args.concurrency)
         say(f"queue {self.queues.url(ENV)}; idle queue {self.queues.url(IDLE_ENV)}; "
             f"Postgres database {self.pg_database or 'none'}")
 
@@ -202,8 +212,7 @@ class Bench:
                                           env=env, concurrency=self.args.concurrency, log_path=log_path)
         else:
             worker = start_plain_worker(self.stack, endpoint=endpoint, env=env, concurrency=self.args.concurrency,
-                                        prefetch_multiplier=(self.args.plain_prefetch_multiplier
-                                                             or self.worker_conf["worker_prefetch_multiplier"]),
+                                        prefetch_multiplier=case.prefetch_multiplier or 1,
                                         log_path=log_path)
         return worker
 
@@ -307,9 +316,43 @@ class Bench:
         finally:
             submitter.close()
             worker.stop()
+        if case.counted_worker_db:  # a side whose database bypassed the proxy would read as 0 round trips
+            for side in ("worker", "submit"):
+                if not any(k.startswith("pg ") for k in counts.get(side, {})):
+                    raise BenchError(f"counted {mode}: no Postgres round trip of the {side} went through the proxy; "
+                                     f"its database URL does not point at the proxy's {side} port")
         return {"mode": mode, "tasks": len(ids), "chunk": chunk, "rate": args.rate, "submit_s": t1 - t0,
                 "publish_linger": getattr(submitter, "publish_linger", None),
                 "total_s": t2 - t0, "tasks_per_s": len(ids) / (t2 - t0),
+                "submit": counts.get("submit", {}), "worker": counts.get("worker", {})}
+
+    def counted_reference(self) -> dict:
+        """The emulator's floor for submit_many's traffic: harness.ReferenceConsumer and
+        BatchSender (no product, no Celery) through the same proxy, at the same rate and chunk."""
+        args = self.args
+        self.queues.fresh()
+        url = self.queues.url(ENV)
+        consumer = ReferenceConsumer(self.proxy.sqs_endpoint("worker"), url.replace(
+            self.emulator.endpoint, self.proxy.sqs_endpoint("worker"), 1), self.worker_conf["broker_transport_options"]
+            ["wait_time_seconds"])
+        sender = BatchSender(self.proxy.sqs_endpoint("submit"), url.replace(
+            self.emulator.endpoint, self.proxy.sqs_endpoint("submit"), 1))
+        try:
+            sender.many(WARM_UP_TASKS)
+            self.queues.wait_drained("reference consumer: warm-up")
+            time.sleep(SETTLE)
+            before, t0, receives0 = self.proxy.counts(), time.time(), len(consumer.received)
+            ids = paced(sender.many, args.counted_tasks, args.rate, args.counted_chunk)
+            t1 = time.time()
+            t2 = self.queues.wait_drained("reference consumer", timeout=args.run_timeout)
+            time.sleep(SETTLE)
+            counts = count_diff(self.proxy.counts(), before)
+            sizes = consumer.received[receives0:]
+        finally:
+            consumer.stop()
+        return {"mode": "reference", "tasks": len(ids), "chunk": args.counted_chunk, "rate": args.rate,
+                "submit_s": t1 - t0, "total_s": t2 - t0, "tasks_per_s": len(ids) / (t2 - t0),
+                "messages_per_receive": {str(k): sizes.count(k) for k in sorted(set(sizes))},
                 "submit": counts.get("submit", {}), "worker": counts.get("worker", {})}
 
     def latency(self, case: Case) -> dict:
@@ -460,10 +503,16 @@ def run(args: argparse.Namespace) -> dict:
                 key = f"{case.name}: {mode}"
                 results["counted"][key] = counted = bench.counted(case, mode)
                 say(f"counted {key}: submit {json.dumps(counted['submit'])} worker {json.dumps(counted['worker'])}")
+        if any(c.product for c in bench.cases):
+            results["counted"]["reference: batch"] = counted = bench.counted_reference()
+            say(f"counted reference consumer: submit {json.dumps(counted['submit'])} worker "
+                f"{json.dumps(counted['worker'])}; messages per receive {counted['messages_per_receive']}")
         results["phases_s"]["counted"] = time.time() - phase
 
         phase = time.time()
         for case in bench.cases:
+            if case.name == "plain_tuned":  # one task at a time: prefetch does not matter
+                continue
             results["latency"][case.name] = lat = bench.latency(case)
             say(f"latency {case.name}: done median {lat['done']['median_s'] * 1000:.1f} ms, "
                 f"p95 {lat['done']['p95_s'] * 1000:.1f} ms")
@@ -484,8 +533,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sqs", choices=("localstack", "moto"), default="localstack",
                         help="the SQS emulator (default localstack; moto's receive and send slow down with queue "
                              "depth, so its backlog figures measure moto)")
-    parser.add_argument("--cases", default="plain,postgres",
-                        help="comma-separated, from plain, postgres, sqlite (default plain,postgres)")
+    parser.add_argument("--cases", default="plain,plain_tuned,postgres",
+                        help="comma-separated, from plain, plain_tuned (plain Celery at the product's prefetch "
+                             "multiplier, a second baseline), postgres, sqlite (default plain,plain_tuned,postgres)")
     parser.add_argument("--tasks", type=int, default=1000,
                         help="tasks per end-to-end run and per worker-only drain (default 1000)")
     parser.add_argument("--repeats", type=int, default=3, help="throughput repeats per case (default 3)")
@@ -534,9 +584,9 @@ def main(argv: list[str] | None = None) -> int:
                      "--counted-chunk must be at least 1")
     if args.rate <= 0:
         parser.error("--rate must be positive")
-    unknown = {c.strip() for c in args.cases.split(",")} - {"plain", "postgres", "sqlite", ""}
-    if unknown or "plain" not in args.cases:
-        parser.error(f"--cases: plain plus any of postgres, sqlite (got {args.cases!r})")
+    cases = {c.strip() for c in args.cases.split(",")} - {""}
+    if cases - {"plain", "plain_tuned", "postgres", "sqlite"} or "plain" not in cases:
+        parser.error(f"--cases: plain plus any of plain_tuned, postgres, sqlite (got {args.cases!r})")
 
     def on_sigterm(signum, _frame):
         raise KeyboardInterrupt  # unwinds the ExitStack: every process stopped, the database dropped
