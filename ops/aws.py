@@ -39,12 +39,12 @@ class Aws:
 
 
 def _config() -> Any:
+    """CloudWatch gets the SQS clients' ops patience, from the same numbers (pcelery.sqs)."""
     from botocore.config import Config
 
-    from pcelery.sqs import OPS
+    from pcelery.sqs import OPS, sqs_timeouts
 
-    return Config(retries={"total_max_attempts": OPS.attempts, "mode": "standard"}, connect_timeout=OPS.connect,
-                  read_timeout=OPS.read)
+    return Config(**sqs_timeouts(OPS))
 
 
 def connect(settings: Settings, *, profile: str | None = None, region: str | None = None,
