@@ -1,6 +1,8 @@
 """Every statement on the claim-check table: one row per task, holding its payload, state and
 result. Only this module reads or writes `pcelery_tasks`; the outbox, the worker, the relay and
-ops go through its functions. The table and its migrations are in pcelery.schema.
+ops go through its functions. Two writes must run on Django's connection instead and go through its
+ORM with the values made here (pcelery.django): a submit's INSERT (task_row) and a transactional
+Django task's success (success_update). The table and its migrations are in pcelery.schema.
 
 States and transitions (the only ones allowed):
 
@@ -371,6 +373,17 @@ def _succeed_statement(*states: str) -> Any:
         .values(state="succeeded", result=sa.bindparam("result_"), lease_until=None, claimed_message_id=None,
                 finished_at=now, updated_at=now)
     )
+
+
+def success_update(task_id: str, *, worker: str, result: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(which row, what to set) of finish_success, for the one write that must run on another
+    connection than the store's engine: a Django task's, in its own transaction.atomic() on
+    Django's connection (pcelery.django), where only the UPDATE goes through the ORM. The same
+    columns and condition as _succeed_statement."""
+    now = utcnow()
+    return ({"id": task_id, "state": "running", "worker": worker[:200]},
+            {"state": "succeeded", "result": result_json(result), "lease_until": None, "claimed_message_id": None,
+             "finished_at": now, "updated_at": now})
 
 
 _SUCCEED = _succeed_statement("running")

@@ -27,7 +27,9 @@ A delivery carries only the task id (the payload is the row in the claim-check s
    without heartbeats do not need it: the catalog refuses a contract whose hard time limit does
    not fit in the visibility timeout, and each beat is an SQS request.
 3. Success: store.finish_success, in the same transaction as the task's own writes when it is
-   declared transactional=True (it gets a `db` Connection): the effect happens exactly once.
+   declared transactional=True (it gets a `db` Connection; in a Django project a task without a
+   `db` parameter runs in Django's transaction.atomic() instead, see use_task_transaction): the
+   effect happens exactly once.
    Failure (soft time limit included): store.finish_failure, `dead` when this receive is the
    last one before the DLQ (ApproximateReceiveCount >= maxReceiveCount), then re-raise so Celery
    rejects the message and SQS redelivers it, or dead-letters it.
@@ -45,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import inspect
 import logging
 import math
 import os
@@ -80,6 +83,28 @@ T = TypeVar("T")
 
 
 # --- Declaring tasks --------------------------------------------------------------------------
+
+class TaskTransaction:
+    """Where a transactional task without a `db` parameter runs: a transaction on another
+    connection than the store's engine (Django's, registered by pcelery.django when Django
+    starts). `atomic()` opens it and yields `record(task_id, worker, result) -> bool`, which writes
+    the success in it (False: this worker no longer owns the row); leaving the block commits both,
+    an exception rolls both back. `errors`: what a broken connection raises there."""
+
+    errors: tuple[type[BaseException], ...] = ()
+
+    def atomic(self) -> contextlib.AbstractContextManager[Callable[[str, str, Any], bool]]:
+        raise NotImplementedError
+
+
+_task_transaction: TaskTransaction | None = None
+
+
+def use_task_transaction(transaction: TaskTransaction | None) -> None:
+    """pcelery.django registers Django's transaction.atomic() here (None: back to none)."""
+    global _task_transaction
+    _task_transaction = transaction
+
 
 @dataclass(frozen=True)
 class TaskDeclaration:
@@ -117,7 +142,10 @@ def persistent_task(*, name: str, queue: str | None = None, transactional: bool 
     transactional=True passes a `db` keyword (a SQLAlchemy Connection) whose writes commit
     together with the task's success, so its effect happens exactly once. The task executes on
     `db` and never commits, rolls back or begins a transaction block on it itself (that would
-    commit its writes apart from the success). On failure, its writes are rolled back.
+    commit its writes apart from the success). On failure, its writes are rolled back. In a
+    Django project (pcelery.django installed), a transactional task whose function takes no `db`
+    runs inside transaction.atomic() on the store's database instead: its ORM writes there commit
+    with its success.
 
     retry: how failed attempts are retried (pcelery.catalog.RetryPolicy), instead of the queue's.
 
@@ -547,7 +575,7 @@ class PersistentTask(Task):
         except StoreUnavailable:
             raise
         except Exception as exc:
-            if self.transactional and isinstance(exc, STORE_ERRORS):
+            if self.transactional and isinstance(exc, STORE_ERRORS + self._other_store_errors()):
                 # The store connection the task ran on broke: its writes are rolled back with it,
                 # so running it again later keeps its effect exactly once.
                 raise StoreUnavailable(f"task {task_id} lost its store connection: {_first_line(exc)}") from None
@@ -647,9 +675,43 @@ class PersistentTask(Task):
                 TROUBLE.recovered("recording a task's verdict")
                 return result
 
+    def _takes_db(self) -> bool:
+        """Whether the task's function has a `db` parameter (a transactional task without one
+        runs in the registered TaskTransaction: Django's atomic())."""
+        takes = self.__dict__.get("_pcelery_takes_db")
+        if takes is None:
+            try:
+                takes = "db" in inspect.signature(self.run).parameters
+            except (TypeError, ValueError):
+                takes = True
+            self._pcelery_takes_db = takes
+        return bool(takes)
+
+    def _task_transaction(self) -> TaskTransaction | None:
+        """The transaction a transactional task without `db` runs in; a clear error without one."""
+        if not self.transactional or self._takes_db():
+            return None
+        if _task_transaction is None:
+            raise TypeError(f"task {self.name!r} is transactional=True but its function takes no `db` parameter "
+                            "and no Django project is set up to run it in transaction.atomic(): add a `db` "
+                            "parameter (a SQLAlchemy Connection that commits with its success), or add "
+                            "\"pcelery.django\" to INSTALLED_APPS")
+        return _task_transaction
+
+    def _other_store_errors(self) -> tuple[type[BaseException], ...]:
+        return _task_transaction.errors if _task_transaction is not None and not self._takes_db() else ()
+
     def _run_claimed(self, db: sa.Engine, task_id: str, worker: str, claim: store.Claim,
                      delivery: Delivery) -> Any:
         args, kwargs = claim.args or [], claim.kwargs or {}
+        shared = self._task_transaction()
+        if shared is not None:
+            # Django: the body's ORM writes and the success commit together when the block ends.
+            with shared.atomic() as record_success:
+                result = self.run(*args, **kwargs)
+                if not record_success(task_id, worker, result):
+                    raise _LostOwnership()
+            return result
         if self.transactional:
             # The transaction begins at the task's first statement (SQLAlchemy's autobegin), not
             # before it runs: on SQLite a transaction holds the database's write lock, which a
@@ -678,6 +740,10 @@ class PersistentTask(Task):
 
     def _run_inline(self, *args: Any, **kwargs: Any) -> Any:
         """Direct call (a unit test, or one task calling another's function): no claim."""
+        shared = self._task_transaction()
+        if shared is not None:
+            with shared.atomic():
+                return self.run(*args, **kwargs)
         if self.transactional and "db" not in kwargs:
             with engine().begin() as conn:
                 return self.run(*args, db=conn, **kwargs)

@@ -17,11 +17,15 @@ class PersistentCeleryConfig(AppConfig):
     def ready(self) -> None:
         from pcelery.django import database_alias
         from pcelery.django.outbox import DjangoOutbox
+        from pcelery.django.transactions import DjangoTaskTransaction
         from pcelery.outbox import use_submitter
+        from pcelery.worker import use_task_transaction
 
         # Task.delay() outside an outbox transaction now writes on Django's connection.
         self.outbox = DjangoOutbox(database_alias())
         use_submitter(self.outbox)
+        # A transactional task without `db` runs in atomic() on that connection, its success too.
+        use_task_transaction(DjangoTaskTransaction(database_alias()))
         checks.register(check_settings)
 
 

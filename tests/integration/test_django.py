@@ -203,6 +203,63 @@ def test_a_crash_between_commit_and_send_is_recovered_by_the_relay(shop_on):
     assert shop.receipts(int(order_id)) == 1
 
 
+# Two tasks of a team's own that write through the ORM, then lose their pool child (SIGKILL) on their
+# first run, after the write and before the verdict: the worst moment for an effect.
+CRASHING_TASKS = """
+    import os
+    import signal
+
+    from celery import shared_task
+    from django.db.models import F
+
+    from pcelery.worker import current_run
+    from shop.models import Order
+
+
+    def bump_then_die_once(order_id):
+        Order.objects.filter(id=order_id).update(receipts_sent=F("receipts_sent") + 1)
+        if current_run().attempt == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return order_id
+
+
+    @shared_task(name="crashing.bump")
+    def bump(order_id):
+        return bump_then_die_once(order_id)
+
+
+    @shared_task(name="crashing.bump_atomic", transactional=True)
+    def bump_atomic(order_id):
+        return bump_then_die_once(order_id)
+"""
+
+
+@pytest.mark.parametrize("database", ["postgres", "sqlite"])
+def test_a_transactional_django_task_commits_its_orm_writes_with_its_success(shop_on, database, tmp_path):
+    shop = shop_on(database)
+    code = tmp_path / "team_code"
+    code.mkdir()
+    (code / "crashing.py").write_text(textwrap.dedent(CRASHING_TASKS))
+    shop.environ["PYTHONPATH"] += os.pathsep + str(code)
+    shop.environ["PCELERY_TASK_MODULES"] = "shop.tasks,crashing"
+    out = shop.django("""
+        from shop.models import Order
+        from crashing import bump, bump_atomic
+        plain, atomic = Order.objects.create(item="tea", quantity=1), Order.objects.create(item="mug", quantity=1)
+        print(json.dumps({"plain": [plain.id, bump.delay(plain.id).id],
+                          "atomic": [atomic.id, bump_atomic.delay(atomic.id).id]}))
+    """)
+    shop.worker()
+    (plain_order, plain_task), (atomic_order, atomic_task) = out["plain"], out["atomic"]
+    # Both ran twice: the first run's child was killed, SQS delivered the message again.
+    assert shop.wait_row(plain_task, "succeeded", attempts=2).result == plain_order
+    assert shop.wait_row(atomic_task, "succeeded", attempts=2).result == atomic_order
+    # Without transactional=True the first run's write had committed on its own: counted twice
+    # (at least once, as the README says). With it, that write died uncommitted with the child.
+    assert shop.receipts(plain_order) == 2
+    assert shop.receipts(atomic_order) == 1
+
+
 ADMIN = textwrap.dedent("""
     from django.contrib.auth.models import User
     from django.test import Client

@@ -217,6 +217,19 @@ def test_an_eager_app_runs_tasks_in_place_after_the_same_checks(team_app):
         eager.apply_async((1,), countdown=3600)
 
 
+def test_a_transactional_task_without_db_outside_django_names_both_fixes(team_app):
+    team_app.conf.task_always_eager = True
+
+    @team_app.task(name=unique("orm"), transactional=True)
+    def orm_writes(x):
+        return x
+
+    # Only a Django project (pcelery.django registers its atomic()) can run it without `db`.
+    with pytest.raises(TypeError, match=r"takes no `db` parameter .* add a `db` parameter .* \"pcelery.django\" to "
+                                        r"INSTALLED_APPS"):
+        orm_writes.delay(1).get()
+
+
 def test_the_worker_names_a_task_whose_options_it_refuses_before_celery_starts():
     from pcelery.cli import define_tasks
 
