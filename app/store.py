@@ -365,13 +365,18 @@ def format_error(error: BaseException | str) -> str:
     return text
 
 
+def _succeeded(result: Any, now: Any) -> dict[str, Any]:
+    """What a success sets, as values or bound parameters (finish_success and success_update)."""
+    return {"state": "succeeded", "result": result, "lease_until": None, "claimed_message_id": None,
+            "finished_at": now, "updated_at": now}
+
+
 def _succeed_statement(*states: str) -> Any:
     c, now = tasks.c, sa.bindparam("now_", type_=tasks.c.updated_at.type)
     return (
         sa.update(tasks)
         .where(c.id == sa.bindparam("task_id_"), c.state.in_(states), c.worker == sa.bindparam("worker_"))
-        .values(state="succeeded", result=sa.bindparam("result_"), lease_until=None, claimed_message_id=None,
-                finished_at=now, updated_at=now)
+        .values(**_succeeded(sa.bindparam("result_"), now))
     )
 
 
@@ -379,11 +384,8 @@ def success_update(task_id: str, *, worker: str, result: Any) -> tuple[dict[str,
     """(which row, what to set) of finish_success, for the one write that must run on another
     connection than the store's engine: a Django task's, in its own transaction.atomic() on
     Django's connection (pcelery.django), where only the UPDATE goes through the ORM. The same
-    columns and condition as _succeed_statement."""
-    now = utcnow()
-    return ({"id": task_id, "state": "running", "worker": worker[:200]},
-            {"state": "succeeded", "result": result_json(result), "lease_until": None, "claimed_message_id": None,
-             "finished_at": now, "updated_at": now})
+    condition as _succeed_statement, the same values (_succeeded)."""
+    return {"id": task_id, "state": "running", "worker": worker[:200]}, _succeeded(result_json(result), utcnow())
 
 
 _SUCCEED = _succeed_statement("running")

@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterable
@@ -471,8 +472,6 @@ class ReferenceConsumer:
     as they arrive can avoid."""
 
     def __init__(self, endpoint: str, queue_url: str, wait_time_seconds: int):
-        import threading
-
         self.client = sqs_client(endpoint)
         self.queue_url, self.wait = queue_url, wait_time_seconds
         self.received: list[int] = []  # messages per receive that returned any

@@ -407,31 +407,37 @@ def _counted_label(results: dict, key: str, c: dict) -> str:
     return f"{_label(results, name)}: {how}"
 
 
+_CPU_PARTS = ["worker main", "worker pool", "emulator", "postgres"]  # the submitter only counts end to end
+
+
+def _cpu_keys(part: str) -> list[str]:
+    return (["submitter"] if part == "throughput" else []) + _CPU_PARTS
+
+
 def _cpu_table(results: dict, part: str) -> list[str]:
-    keys = (["submitter"] if part == "throughput" else []) + ["worker main", "worker pool", "emulator", "postgres"]
+    keys = _cpu_keys(part)
     lines = ["| case | wall ms/task | " + " | ".join(f"CPU ms/task: {k}" for k in keys) + " | CPU total "
              "| CPU busy (of all cores) |", "|---|---|" + "---|" * (len(keys) + 2)]
     nproc = results["machine"]["nproc"] or 1
     for name, runs in results.get(part, {}).items():
-        n = runs[0]["tasks"]
-        values = []
-        for key in keys:
-            found = [r["cpu_s"][key] for r in runs if key in r["cpu_s"]]
-            values.append(_median(found) * 1000 / n if found else None)
-        wall = _median([r["wall_s"] for r in runs]) * 1000 / n
-        total = sum(v for v in values if v is not None)
-        lines.append(f"| {_label(results, name)} | {wall:.2f} | " + " | ".join(_f(v) for v in values)
-                     + f" | {total:.2f} | {100 * total / (wall * nproc):.0f} % |")
+        cpu = _cpu_per_task(runs, keys)
+        wall = _median([r["wall_s"] for r in runs]) * 1000 / runs[0]["tasks"]
+        lines.append(f"| {_label(results, name)} | {wall:.2f} | " + " | ".join(_f(cpu.get(k)) for k in keys)
+                     + f" | {cpu['total']:.2f} | {100 * cpu['total'] / (wall * nproc):.0f} % |")
     return lines
 
 
-def _cpu_per_task(runs: list[dict]) -> dict[str, float]:
-    """Median CPU ms per task of each process group over the runs, and their total."""
+def _cpu_per_task(runs: list[dict], keys: list[str]) -> dict[str, float]:
+    """Median CPU ms per task over the runs of each process group in `keys` that was measured,
+    and their "total"."""
     if not runs:
         return {}
     n = runs[0]["tasks"]
-    keys = {k for r in runs for k in r["cpu_s"] if k != "submitter"}
-    out = {k: (_median([r["cpu_s"][k] for r in runs if k in r["cpu_s"]]) or 0.0) * 1000 / n for k in keys}
+    out = {}
+    for key in keys:
+        found = [r["cpu_s"][key] for r in runs if key in r["cpu_s"]]
+        if found:
+            out[key] = _median(found) * 1000 / n
     out["total"] = sum(out.values())
     return out
 
@@ -478,8 +484,8 @@ def where_time_goes(results: dict) -> str:
             f"cap binds it: it drained at {f['drain_product']:.0f} tasks/s, limited by CPU and round trips (see the "
             f"CPU tables).")
     drn = results.get("drain", {})
-    tuned = _cpu_per_task(drn.get("plain_tuned", []))
-    mine = _cpu_per_task(drn.get(prod, []))
+    tuned = _cpu_per_task(drn.get("plain_tuned", []), _CPU_PARTS)
+    mine = _cpu_per_task(drn.get(prod, []), _CPU_PARTS)
     if tuned and mine and f.get("drain_ratio_tuned"):
         bullets.append(
             f"Against {_label(results, 'plain_tuned')} the worker-only drain is {f['drain_ratio_tuned']:.2f}x. That "
